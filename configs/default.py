@@ -1,0 +1,94 @@
+"""Default configuration: DDPM (Ho et al. 2020) with the paper's CIFAR-10 hyperparameters.
+
+Every other config imports this one and changes only what differs. Any key can be overridden on
+the command line, e.g. ``--config.training.batch_size=64``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # Data: images live in [-1, 1]; level k of `num_bins` maps to 2k/(num_bins-1) - 1.
+    config.data = ml_collections.ConfigDict()
+    config.data.dataset = "cifar10"  # tfds name | digits | toy name | path to a folder or .npz
+    config.data.train_split = "train"
+    config.data.eval_split = "test"
+    config.data.image_size = 32  # 0 for vector (toy) data
+    config.data.num_channels = 3  # image channels, or the dimension of vector data
+    config.data.num_bins = 256  # grey levels of the discrete data (for bits/dim)
+    config.data.random_flip = True
+    config.data.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir
+    config.data.toy_size = 0  # >0: a fixed toy set of that many points; 0: fresh samples each step
+
+    # Model: picked by name (diffusion_jax.models.get_model).
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "unet"  # unet | mlp
+    config.model.ch = 128
+    config.model.ch_mult = (1, 2, 2, 2)
+    config.model.num_res_blocks = 2
+    config.model.attn_resolutions = (16,)
+    config.model.dropout = 0.1
+    config.model.resamp_with_conv = True
+    config.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+    config.model.remat = False  # rematerialise ResNet blocks (saves memory on big models)
+    config.model.conv_impl = "xla"  # xla | fast (custom-VJP convolution for CPU training)
+    config.model.hidden_dim = 256  # mlp only
+    config.model.num_layers = 4  # mlp only: residual blocks
+
+    # Diffusion process and objective.
+    config.diffusion = ml_collections.ConfigDict()
+    config.diffusion.beta_schedule = "linear"  # linear | cosine | quadratic | const
+    config.diffusion.beta_start = 1e-4
+    config.diffusion.beta_end = 0.02
+    config.diffusion.num_timesteps = 1000
+    config.diffusion.mean_type = "eps"  # eps | x0 | v
+    config.diffusion.var_type = "fixedlarge"  # fixedlarge | fixedsmall | learned_range
+    config.diffusion.loss_type = "simple"  # simple | vlb | hybrid | kl
+
+    # Optimiser (optax): Adam with linear warmup and global-norm clipping; EMA of the parameters.
+    config.optim = ml_collections.ConfigDict()
+    config.optim.optimizer = "adam"  # adam | adamw
+    config.optim.learning_rate = 2e-4
+    config.optim.warmup_steps = 5000
+    config.optim.beta1 = 0.9
+    config.optim.beta2 = 0.999
+    config.optim.eps = 1e-8
+    config.optim.weight_decay = 0.0
+    config.optim.grad_clip = 1.0  # global norm; 0 disables
+    config.optim.ema_decay = 0.9999
+
+    config.training = ml_collections.ConfigDict()
+    config.training.objective = "ddpm"  # ddpm | ncsn
+    config.training.batch_size = 128  # global: over all devices and hosts
+    config.training.num_train_steps = 800_000
+    config.training.log_every = 100
+    config.training.checkpoint_every = 5000
+    config.training.sample_every = 50_000  # 0 disables periodic sample grids
+    config.training.keep_checkpoints = 3
+    config.training.eval_at_end = True  # final sample grid and eval metrics after training
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.split = "test"
+    config.eval.num_examples = 10_000  # 0: the whole split
+    config.eval.batch_size = 256
+    config.eval.metrics = ("bpd",)
+
+    config.sampling = ml_collections.ConfigDict()
+    config.sampling.method = "ancestral"  # ancestral | ddim
+    config.sampling.num_steps = 0  # 0: all T steps; fewer respaces the chain
+    config.sampling.eta = 0.0  # ddim only
+    config.sampling.num_samples = 64
+    config.sampling.batch_size = 64
+    config.sampling.clip_denoised = True
+
+    # Score matching / NCSN (training.objective = "ncsn").
+    config.ncsn = ml_collections.ConfigDict()
+    config.ncsn.sigma_max = 1.0
+    config.ncsn.sigma_min = 0.01
+    config.ncsn.num_levels = 10
+    config.ncsn.n_steps_each = 100
+    config.ncsn.step_lr = 2e-5
+    return config

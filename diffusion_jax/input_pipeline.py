@@ -1,0 +1,320 @@
+"""Input pipeline: data sets by name, held in host memory, batches as pure functions of the step.
+
+Every data set is materialised once as an array in host memory: uint8 grey levels [N, H, W, C]
+for images, float32 [N, D] for vector data (toy sets draw fresh points each step instead). The
+global batch of step ``s`` is a pure function of ``(seed, s)``: an example stream that walks
+through a new seeded permutation every epoch, plus seeded random flips. So
+
+- the position in the data is the step itself, and a resumed run sees exactly the batches an
+  uninterrupted run would have seen;
+- every host computes the same global index list and keeps its own slice, so the global batch is
+  the same on 1 process x 2 devices and 2 processes x 1 device.
+
+Images stay uint8 until they reach the device: ``to_model_space`` maps level k of ``num_bins`` to
+``2k/(num_bins-1) - 1`` inside the compiled step (a quarter of the host-to-device bytes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from diffusion_jax import toy_data
+
+OFFLINE_DATASETS = ("digits",)
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+class DatasetError(ValueError):
+    """A data set that cannot be found or loaded, with what to do about it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """A whole split in host memory.
+
+    ``images`` is uint8 [N, H, W, C] for image data and float32 [N, D] for vector data, or None for
+    toy data drawn fresh each step (then ``toy_name`` names the distribution).
+    """
+
+    images: np.ndarray | None
+    toy_name: str | None = None
+
+    @property
+    def num_examples(self) -> int:
+        return 0 if self.images is None else len(self.images)
+
+
+def dataset_kind(name: str) -> str:
+    """'digits' | 'toy' | 'files' | 'tfds' for a ``config.data.dataset`` value."""
+    if name in OFFLINE_DATASETS:
+        return "digits"
+    if name in toy_data.NAMES:
+        return "toy"
+    if name.endswith(".npz") or os.sep in name or os.path.isdir(name):
+        return "files"
+    return "tfds"
+
+
+def example_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """Shape of one example in model space: (H, W, C) for images, (D,) for vectors."""
+    d = config.data
+    if d.image_size:
+        return (d.image_size, d.image_size, d.num_channels)
+    return (d.num_channels,)
+
+
+def validate_dataset(config: ml_collections.ConfigDict) -> None:
+    """Raise DatasetError for a data set name that is not offline, not a path and not in tfds."""
+    name = config.data.dataset
+    kind = dataset_kind(name)
+    if kind == "files" and not os.path.exists(name):
+        raise DatasetError(f"data.dataset={name!r}: no such file or folder.")
+    if kind == "toy" and config.data.image_size:
+        raise DatasetError(
+            f"data.dataset={name!r} is a toy vector data set: set data.image_size=0 "
+            f"(got {config.data.image_size}) and data.num_channels to its dimension."
+        )
+    if kind != "tfds":
+        return
+    import tensorflow_datasets as tfds  # heavy: imported only for tfds data sets
+
+    if name.split("/")[0].split(":")[0] not in tfds.list_builders():
+        raise DatasetError(
+            f"Unknown data set data.dataset={name!r}. Use an offline one "
+            f"({', '.join(OFFLINE_DATASETS + toy_data.NAMES)}), a folder or .npz of your own "
+            "images, or a tensorflow-datasets name (e.g. mnist, cifar10, celeb_a)."
+        )
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_split(config: ml_collections.ConfigDict, split: str) -> DataSource:
+    """Load ``split`` of ``config.data.dataset`` into host memory."""
+    name = config.data.dataset
+    kind = dataset_kind(name)
+    if kind == "toy":
+        # Training draws fresh points each step unless data.toy_size fixes a finite set; other
+        # splits are always a fixed draw (of eval.num_examples points by default).
+        n = config.data.toy_size
+        if split != config.data.train_split:
+            n = n or config.eval.num_examples or 10_000
+        if not n:
+            return DataSource(None, toy_name=name)
+        key = jax.random.fold_in(jax.random.key(config.seed), _split_id(split))
+        return DataSource(np.asarray(toy_data.sample(name, key, n), np.float32))
+    if kind == "digits":
+        images = _load_digits(split)
+    elif kind == "files":
+        images = _load_files(name, config.data.image_size, split)
+    else:
+        images = _load_tfds(config, split)
+    _check_images(images, config, split)
+    return DataSource(images)
+
+
+def _split_id(split: str) -> int:
+    return {"train": 0, "test": 1, "validation": 2}.get(split, 3)
+
+
+def _load_digits(split: str) -> np.ndarray:
+    """scikit-learn's 1,797 handwritten digits: 8x8, levels 0..16; 1,500 train, 297 test."""
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images.astype(np.uint8)  # [1797, 8, 8], levels 0..16
+    order = np.random.default_rng(0).permutation(len(images))  # fixed split, whatever the seed
+    images = images[order][..., None]  # [1797, 8, 8, 1]
+    if split == "train":
+        return images[:1500]
+    if split == "test":
+        return images[1500:]
+    if split == "all":
+        return images
+    raise DatasetError(f"digits has splits 'train', 'test' and 'all', not {split!r}.")
+
+
+def _load_files(path: str, image_size: int, split: str) -> np.ndarray:
+    """A .npz (key ``split``, else ``images``, else its first array) or a folder of images."""
+    if path.endswith(".npz"):
+        with np.load(path) as f:
+            key = split if split in f.files else ("images" if "images" in f.files else f.files[0])
+            return np.asarray(f[key])
+    from PIL import Image
+
+    files = sorted(
+        os.path.join(root, f)
+        for root, _, names in os.walk(path)
+        for f in names
+        if f.lower().endswith(_IMAGE_SUFFIXES)
+    )
+    if not files:
+        raise DatasetError(f"data.dataset={path!r}: the folder holds no {_IMAGE_SUFFIXES} files.")
+    images = []
+    for f in files:
+        with Image.open(f) as im:
+            images.append(np.asarray(_center_crop_resize(im.convert("RGB"), image_size)))
+    return np.stack(images)
+
+
+def _center_crop_resize(im, size: int):
+    from PIL import Image
+
+    w, h = im.size
+    s = min(w, h)
+    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    return im.resize((size, size), Image.BICUBIC) if s != size else im
+
+
+def _load_tfds(config: ml_collections.ConfigDict, split: str) -> np.ndarray:
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")  # TensorFlow only reads data; JAX owns the GPUs
+    import tensorflow_datasets as tfds
+
+    name, size = config.data.dataset, config.data.image_size
+    try:
+        ds = tfds.load(name, split=split, data_dir=config.data.data_dir, shuffle_files=False)
+    except Exception as e:  # tfds fails offline with unrelated-looking errors
+        raise DatasetError(
+            f"Could not load tensorflow-datasets {name!r} (split {split!r}, data_dir="
+            f"{config.data.data_dir or '~/tensorflow_datasets'}): it is not prepared there and "
+            f"could not be downloaded ({type(e).__name__}: {e}). Prepare it where the network "
+            f"allows (`tfds build {name}`) and pass --config.data.data_dir=DIR, or use an offline "
+            f"data set: {', '.join(OFFLINE_DATASETS)}, a toy set, a folder or a .npz."
+        ) from e
+
+    def prepare(example):
+        image = example["image"]  # [h, w, c] uint8
+        h, w = tf.shape(image)[0], tf.shape(image)[1]
+        if image.shape[0] != size or image.shape[1] != size:
+            s = tf.minimum(h, w)  # centre crop to a square, then resize (CelebA: 218x178 -> 64)
+            image = image[(h - s) // 2 : (h + s) // 2, (w - s) // 2 : (w + s) // 2]
+            image = tf.image.resize(image, (size, size), antialias=True)
+            image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+        return image
+
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(1024)
+    return np.concatenate(list(tfds.as_numpy(ds)))
+
+
+def _check_images(images: np.ndarray, config: ml_collections.ConfigDict, split: str) -> None:
+    if images.ndim == 3:
+        raise DatasetError(
+            f"{config.data.dataset!r}: images need a channel axis, got {images.shape}"
+        )
+    want = (config.data.image_size, config.data.image_size, config.data.num_channels)
+    if images.ndim != 4 or images.shape[1:] != want:
+        raise DatasetError(
+            f"{config.data.dataset!r} split {split!r} has examples of shape {images.shape[1:]}, "
+            f"but the config asks for {want} (data.image_size, data.num_channels)."
+        )
+    if images.dtype != np.uint8 or images.max(initial=0) >= config.data.num_bins:
+        raise DatasetError(
+            f"{config.data.dataset!r}: images must be uint8 levels below data.num_bins="
+            f"{config.data.num_bins}; got dtype {images.dtype}, max {images.max(initial=0)}."
+        )
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def global_batch_indices(seed: int, step: int, batch_size: int, num_examples: int) -> np.ndarray:
+    """Indices of the global batch of ``step``: a stream walking a fresh permutation per epoch."""
+    start = step * batch_size
+    positions = np.arange(start, start + batch_size)  # [B] positions in the example stream
+    epochs, offsets = np.divmod(positions, num_examples)
+    out = np.empty(batch_size, np.int64)
+    for epoch in np.unique(epochs):
+        perm = np.random.default_rng([seed, int(epoch)]).permutation(num_examples)
+        sel = epochs == epoch
+        out[sel] = perm[offsets[sel]]
+    return out
+
+
+def host_slice(batch_size: int, process_index: int, process_count: int) -> slice:
+    """The rows of the global batch that this host feeds to its devices."""
+    local = batch_size // process_count
+    return slice(process_index * local, (process_index + 1) * local)
+
+
+def train_batch(
+    config: ml_collections.ConfigDict,
+    source: DataSource,
+    step: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> np.ndarray:
+    """This host's part of the global training batch of ``step``, uint8 images or float vectors."""
+    batch_size = config.training.batch_size
+    rows = host_slice(batch_size, process_index, process_count)
+    if source.images is None:  # toy data: fresh points each step, from (seed, step)
+        key = jax.random.fold_in(jax.random.key(config.seed), step)
+        return np.asarray(toy_data.sample(source.toy_name, key, batch_size), np.float32)[rows]
+    idx = global_batch_indices(config.seed, step, batch_size, source.num_examples)[rows]
+    batch = source.images[idx]  # [b, H, W, C]
+    if config.data.random_flip and batch.ndim == 4:
+        rng = np.random.default_rng([config.seed, 1_000_003, step])
+        flip = (rng.random(batch_size) < 0.5)[rows]
+        batch = np.where(flip[:, None, None, None], batch[:, :, ::-1], batch)
+    return batch
+
+
+def train_batches(
+    config: ml_collections.ConfigDict,
+    source: DataSource,
+    start_step: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[np.ndarray]:
+    """Batches of ``start_step``, ``start_step + 1``, …, prepared one ahead on a thread."""
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        step = start_step
+        future = pool.submit(train_batch, config, source, step, process_index, process_count)
+        while True:
+            batch = future.result()
+            step += 1
+            future = pool.submit(train_batch, config, source, step, process_index, process_count)
+            yield batch
+
+
+def eval_batches(
+    source: DataSource,
+    batch_size: int,
+    num_examples: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(this host's rows of the global batch, mask) over the first ``num_examples`` examples.
+
+    The last batch is padded with copies of example 0 and a mask of 0 so every batch has the same
+    shape (one compilation).
+    """
+    n = source.num_examples if num_examples <= 0 else min(num_examples, source.num_examples)
+    rows = host_slice(batch_size, process_index, process_count)
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size)
+        mask = idx < n
+        idx = np.where(mask, idx, 0)
+        yield source.images[idx][rows], mask[rows].astype(np.float32)
+
+
+def to_model_space(batch: jax.Array, num_bins: int) -> jax.Array:
+    """uint8 levels k -> 2k/(num_bins-1) - 1 in [-1, 1]; float (vector) data passes through."""
+    if batch.dtype == jnp.uint8:
+        return batch.astype(jnp.float32) * (2.0 / (num_bins - 1)) - 1.0
+    return batch.astype(jnp.float32)
+
+
+def to_uint8_levels(x: np.ndarray, num_bins: int) -> np.ndarray:
+    """Model space [-1, 1] -> the nearest of ``num_bins`` levels, uint8 (inverse of the above)."""
+    levels = np.round((np.clip(x, -1.0, 1.0) + 1.0) * (num_bins - 1) / 2.0)
+    return levels.astype(np.uint8)

@@ -1,0 +1,92 @@
+"""What a run shows a person: TensorBoard scalars and images, PNG sample grids, a readable log.
+
+TensorBoard event files are written with tensorboardX (no TensorFlow needed). Only process 0
+writes; on other processes every method is a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+from absl import logging
+
+
+class MetricWriter:
+    """Scalars and images to TensorBoard event files in ``logdir`` (process 0 only)."""
+
+    def __init__(self, logdir: str, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._writer = None
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(logdir, flush_secs=30)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self._writer is not None:
+            for name, value in values.items():
+                self._writer.add_scalar(name, float(value), step)
+
+    def image(self, step: int, name: str, grid: np.ndarray) -> None:
+        """``grid``: uint8 [H, W, C]."""
+        if self._writer is not None:
+            self._writer.add_image(name, grid, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1) -> np.ndarray:
+    """uint8 [N, H, W, C] -> one uint8 [rows*(H+pad)+pad, cols*(W+pad)+pad, C] grid."""
+    n, h, w, c = images.shape
+    ncols = ncols or int(np.ceil(np.sqrt(n)))
+    nrows = int(np.ceil(n / ncols))
+    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, col = divmod(i, ncols)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y : y + h, x : x + w] = im
+    return grid
+
+
+def to_display_uint8(images: np.ndarray, num_bins: int) -> np.ndarray:
+    """Model space [-1, 1] -> uint8 [0, 255] for display, whatever ``num_bins``."""
+    levels = np.round((np.clip(images, -1, 1) + 1) * (num_bins - 1) / 2)
+    return np.round(levels * (255 / (num_bins - 1))).astype(np.uint8)
+
+
+def save_png(path: str, image: np.ndarray, scale: int = 1) -> None:
+    """Save uint8 [H, W, C] (C = 1 or 3) as PNG, nearest-upscaled ``scale`` times."""
+    from PIL import Image
+
+    if scale > 1:
+        image = image.repeat(scale, axis=0).repeat(scale, axis=1)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+
+
+def save_sample_grid(path: str, samples: np.ndarray, num_bins: int) -> np.ndarray:
+    """PNG grid of image samples in model space; returns the uint8 grid (before upscaling)."""
+    grid = image_grid(to_display_uint8(samples, num_bins))
+    save_png(path, grid, scale=max(1, 256 // grid.shape[0]))
+    return grid
+
+
+def write_json(path: str, obj: dict) -> None:
+    """Write ``obj`` as indented JSON atomically (tmp file + rename); process 0 only."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def log_metrics(step: int, values: dict[str, float]) -> None:
+    text = ", ".join(f"{k} {v:.5g}" for k, v in sorted(values.items()))
+    logging.info("step %d: %s", step, text)

@@ -1,0 +1,323 @@
+"""Training: a pure ``train_step`` threading a ``TrainState`` through ``jax.jit`` on a data mesh.
+
+The run is a function of (config, seed): the batch of step ``s`` comes from
+``input_pipeline.train_batch(config, source, s)`` and the step's randomness from
+``fold_in(key(seed), s)``, so a run resumed from a checkpoint ends bit-identical to one that was
+never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from diffusion_jax import (
+    builders,
+    checkpoints,
+    evaluate,
+    input_pipeline,
+    models,
+    reporting,
+    sharding,
+)
+from diffusion_jax import diffusion as diffusion_lib
+from diffusion_jax import score as score_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: number of updates applied
+    params: Any
+    ema_params: Any
+    opt_state: Any
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the run stopped without saving that state."""
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Any]:
+    """Adam(W) with linear warmup lr·min(step/warmup, 1) and global-norm clipping."""
+    o = config.optim
+    schedule = optax.linear_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1))
+    if o.warmup_steps == 0:
+        schedule = optax.constant_schedule(o.learning_rate)
+    if o.optimizer == "adamw":
+        opt = optax.adamw(schedule, o.beta1, o.beta2, o.eps, weight_decay=o.weight_decay)
+    else:
+        opt = optax.adam(schedule, o.beta1, o.beta2, o.eps)
+    if o.grad_clip > 0:
+        opt = optax.chain(optax.clip_by_global_norm(o.grad_clip), opt)
+    return opt, schedule
+
+
+def init_state(
+    config: ml_collections.ConfigDict, model, optimizer: optax.GradientTransformation
+) -> Callable[[jax.Array], TrainState]:
+    """``init(key) -> TrainState`` with the EMA warm-started at the initial parameters."""
+    shape = (1, *input_pipeline.example_shape(config))
+
+    def init(key: jax.Array) -> TrainState:
+        x = jnp.zeros(shape, jnp.float32)
+        t = jnp.zeros((1,), jnp.int32)
+        params = model.init({"params": key, "dropout": key}, x, t, train=False)["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            ema_params=params,
+            opt_state=optimizer.init(params),
+        )
+
+    return init
+
+
+def make_loss_fn(config: ml_collections.ConfigDict, model) -> Callable:
+    """``loss_fn(params, x0, key) -> (mean loss, metrics)`` for ``training.objective``."""
+    num_bins = config.data.num_bins
+    if config.training.objective == "ncsn":
+        sigmas = score_lib.ncsn_sigmas(
+            config.ncsn.sigma_max, config.ncsn.sigma_min, config.ncsn.num_levels
+        )
+    else:
+        diffusion = builders.make_diffusion(config)
+
+    def loss_fn(params, x0, key):
+        dropout_key, loss_key = jax.random.split(key)
+        net = builders.model_fn(model, params, train=True, dropout_key=dropout_key)
+        if config.training.objective == "ncsn":
+            losses = {
+                "loss": score_lib.ncsn_loss(
+                    builders.ncsn_score_fn(net, sigmas), x0, sigmas, loss_key
+                )
+            }
+        else:
+            losses = diffusion_lib.training_losses(
+                diffusion,
+                net,
+                x0,
+                loss_key,
+                loss_type=config.diffusion.loss_type,
+                num_bins=num_bins,
+            )
+        metrics = {k: jnp.mean(v) for k, v in losses.items()}
+        return metrics["loss"], metrics
+
+    return loss_fn
+
+
+def make_train_step(
+    config: ml_collections.ConfigDict, model, optimizer: optax.GradientTransformation, schedule
+) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]:
+    """The pure update: loss, gradient, optax update, EMA; randomness from fold_in(key, step)."""
+    loss_fn = make_loss_fn(config, model)
+    decay = config.optim.ema_decay
+
+    def train_step(state: TrainState, batch: jax.Array, base_key: jax.Array):
+        key = jax.random.fold_in(base_key, state.step)
+        x0 = input_pipeline.to_model_space(batch, config.data.num_bins)  # [B, ...] in [-1, 1]
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, x0, key)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema_params = optax.incremental_update(params, state.ema_params, 1.0 - decay)
+        metrics |= {"grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+        new_state = TrainState(state.step + 1, params, ema_params, opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuse a workdir holding a run of a different config (nothing is overwritten)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    diffs = builders.config_differences(old, config)
+    if diffs:
+        raise ValueError(
+            f"{workdir} holds a run of a different config ({path}); differing keys:\n  "
+            + "\n  ".join(diffs)
+            + "\nUse another --workdir, or the same config to resume."
+        )
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _raise_interrupted(signum, frame):
+    raise _Interrupted(signal.Signals(signum).name)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Train (resuming from the newest checkpoint), then sample and evaluate as configured."""
+    builders.validate_config(config)
+    check_workdir(config, workdir)
+    process0 = jax.process_index() == 0
+    mesh = sharding.make_mesh()
+    repl, data_sharding = sharding.replicated(mesh), sharding.data_sharded(mesh)
+    model = models.get_model(config)
+    optimizer, schedule = make_optimizer(config)
+    init = init_state(config, model, optimizer)
+    keys = builders.run_keys(config.seed)
+    init_key, train_key = keys["init"], keys["train"]
+
+    source = input_pipeline.load_split(config, config.data.train_split)
+    manager = checkpoints.make_manager(workdir, config.training.keep_checkpoints)
+    abstract = jax.eval_shape(init, init_key)
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), abstract
+    )
+    restored = checkpoints.restore(manager, abstract)
+    if restored is None:
+        state = jax.jit(init, out_shardings=repl)(init_key)
+        logging.info("Starting a new run in %s.", workdir)
+    else:
+        state, meta = restored
+        _check_data_position(config, int(state.step), meta)
+        logging.info("Resuming from the checkpoint of step %d in %s.", int(state.step), workdir)
+    if process0:
+        os.makedirs(workdir, exist_ok=True)
+        reporting.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+    logging.info(
+        "Model %s: %d parameters; %d device(s) in %d process(es); global batch %d.",
+        config.model.name,
+        num_params,
+        jax.device_count(),
+        jax.process_count(),
+        config.training.batch_size,
+    )
+
+    step_fn = jax.jit(
+        make_train_step(config, model, optimizer, schedule),
+        in_shardings=(repl, data_sharding, repl),
+        out_shardings=(repl, repl),
+        donate_argnums=(0,),
+    )
+    sampler = evaluate.make_sample_fn(config, model, mesh)
+    writer = reporting.MetricWriter(workdir)
+    start = int(state.step)
+    total = config.training.num_train_steps
+    batches = input_pipeline.train_batches(
+        config, source, start, jax.process_index(), jax.process_count()
+    )
+
+    def save(step):
+        meta = {"step": step, "data_position": step * config.training.batch_size}
+        checkpoints.save(manager, step, state, meta)
+
+    pending = []  # per-step metrics (device arrays) since the last check
+    window_start = time.perf_counter()
+    old_handler = signal.signal(signal.SIGTERM, _raise_interrupted)
+    progress = _progress_bar(start, total, process0)
+    step = start
+    try:
+        while step < total:
+            batch = sharding.global_batch(mesh, next(batches))
+            state, metrics = step_fn(state, batch, train_key)
+            pending.append(metrics)
+            step += 1
+            progress.update(1)
+            boundary = step == total or step % config.training.checkpoint_every == 0
+            if step % config.training.log_every == 0 or boundary:
+                summary = _summarise(pending, step, manager)
+                elapsed = time.perf_counter() - window_start
+                summary["steps_per_s"] = len(pending) / elapsed
+                pending, window_start = [], time.perf_counter()
+                writer.scalars(step, summary)
+                reporting.log_metrics(step, summary)
+                progress.set_postfix(loss=f"{summary['loss']:.4f}")
+            if boundary:
+                save(step)
+            every = config.training.sample_every
+            if every and step % every == 0 and step != total:
+                _write_samples(
+                    config, sampler, state.ema_params, keys["sample"], workdir, step, writer
+                )
+    except (KeyboardInterrupt, _Interrupted) as e:
+        _summarise(pending, step, manager)  # raises rather than save a non-finite state
+        logging.warning("Interrupted (%s) at step %d: saving a checkpoint.", e or "Ctrl-C", step)
+        save(step)
+        manager.wait_until_finished()
+        raise KeyboardInterrupt from e
+    finally:
+        progress.close()
+        signal.signal(signal.SIGTERM, old_handler)
+        manager.wait_until_finished()
+    logging.info("Training done: %d steps.", step)
+    if config.training.eval_at_end and step > start:
+        evaluate.sample_and_save(config, sampler, state.ema_params, workdir, writer)
+        evaluate.evaluate(config, workdir, params=state.ema_params, model=model, mesh=mesh)
+    writer.close()
+    return state
+
+
+def _check_data_position(config: ml_collections.ConfigDict, step: int, meta: dict) -> None:
+    want = step * config.training.batch_size
+    if meta.get("data_position") != want:
+        raise ValueError(
+            f"The checkpoint of step {step} was written at data position "
+            f"{meta.get('data_position')}, but this config resumes at {want} "
+            f"(training.batch_size={config.training.batch_size})."
+        )
+
+
+def _summarise(pending: list[dict], step: int, manager) -> dict[str, float]:
+    """Mean metrics over the window; raise NonFiniteLossError naming the first bad step."""
+    if not pending:
+        return {}
+    stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *pending))
+    losses = np.asarray(stacked["loss"])
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if bad.size:
+        first = step - len(losses) + int(bad[0]) + 1
+        manager.wait_until_finished()
+        raise NonFiniteLossError(
+            f"The loss is {losses[bad[0]]} at step {first}: stopping. The last good checkpoint "
+            f"is step {manager.latest_step()} in {manager.directory}."
+        )
+    return {k: float(np.mean(v)) for k, v in stacked.items()}
+
+
+def _progress_bar(start: int, total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=start,
+        disable=not enabled,
+        unit="step",
+        dynamic_ncols=True,
+        desc="train",
+        smoothing=0.1,
+        mininterval=1.0,
+    )
+
+
+def _write_samples(config, sampler, params, key, workdir, step, writer) -> None:
+    """A grid from the same noise at every step, so the grids show the model's progress."""
+    samples = sampler(params, key)
+    if config.data.image_size:
+        path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
+        grid = reporting.save_sample_grid(
+            path, np.asarray(jax.device_get(samples)), config.data.num_bins
+        )
+        writer.image(step, "samples", grid)
+        logging.info("Wrote samples of step %d to %s.", step, path)

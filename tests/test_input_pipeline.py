@@ -1,0 +1,138 @@
+import os
+
+import numpy as np
+import pytest
+
+from configs import default, digits
+from diffusion_jax import input_pipeline as ip
+
+
+def test_digits_splits_levels_and_shapes():
+    config = digits.get_config()
+    train = ip.load_split(config, "train").images
+    test = ip.load_split(config, "test").images
+    assert train.shape == (1500, 8, 8, 1) and test.shape == (297, 8, 8, 1)
+    assert train.dtype == np.uint8 and train.max() == 16 and train.min() == 0
+    from sklearn.datasets import load_digits
+
+    reference = load_digits().images.astype(np.uint8)  # the same 1,797 images, in some order
+    both = np.concatenate([train, test])[..., 0]
+    assert sorted(map(bytes, both)) == sorted(map(bytes, reference))
+
+
+def test_to_model_space_maps_levels_to_unit_interval():
+    levels = np.arange(17, dtype=np.uint8)
+    x = np.asarray(ip.to_model_space(levels, 17))
+    np.testing.assert_allclose(x, 2 * np.arange(17) / 16 - 1, atol=1e-7)
+    np.testing.assert_array_equal(ip.to_uint8_levels(x, 17), levels)
+
+
+@pytest.mark.parametrize("batch_size", [7, 128, 500])
+def test_each_epoch_visits_every_example_once(batch_size):
+    n = 50
+    steps = 3 * n // batch_size + 2
+    stream = np.concatenate([ip.global_batch_indices(3, s, batch_size, n) for s in range(steps)])
+    for e in range(len(stream) // n):
+        assert sorted(stream[e * n : (e + 1) * n]) == list(range(n))
+    # A pure function of (seed, step): recomputing gives the same batch; another seed differs.
+    np.testing.assert_array_equal(
+        ip.global_batch_indices(3, 2, batch_size, n), ip.global_batch_indices(3, 2, batch_size, n)
+    )
+    assert not np.array_equal(
+        ip.global_batch_indices(3, 0, batch_size, n), ip.global_batch_indices(4, 0, batch_size, n)
+    )
+
+
+def test_host_slices_tile_the_global_batch():
+    config = default.get_config()
+    config.data.image_size, config.data.num_channels = 4, 1
+    config.training.batch_size = 8
+    images = np.random.default_rng(0).integers(0, 256, (20, 4, 4, 1), dtype=np.uint8)
+    source = ip.DataSource(images)
+    whole = ip.train_batch(config, source, step=5)
+    parts = [ip.train_batch(config, source, 5, p, 4) for p in range(4)]
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+    # Flips are seeded per step: some images are mirrored, and the same step repeats exactly.
+    config.data.random_flip = False
+    unflipped = ip.train_batch(config, source, step=5)
+    flipped = np.any(whole != unflipped, axis=(1, 2, 3))
+    assert 0 < flipped.sum() < 8
+    np.testing.assert_array_equal(whole[flipped], unflipped[flipped][:, :, ::-1])
+
+
+def test_train_batches_iterator_matches_pure_function():
+    config = digits.get_config()
+    config.training.batch_size = 16
+    source = ip.load_split(config, "train")
+    it = ip.train_batches(config, source, start_step=7)
+    for step in range(7, 10):
+        np.testing.assert_array_equal(next(it), ip.train_batch(config, source, step))
+
+
+def test_eval_batches_pad_and_mask():
+    source = ip.DataSource(np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1))
+    batches = list(ip.eval_batches(source, 4, 0))
+    assert [m.sum() for _, m in batches] == [4, 4, 2]
+    assert all(b.shape == (4, 1, 1, 1) for b, _ in batches)
+    np.testing.assert_array_equal(batches[2][0][:2, 0, 0, 0], [8, 9])
+    assert sum(m.sum() for _, m in ip.eval_batches(source, 4, 6)) == 6
+
+
+def test_npz_and_folder_sources(tmp_path):
+    from PIL import Image
+
+    config = default.get_config()
+    config.data.image_size, config.data.num_channels = 8, 3
+    images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "mine.npz", images=images)
+    config.data.dataset = str(tmp_path / "mine.npz")
+    np.testing.assert_array_equal(ip.load_split(config, "train").images, images)
+
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for i, im in enumerate(images):
+        Image.fromarray(np.kron(im, np.ones((2, 3, 1), np.uint8))).save(folder / f"{i}.png")
+    config.data.dataset = str(folder)
+    loaded = ip.load_split(config, "train").images  # 16x24 -> centre crop 16x16 -> 8x8
+    assert loaded.shape == (5, 8, 8, 3) and loaded.dtype == np.uint8
+
+
+def test_wrong_shapes_and_unknown_names_are_clear_errors(tmp_path):
+    config = digits.get_config()
+    config.data.image_size = 16
+    with pytest.raises(ip.DatasetError, match=r"shape \(8, 8, 1\).*\(16, 16, 1\)"):
+        ip.load_split(config, "train")
+    config.data.dataset = "no_such_dataset_xyz"
+    with pytest.raises(ip.DatasetError, match="Unknown data set.*no_such_dataset_xyz.*digits"):
+        ip.validate_dataset(config)
+    config.data.dataset = str(tmp_path / "missing.npz")
+    with pytest.raises(ip.DatasetError, match="no such file"):
+        ip.validate_dataset(config)
+
+
+def test_tfds_path_with_mock_data():
+    import tensorflow_datasets as tfds
+
+    config = default.get_config()  # cifar10, 32x32x3
+    config.data.dataset = "cifar10"
+    with tfds.testing.mock_data(num_examples=12):
+        images = ip.load_split(config, "train").images
+    assert images.shape == (12, 32, 32, 3) and images.dtype == np.uint8
+    config.data.dataset, config.data.image_size, config.data.num_channels = "mnist", 28, 1
+    with tfds.testing.mock_data(num_examples=6):
+        assert ip.load_split(config, "test").images.shape == (6, 28, 28, 1)
+    config.data.image_size = 16  # resized on the way in
+    with tfds.testing.mock_data(num_examples=3):
+        assert ip.load_split(config, "test").images.shape == (3, 16, 16, 1)
+
+
+def test_tfds_offline_gives_a_clear_message(tmp_path):
+    config = default.get_config()
+    config.data.dataset = "mnist"
+    config.data.image_size, config.data.num_channels = 28, 1
+    config.data.data_dir = str(tmp_path)  # nothing prepared there, and no network here
+    with pytest.raises(
+        ip.DatasetError, match="Could not load tensorflow-datasets 'mnist'.*offline"
+    ):
+        ip.load_split(config, "train")
+    assert not os.path.exists(tmp_path / "mnist" / "3.0.1" / "dataset_info.json")

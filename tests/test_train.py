@@ -1,0 +1,148 @@
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from helpers import tiny_config
+
+from diffusion_jax import builders, checkpoints, train
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def _assert_trees_equal(a, b):
+    la, lb = _leaves(a), _leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """An uninterrupted 6-step run on 2 devices, with the final samples and evaluation."""
+    workdir = str(tmp_path_factory.mktemp("full"))
+    state = train.train_and_evaluate(tiny_config(), workdir)
+    return workdir, state
+
+
+def test_run_writes_checkpoints_metrics_samples_and_eval(full_run):
+    workdir, state = full_run
+    assert int(state.step) == 6
+    assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))) == [2, 4, 6]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["data"]["dataset"] == "digits"
+    samples = np.load(os.path.join(workdir, "samples", "samples.npz"))["samples"]
+    assert samples.shape == (4, 8, 8, 1) and np.all(np.abs(samples) <= 1)
+    assert os.path.exists(os.path.join(workdir, "samples", "samples.png"))
+    with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+        metrics = json.load(f)
+    assert metrics["num_examples"] == 16 and len(metrics["terms_bpd_per_t"]) == 20
+    terms = metrics["bpd_terms"]
+    parts = terms["decoder_L0"] + terms["sum_Lt"] + terms["prior_LT"]
+    assert metrics["bpd"] == pytest.approx(parts, rel=1e-5)
+    assert 0 < metrics["bpd"] < 50
+    # EMA moved away from its warm start but less than the raw parameters.
+    assert not all(
+        np.array_equal(a, b)
+        for a, b in zip(_leaves(state.params), _leaves(state.ema_params), strict=True)
+    )
+
+
+def test_load_params_returns_ema_or_raw(full_run):
+    workdir, state = full_run
+    _assert_trees_equal(checkpoints.load_params(workdir), state.ema_params)
+    _assert_trees_equal(checkpoints.load_params(workdir, ema=False), state.params)
+    with pytest.raises(FileNotFoundError, match="step 5"):
+        checkpoints.load_params(workdir, step=5)
+
+
+def test_resume_is_bit_identical(full_run, tmp_path):
+    _, reference = full_run
+    workdir = str(tmp_path)
+    train.train_and_evaluate(
+        tiny_config(**{"training.num_train_steps": 3, "training.eval_at_end": False}), workdir
+    )
+    # As if killed after the save of step 2: the final save of step 3 never happened.
+    import shutil
+
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "3"))
+    resumed = train.train_and_evaluate(tiny_config(**{"training.eval_at_end": False}), workdir)
+    assert int(resumed.step) == 6
+    _assert_trees_equal(resumed.params, reference.params)
+    _assert_trees_equal(resumed.ema_params, reference.ema_params)
+    _assert_trees_equal(resumed.opt_state, reference.opt_state)
+
+
+def test_half_written_checkpoint_is_ignored(full_run, tmp_path):
+    workdir = str(tmp_path)
+    config = tiny_config(**{"training.num_train_steps": 2, "training.eval_at_end": False})
+    train.train_and_evaluate(config, workdir)
+    # A save killed midway leaves orbax's temporary folder, never a folder named by the step.
+    partial = os.path.join(workdir, "checkpoints", "4.orbax-checkpoint-tmp-123")
+    os.makedirs(os.path.join(partial, "state"))
+    manager = checkpoints.make_manager(workdir)
+    assert manager.latest_step() == 2
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
+    workdir = str(tmp_path)
+    config = tiny_config(
+        **{
+            "optim.learning_rate": 1e38,
+            "optim.grad_clip": 0.0,
+            "optim.warmup_steps": 0,
+            "training.num_train_steps": 20,
+            "training.checkpoint_every": 1,
+            "training.log_every": 1,
+        }
+    )
+    with pytest.raises(train.NonFiniteLossError, match=r"at step (\d+)") as info:
+        train.train_and_evaluate(config, workdir)
+    bad_step = int(info.match(r"at step (\d+)").group(1))
+    last = checkpoints.make_manager(workdir).latest_step()
+    assert last == bad_step - 1
+    for leaf in _leaves(checkpoints.load_params(workdir, ema=False)):
+        assert np.all(np.isfinite(leaf))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"diffusion.mean_type": "score"}, r"diffusion.mean_type='score'.*\('eps', 'x0', 'v'\)"),
+        ({"sampling.method": "euler"}, r"sampling.method='euler'"),
+        ({"training.batch_size": 3}, r"training.batch_size=3 .*multiple of the number of devices"),
+        ({"data.dataset": "no_such_data"}, r"Unknown data set.*no_such_data"),
+        ({"model.name": "transformer"}, r"transformer"),
+        ({"diffusion.num_timesteps": 0}, r"0"),
+        ({"eval.metrics": ("bpd", "lpips")}, r"lpips"),
+    ],
+)
+def test_bad_config_fails_before_anything_is_written(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(tiny_config(**overrides), str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_image_size_the_model_cannot_take(tmp_path):
+    config = tiny_config(**{"model.ch_mult": (1, 2, 2, 2)})  # 8x8 cannot be halved 3 times
+    with pytest.raises(ValueError, match="8"):
+        builders.validate_config(config)
+
+
+def test_workdir_of_a_different_config_is_refused(full_run):
+    workdir, _ = full_run
+    before = sorted(os.listdir(workdir))
+    with pytest.raises(ValueError, match=r"different config.*model.ch: 32 -> 64"):
+        train.train_and_evaluate(tiny_config(**{"model.ch": 64}), workdir)
+    assert sorted(os.listdir(workdir)) == before
+    # Run length and reporting may change on resumption.
+    assert (
+        builders.config_differences(
+            tiny_config().to_dict(), tiny_config(**{"training.num_train_steps": 9})
+        )
+        == []
+    )
