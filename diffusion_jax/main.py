@@ -5,6 +5,7 @@ Modes: ``train`` (resumes from the newest checkpoint; samples and evaluates at t
 overridden: ``--config.training.num_train_steps=100``.
 """
 
+import logging as std_logging
 import os
 import sys
 
@@ -20,15 +21,30 @@ _DISTRIBUTED = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _ReadableLog(std_logging.Filter):
+    """INFO from this library; only warnings and errors from the libraries under it."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "diffusion_jax" in record.pathname
+
+
+def _setup_logging(workdir: str) -> None:
+    """Log to the terminal and to ``WORKDIR/log.INFO``."""
+    os.makedirs(workdir, exist_ok=True)
+    handler = logging.get_absl_handler()
+    handler.use_absl_log_file("log", workdir)
+    handler.addFilter(_ReadableLog())
+    flags.FLAGS.alsologtostderr = True
+    logging.set_verbosity(logging.INFO)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from diffusion_jax import distributed, evaluate, train  # after flags: jax config first
 
     distributed.initialize(_DISTRIBUTED.value)
-    os.makedirs(_WORKDIR.value, exist_ok=True)
-    logging.get_absl_handler().use_absl_log_file("log", _WORKDIR.value)
-    logging.get_absl_handler().setLevel(logging.INFO)
+    _setup_logging(_WORKDIR.value)
     logging.info("Mode %s, workdir %s, config:\n%s", _MODE.value, _WORKDIR.value, _CONFIG.value)
     try:
         if _MODE.value == "train":
