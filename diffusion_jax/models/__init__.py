@@ -1,0 +1,49 @@
+"""The networks that `model_fn(x_t, t)` wraps, picked by `config.model.name`.
+
+Every model is a flax.linen Module called as
+``model.apply(variables, x_t, t, train=..., rngs={"dropout": key})``; its output has the input's
+shape, with the last axis doubled when ``config.diffusion.var_type == "learned_range"``.
+
+A new network is one new file defining ``build(config) -> nn.Module`` and
+``check_config(config)``, plus one entry in MODELS.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import flax.linen as nn
+import ml_collections
+
+from diffusion_jax.models import layers, mlp, unet
+from diffusion_jax.models.unet import check_image_size
+
+__all__ = ["MODELS", "check_config", "check_image_size", "get_model"]
+
+MODELS: dict[str, ModuleType] = {"unet": unet, "mlp": mlp}
+
+
+def _lookup(name: str) -> ModuleType:
+    if name not in MODELS:
+        raise ValueError(f"config.model.name={name!r} is not a model; allowed: {tuple(MODELS)}.")
+    return MODELS[name]
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raise ValueError naming the bad key and the allowed values; builds and compiles nothing.
+
+    Checks the model name, compute dtype, convolution implementation, and what the picked model
+    needs of the data (the U-Net: an image size divisible by 2^(levels - 1)).
+    """
+    model_module = _lookup(config.model.name)
+    layers.compute_dtype(config.model.dtype)
+    layers.check_conv_impl(config.model.conv_impl)
+    model_module.check_config(config)
+
+
+def get_model(config: ml_collections.ConfigDict) -> nn.Module:
+    """The network named by `config.model.name` ("unet" | "mlp"), configured from `config`."""
+    model_module = _lookup(config.model.name)
+    layers.compute_dtype(config.model.dtype)
+    layers.check_conv_impl(config.model.conv_impl)
+    return model_module.build(config)

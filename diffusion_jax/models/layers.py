@@ -1,0 +1,144 @@
+"""Building blocks shared by the networks: initialisers, the convolution factory, normalisation,
+the sinusoidal time embedding.
+
+Initialisation follows Ho et al.'s code: variance scaling (scale 1, fan-average, uniform) for every
+dense and convolution kernel, zero biases, and exact zeros for the layers the paper zero-inits
+(the last convolution of each ResNet block, the attention output projection, the output layer).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> Dtype:
+    """`config.model.dtype` -> the dtype of activations (parameters always stay float32)."""
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"config.model.dtype={name!r}; allowed: {tuple(COMPUTE_DTYPES)}.")
+    return COMPUTE_DTYPES[name]
+
+
+def kernel_init(zero: bool = False) -> nn.initializers.Initializer:
+    """Fan-average uniform variance scaling, or zeros for the zero-initialised layers."""
+    if zero:
+        return nn.initializers.zeros_init()
+    return nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+
+
+# Convolution implementations by `config.model.conv_impl`. Each entry is a Module class with the
+# constructor arguments and parameters ("kernel" [kh, kw, in, out], "bias" [out]) of nn.Conv, so a
+# faster implementation can be registered here without touching the networks.
+CONV_IMPLS: dict[str, type[nn.Module]] = {"xla": nn.Conv}
+
+
+def check_conv_impl(impl: str) -> None:
+    """Raise ValueError unless `impl` names a registered convolution implementation."""
+    if impl not in CONV_IMPLS:
+        raise ValueError(
+            f"config.model.conv_impl={impl!r} is not available; allowed: {tuple(CONV_IMPLS)}."
+        )
+
+
+def conv(
+    features: int,
+    kernel_size: int = 3,
+    strides: int = 1,
+    *,
+    impl: str = "xla",
+    zero_init: bool = False,
+    dtype: Dtype = jnp.float32,
+    name: str | None = None,
+) -> nn.Module:
+    """A square 'SAME'-padded 2-D convolution (NHWC) with bias, float32 parameters."""
+    check_conv_impl(impl)
+    return CONV_IMPLS[impl](
+        features,
+        (kernel_size, kernel_size),
+        strides=(strides, strides),
+        padding="SAME",
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=kernel_init(zero_init),
+        name=name,
+    )
+
+
+def dense(
+    features: int, *, zero_init: bool = False, dtype: Dtype = jnp.float32, name: str | None = None
+) -> nn.Dense:
+    """A dense layer over the last axis (a 1x1 convolution, "NIN", on images)."""
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=kernel_init(zero_init),
+        name=name,
+    )
+
+
+def group_norm(
+    num_channels: int, *, dtype: Dtype = jnp.float32, name: str | None = None
+) -> nn.GroupNorm:
+    """GroupNorm with 32 groups (the paper's), or gcd(32, C) groups when C is not a multiple of 32.
+
+    Statistics are reduced in float32 even when `dtype` is bfloat16.
+    """
+    return nn.GroupNorm(num_groups=math.gcd(32, num_channels), epsilon=1e-6, dtype=dtype, name=name)
+
+
+def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
+    """Sinusoidal embedding of (possibly non-integer) times, as in Ho et al. / Vaswani et al.
+
+    emb[:, i] = sin(t * f_i), emb[:, half + i] = cos(t * f_i), f_i = 10000^(-i / (half - 1)),
+    half = dim // 2; a zero column is appended when `dim` is odd.
+
+    Args:
+      t: [B] times (int or float; treated as float32).
+      dim: embedding width.
+
+    Returns:
+      [B, dim] float32.
+    """
+    if dim < 2:
+        raise ValueError(f"timestep_embedding needs dim >= 2, got {dim}.")
+    half = dim // 2
+    scale = math.log(10000.0) / max(half - 1, 1)
+    freqs = jnp.exp(-scale * jnp.arange(half, dtype=jnp.float32))  # [half]
+    args = t.astype(jnp.float32)[:, None] * freqs[None, :]  # [B, half]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)  # [B, 2 * half]
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimeEmbedding(nn.Module):
+    """t -> sinusoidal(t, emb_dim) -> Dense(features) -> SiLU -> Dense(features)."""
+
+    emb_dim: int
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, t: jax.Array) -> jax.Array:
+        emb = timestep_embedding(t, self.emb_dim)  # [B, emb_dim] float32
+        emb = dense(self.features, dtype=self.dtype, name="dense0")(emb)
+        emb = dense(self.features, dtype=self.dtype, name="dense1")(nn.silu(emb))
+        return emb  # [B, features]
+
+
+def broadcast_times(t: jax.Array | float, batch: int) -> jax.Array:
+    """A scalar or [B] time as a [B] array (dtype kept)."""
+    t = jnp.asarray(t)
+    if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, batch)):
+        raise ValueError(f"t must be a scalar or have shape ({batch},), got {t.shape}.")
+    return jnp.broadcast_to(t, (batch,))
