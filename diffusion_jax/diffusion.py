@@ -1,0 +1,649 @@
+"""DDPM as a hierarchical VAE (Ho et al. 2020), with Improved DDPM and DDIM extensions.
+
+Pure functions over a ``GaussianDiffusion`` schedule pytree ``d`` and a ``model_fn(x_t, t)``
+callable. Conventions: data ``x0`` in [-1, 1] of shape [B, ...]; ``t`` is a zero-based int32 array
+of shape [B] (t = 0 is the paper's t = 1); abar_t = prod_{s <= t} (1 - beta_s); bits/dim are
+means over the non-batch dimensions divided by ln 2. Every function jits and vmaps (vmap adds
+axes in front of the batch axis); every function that samples takes an explicit key.
+
+Noise is drawn in float32 and cast to the data dtype, so one key gives the same draws with or
+without ``jax_enable_x64``.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from diffusion_jax import likelihood, schedules
+
+ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+MEAN_TYPES = ("eps", "x0", "v")
+VAR_TYPES = ("fixedlarge", "fixedsmall", "learned_range")
+LOSS_TYPES = ("simple", "vlb", "hybrid", "kl")
+HYBRID_LAMBDA = 0.001  # Improved DDPM's lambda in L_hybrid = L_simple + lambda L_vlb
+
+
+def _tables(betas, alphas_cumprod, one_minus_alphas_cumprod, xp) -> dict:
+    """Every per-t table from beta_t, abar_t and 1 - abar_t (passed separately for accuracy).
+
+    abar_{t-1} (abar_{-1} = 1), beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t),
+    mu~_t = coef1 x0 + coef2 x_t with coef1 = beta_t sqrt(abar_{t-1}) / (1 - abar_t),
+    coef2 = (1 - abar_{t-1}) sqrt(alpha_t) / (1 - abar_t); log beta~ is clipped at t = 0 (where
+    beta~ = 0) to log beta~_1 (log beta_0 when T = 1).
+    """
+    abar, omab = alphas_cumprod, one_minus_alphas_cumprod  # [T]
+    abar_prev = xp.concatenate([xp.ones_like(abar[:1]), abar[:-1]])
+    omab_prev = xp.concatenate([xp.zeros_like(omab[:1]), omab[:-1]])
+    posterior_variance = betas * omab_prev / omab
+    clip = posterior_variance[1:2] if betas.shape[0] > 1 else betas[:1]
+    return dict(
+        betas=betas,
+        log_betas=xp.log(betas),
+        alphas_cumprod=abar,
+        alphas_cumprod_prev=abar_prev,
+        sqrt_alphas_cumprod=xp.sqrt(abar),
+        sqrt_one_minus_alphas_cumprod=xp.sqrt(omab),
+        log_one_minus_alphas_cumprod=xp.log(omab),
+        sqrt_recip_alphas_cumprod=1.0 / xp.sqrt(abar),
+        sqrt_recipm1_alphas_cumprod=xp.sqrt(omab / abar),
+        posterior_variance=posterior_variance,
+        posterior_log_variance_clipped=xp.log(xp.concatenate([clip, posterior_variance[1:]])),
+        posterior_mean_coef1=betas * xp.sqrt(abar_prev) / omab,
+        posterior_mean_coef2=omab_prev * xp.sqrt(abar / abar_prev) / omab,
+    )
+
+
+@struct.dataclass
+class GaussianDiffusion:
+    """The schedule: per-t tables [T] and the (static) parametrisation.
+
+    ``timestep_map[t]`` is the index the model is called with at step t: the identity, or the
+    original steps of a respaced chain (see ``respace``).
+    """
+
+    betas: jax.Array
+    log_betas: jax.Array
+    alphas_cumprod: jax.Array
+    alphas_cumprod_prev: jax.Array
+    sqrt_alphas_cumprod: jax.Array
+    sqrt_one_minus_alphas_cumprod: jax.Array
+    log_one_minus_alphas_cumprod: jax.Array
+    sqrt_recip_alphas_cumprod: jax.Array
+    sqrt_recipm1_alphas_cumprod: jax.Array
+    posterior_variance: jax.Array
+    posterior_log_variance_clipped: jax.Array
+    posterior_mean_coef1: jax.Array
+    posterior_mean_coef2: jax.Array
+    timestep_map: jax.Array
+    mean_type: str = struct.field(pytree_node=False, default="eps")
+    var_type: str = struct.field(pytree_node=False, default="fixedlarge")
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.betas.shape[0]
+
+    @classmethod
+    def create(
+        cls,
+        betas: np.ndarray,
+        mean_type: str = "eps",
+        var_type: str = "fixedlarge",
+        dtype: jnp.dtype = jnp.float32,
+    ) -> "GaussianDiffusion":
+        """Builds every table in float64 NumPy from ``betas`` [T], then casts to ``dtype``.
+
+        Raises ValueError for betas outside (0, 1) or an unknown ``mean_type`` / ``var_type``.
+        """
+        _check_choice("mean_type", mean_type, MEAN_TYPES)
+        _check_choice("var_type", var_type, VAR_TYPES)
+        betas = np.asarray(betas, dtype=np.float64)
+        schedules.check_betas(betas)
+        abar = np.cumprod(1.0 - betas)
+        omab = -np.expm1(np.cumsum(np.log1p(-betas)))  # 1 - abar without cancellation
+        tables = {k: jnp.asarray(v, dtype) for k, v in _tables(betas, abar, omab, np).items()}
+        timestep_map = jnp.arange(betas.shape[0], dtype=jnp.int32)
+        return cls(**tables, timestep_map=timestep_map, mean_type=mean_type, var_type=var_type)
+
+
+def _check_choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"Unknown {what} {value!r}; allowed: {list(allowed)}.")
+
+
+def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
+    """v [B] shaped to broadcast against x: [B] -> [B, 1, ..., 1]."""
+    return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
+
+
+def _at(table: jax.Array, t: jax.Array, x: jax.Array) -> jax.Array:
+    """table[t] shaped to broadcast against x: [B, 1, ..., 1]."""
+    return _bcast(table[t], x)
+
+
+def _sqrt_abar(d: GaussianDiffusion, t: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sqrt(abar_t), sqrt(1 - abar_t)), each [B, 1, ..., 1]."""
+    return _at(d.sqrt_alphas_cumprod, t, x), _at(d.sqrt_one_minus_alphas_cumprod, t, x)
+
+
+def _normal(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    """N(0, I) drawn in float32 (the same draws under x64), cast to ``dtype``."""
+    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Respacing (Improved DDPM section 4)
+
+
+def space_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+    """``num_steps`` evenly spaced steps of {0, ..., T-1}, increasing, always including T - 1
+    (and 0 when num_steps > 1): round(linspace(T - 1, 0, K)) reversed."""
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}.")
+    steps = np.round(np.linspace(num_timesteps - 1, 0, num_steps))[::-1].astype(np.int32)
+    return np.ascontiguousarray(steps)
+
+
+def respace(d: GaussianDiffusion, timesteps: np.ndarray) -> GaussianDiffusion:
+    """The chain that visits only ``timesteps`` (increasing, unique) of ``d``.
+
+    Keeps abar at those steps and recomputes beta_k = 1 - abar_{t_k} / abar_{t_{k-1}}; the model is
+    still called with the original indices through ``timestep_map``. Works on traced ``d``.
+    """
+    ts = np.asarray(timesteps)
+    if ts.ndim != 1 or ts.size < 1 or np.any(np.diff(ts) <= 0) or ts[0] < 0:
+        raise ValueError(f"timesteps must be increasing unique non-negative ints, got {ts}.")
+    if ts[-1] >= d.num_timesteps:
+        raise ValueError(f"timesteps must be < T = {d.num_timesteps}, got {ts[-1]}.")
+    abar = d.alphas_cumprod[ts]  # [K]
+    omab = jnp.square(d.sqrt_one_minus_alphas_cumprod[ts])
+    abar_prev = jnp.concatenate([jnp.ones_like(abar[:1]), abar[:-1]])
+    omab_prev = jnp.concatenate([jnp.zeros_like(omab[:1]), omab[:-1]])
+    # abar_{k-1} - abar_k from whichever of abar, 1 - abar is small (and hence accurate).
+    diff = jnp.where(abar_prev > 0.5, omab - omab_prev, abar_prev - abar)
+    tables = _tables(diff / abar_prev, abar, omab, jnp)
+    return GaussianDiffusion(
+        **tables,
+        timestep_map=d.timestep_map[ts],
+        mean_type=d.mean_type,
+        var_type=d.var_type,
+    )
+
+
+def _maybe_respace(d: GaussianDiffusion, num_steps: int | None) -> GaussianDiffusion:
+    if num_steps is None or num_steps == d.num_timesteps:
+        return d
+    return respace(d, space_timesteps(d.num_timesteps, num_steps))
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward process and posterior
+
+
+def q_mean_variance(
+    d: GaussianDiffusion, x0: jax.Array, t: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q(x_t | x0) = N(sqrt(abar_t) x0, (1 - abar_t) I) -> (mean, variance, log_variance)."""
+    sqrt_a, sqrt_1ma = _sqrt_abar(d, t, x0)
+    mean = sqrt_a * x0  # [B, ...]
+    variance = jnp.broadcast_to(jnp.square(sqrt_1ma), mean.shape)
+    log_variance = jnp.broadcast_to(_at(d.log_one_minus_alphas_cumprod, t, x0), mean.shape)
+    return mean, variance, log_variance
+
+
+def q_sample(d: GaussianDiffusion, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
+    sqrt_a, sqrt_1ma = _sqrt_abar(d, t, x0)
+    return sqrt_a * x0 + sqrt_1ma * noise
+
+
+def q_posterior_mean_variance(
+    d: GaussianDiffusion, x0: jax.Array, x_t: jax.Array, t: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q(x_{t-1} | x_t, x0) = N(mu~_t, beta~_t I) -> (mean, variance, log_variance_clipped):
+
+    mu~_t = beta_t sqrt(abar_{t-1}) / (1 - abar_t) x0
+            + (1 - abar_{t-1}) sqrt(alpha_t) / (1 - abar_t) x_t,
+    beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t; at t = 0 the posterior is the point x0.
+    """
+    mean = _at(d.posterior_mean_coef1, t, x_t) * x0 + _at(d.posterior_mean_coef2, t, x_t) * x_t
+    variance = jnp.broadcast_to(_at(d.posterior_variance, t, x_t), mean.shape)
+    log_var = jnp.broadcast_to(_at(d.posterior_log_variance_clipped, t, x_t), mean.shape)
+    return mean, variance, log_var
+
+
+# ----------------------------------------------------------------------------------------------
+# Parametrisations: x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, v = sqrt(abar) eps - sqrt(1 - abar) x0
+
+
+def predict_x0_from_eps(
+    d: GaussianDiffusion, x_t: jax.Array, t: jax.Array, eps: jax.Array
+) -> jax.Array:
+    """x0 = x_t / sqrt(abar_t) - sqrt(1/abar_t - 1) eps."""
+    return _at(d.sqrt_recip_alphas_cumprod, t, x_t) * x_t - (
+        _at(d.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+    )
+
+
+def predict_eps_from_x0(
+    d: GaussianDiffusion, x_t: jax.Array, t: jax.Array, x0: jax.Array
+) -> jax.Array:
+    """eps = (x_t / sqrt(abar_t) - x0) / sqrt(1/abar_t - 1)."""
+    return (_at(d.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / _at(
+        d.sqrt_recipm1_alphas_cumprod, t, x_t
+    )
+
+
+def predict_x0_from_v(
+    d: GaussianDiffusion, x_t: jax.Array, t: jax.Array, v: jax.Array
+) -> jax.Array:
+    """x0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v."""
+    sqrt_a, sqrt_1ma = _sqrt_abar(d, t, x_t)
+    return sqrt_a * x_t - sqrt_1ma * v
+
+
+def predict_eps_from_v(
+    d: GaussianDiffusion, x_t: jax.Array, t: jax.Array, v: jax.Array
+) -> jax.Array:
+    """eps = sqrt(1 - abar_t) x_t + sqrt(abar_t) v."""
+    sqrt_a, sqrt_1ma = _sqrt_abar(d, t, x_t)
+    return sqrt_1ma * x_t + sqrt_a * v
+
+
+def predict_v(d: GaussianDiffusion, x0: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
+    """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0."""
+    sqrt_a, sqrt_1ma = _sqrt_abar(d, t, x0)
+    return sqrt_a * eps - sqrt_1ma * x0
+
+
+def score_from_eps(d: GaussianDiffusion, eps: jax.Array, t: jax.Array) -> jax.Array:
+    """Score of q(x_t): grad log q(x_t) = -E[eps | x_t] / sqrt(1 - abar_t)."""
+    return -eps / _at(d.sqrt_one_minus_alphas_cumprod, t, eps)
+
+
+def eps_from_score(d: GaussianDiffusion, score: jax.Array, t: jax.Array) -> jax.Array:
+    """eps = -sqrt(1 - abar_t) score (the inverse of ``score_from_eps``)."""
+    return -_at(d.sqrt_one_minus_alphas_cumprod, t, score) * score
+
+
+# ----------------------------------------------------------------------------------------------
+# Reverse process p(x_{t-1} | x_t) = N(mu_theta, sigma_t^2 I)
+
+
+def _split_output(
+    d: GaussianDiffusion, out: jax.Array, x_t: jax.Array
+) -> tuple[jax.Array, jax.Array | None]:
+    """Model output -> (mean part [B, ...], variance part v in [-1, 1] or None)."""
+    if d.var_type == "learned_range":
+        if out.shape[:-1] != x_t.shape[:-1] or out.shape[-1] != 2 * x_t.shape[-1]:
+            raise ValueError(
+                f"learned_range needs a model output of shape {x_t.shape[:-1]} + "
+                f"({2 * x_t.shape[-1]},) (2x channels), got {out.shape}."
+            )
+        return jnp.split(out, 2, axis=-1)
+    if out.shape != x_t.shape:
+        raise ValueError(f"model output shape {out.shape} != x_t shape {x_t.shape}.")
+    return out, None
+
+
+def _model_log_variance(
+    d: GaussianDiffusion, t: jax.Array, x_t: jax.Array, v: jax.Array | None
+) -> jax.Array:
+    """log sigma_t^2 [B, ...]: fixedsmall log beta~_t; fixedlarge log beta_t (log beta~_1 at
+    t = 0, as in Ho et al.'s code); learned_range frac log beta_t + (1 - frac) log beta~_t with
+    frac = (v + 1) / 2."""
+    min_log = _at(d.posterior_log_variance_clipped, t, x_t)
+    if d.var_type == "fixedsmall":
+        log_var = min_log
+    elif d.var_type == "fixedlarge":
+        log_var = jnp.where(_bcast(t, x_t) == 0, min_log, _at(d.log_betas, t, x_t))
+    else:
+        frac = (v + 1.0) / 2.0
+        log_var = frac * _at(d.log_betas, t, x_t) + (1.0 - frac) * min_log
+    return jnp.broadcast_to(log_var, x_t.shape)
+
+
+def _pred_x0_eps(
+    d: GaussianDiffusion, mean_out: jax.Array, x_t: jax.Array, t: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(x0_hat, eps_hat) from the mean part of the model output, for each mean type."""
+    if d.mean_type == "eps":
+        return predict_x0_from_eps(d, x_t, t, mean_out), mean_out
+    if d.mean_type == "x0":
+        return mean_out, predict_eps_from_x0(d, x_t, t, mean_out)
+    return predict_x0_from_v(d, x_t, t, mean_out), predict_eps_from_v(d, x_t, t, mean_out)
+
+
+def p_mean_variance_from_output(
+    d: GaussianDiffusion, out: jax.Array, x_t: jax.Array, t: jax.Array, clip_denoised: bool = True
+) -> dict[str, jax.Array]:
+    """``p_mean_variance`` given the model output ``out`` = model_fn(x_t, timestep_map[t])."""
+    mean_out, v = _split_output(d, out, x_t)
+    pred_x0, pred_eps = _pred_x0_eps(d, mean_out, x_t, t)
+    if clip_denoised:
+        pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
+        pred_eps = predict_eps_from_x0(d, x_t, t, pred_x0)
+    mean, _, _ = q_posterior_mean_variance(d, pred_x0, x_t, t)
+    log_variance = _model_log_variance(d, t, x_t, v)
+    return dict(
+        mean=mean,
+        variance=jnp.exp(log_variance),
+        log_variance=log_variance,
+        pred_x0=pred_x0,
+        pred_eps=pred_eps,
+        model_output=out,
+    )
+
+
+def p_mean_variance(
+    d: GaussianDiffusion,
+    model_fn: ModelFn,
+    x_t: jax.Array,
+    t: jax.Array,
+    clip_denoised: bool = True,
+) -> dict[str, jax.Array]:
+    """p(x_{t-1} | x_t) = N(mu_theta, sigma_t^2 I), mu_theta = mu~_t(x0_hat, x_t).
+
+    x0_hat comes from the model output per ``d.mean_type`` (eps, x0 or v), clipped to [-1, 1] when
+    ``clip_denoised`` (eps_hat is then recomputed from the clipped x0_hat); sigma_t^2 per
+    ``d.var_type``. Returns dict(mean, variance, log_variance, pred_x0, pred_eps, model_output),
+    each [B, ...] (model_output as returned by the model).
+    """
+    out = model_fn(x_t, d.timestep_map[t])
+    return p_mean_variance_from_output(d, out, x_t, t, clip_denoised)
+
+
+# ----------------------------------------------------------------------------------------------
+# The variational bound, in bits/dim
+
+
+def vb_terms_bpd_from_p(
+    d: GaussianDiffusion,
+    p: dict[str, jax.Array],
+    x0: jax.Array,
+    x_t: jax.Array,
+    t: jax.Array,
+    num_bins: int = 256,
+) -> jax.Array:
+    """``vb_terms_bpd`` given ``p`` = p_mean_variance(...) for this x_t (shares the model call)."""
+    decoder = _decoder_bpd(p, x0, num_bins)
+    return jnp.where(t == 0, decoder, _kl_bpd(d, p, x0, x_t, t))  # [B]
+
+
+def _kl_bpd(
+    d: GaussianDiffusion, p: dict, x0: jax.Array, x_t: jax.Array, t: jax.Array
+) -> jax.Array:
+    """L_t = KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) in bits/dim [B]."""
+    true_mean, _, true_log_var = q_posterior_mean_variance(d, x0, x_t, t)
+    kl = likelihood.normal_kl(true_mean, true_log_var, p["mean"], p["log_variance"])
+    return likelihood.mean_flat_bpd(kl)
+
+
+def _decoder_bpd(p: dict, x0: jax.Array, num_bins: int) -> jax.Array:
+    """L_0 = -log p(x0 | x_1), the discretised Gaussian decoder, in bits/dim [B]."""
+    log_scale = 0.5 * p["log_variance"]
+    ll = likelihood.discretized_gaussian_log_likelihood(x0, p["mean"], log_scale, num_bins)
+    return likelihood.mean_flat_bpd(-ll)
+
+
+def vb_terms_bpd(
+    d: GaussianDiffusion,
+    model_fn: ModelFn,
+    x0: jax.Array,
+    x_t: jax.Array,
+    t: jax.Array,
+    clip_denoised: bool = False,
+    num_bins: int = 256,
+) -> jax.Array:
+    """One term of the bound, bits/dim [B]:
+
+    L_t = KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) for t > 0,
+    L_0 = -log p(x0 | x_1) under the discretised Gaussian decoder for t = 0.
+    """
+    p = p_mean_variance(d, model_fn, x_t, t, clip_denoised)
+    return vb_terms_bpd_from_p(d, p, x0, x_t, t, num_bins)
+
+
+def prior_bpd(d: GaussianDiffusion, x0: jax.Array) -> jax.Array:
+    """L_T = KL(q(x_T | x0) || N(0, I)) in bits/dim [B]; no parameters, ~0 for a good schedule."""
+    t = jnp.full(x0.shape[:1], d.num_timesteps - 1, jnp.int32)
+    mean, _, log_var = q_mean_variance(d, x0, t)
+    return likelihood.mean_flat_bpd(likelihood.normal_kl(mean, log_var, 0.0, 0.0))
+
+
+def calc_bpd_loop(
+    d: GaussianDiffusion,
+    model_fn: ModelFn,
+    x0: jax.Array,
+    key: jax.Array,
+    clip_denoised: bool = False,
+    num_bins: int = 256,
+) -> dict[str, jax.Array]:
+    """The whole bound -log p(x0) <= L_T + sum_t L_t, every t, in one ``lax.scan``.
+
+    x_t ~ q(x_t | x0) is drawn with key fold_in(key, t). Returns dict(total_bpd [B],
+    prior_bpd [B], terms_bpd [B, T], mse [B, T]) where mse = mean_flat((eps_hat - eps)^2).
+    """
+
+    def step(_, t_i):
+        t = jnp.full(x0.shape[:1], t_i, jnp.int32)  # [B]
+        noise = _normal(jax.random.fold_in(key, t_i), x0.shape, x0.dtype)
+        x_t = q_sample(d, x0, t, noise)
+        p = p_mean_variance(d, model_fn, x_t, t, clip_denoised)
+        # t is one step for the whole batch: evaluate only the term it needs.
+        vb = jax.lax.cond(
+            t_i == 0,
+            lambda: _decoder_bpd(p, x0, num_bins),
+            lambda: _kl_bpd(d, p, x0, x_t, t),
+        )
+        mse = likelihood.mean_flat(jnp.square(p["pred_eps"] - noise))
+        return None, (vb, mse)
+
+    _, (vb, mse) = jax.lax.scan(step, None, jnp.arange(d.num_timesteps))  # [T, B] each
+    prior = prior_bpd(d, x0)
+    terms = vb.T  # [B, T]
+    return dict(total_bpd=terms.sum(axis=1) + prior, prior_bpd=prior, terms_bpd=terms, mse=mse.T)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training losses
+
+
+def training_losses(
+    d: GaussianDiffusion,
+    model_fn: ModelFn,
+    x0: jax.Array,
+    key: jax.Array,
+    loss_type: str = "simple",
+    t: jax.Array | None = None,
+    noise: jax.Array | None = None,
+    num_bins: int = 256,
+) -> dict[str, jax.Array]:
+    """Per-example losses [B] at t ~ U{0..T-1} (or the given t) and x_t = q_sample(x0, t, eps).
+
+    - mse = mean_flat((target - model mean output)^2), target eps, x0 or v per ``d.mean_type``;
+    - vb = L_t in bits/dim (``vb_terms_bpd``, no clipping);
+    - loss: ``simple`` mse; ``kl`` vb; ``vlb`` T vb + L_T, an unbiased one-sample estimate of the
+      whole bound in bits/dim (for eps-prediction with a fixed variance, L_t at t > 0 is
+      beta_t^2 / (2 sigma_t^2 alpha_t (1 - abar_t)) ||eps - eps_theta||^2 plus a constant);
+      ``hybrid`` mse + lambda T vb with lambda = 0.001 and the mean frozen (stop-gradient) in vb,
+      so the bound trains only a learned variance (Improved DDPM's L_simple + lambda L_vlb with
+      L_vlb ~ T L_t; meant for ``learned_range``, with a fixed variance vb adds no gradient).
+    Returns dict(loss, mse, vb). For importance-sampled t multiply ``loss`` by the weights.
+    """
+    _check_choice("loss_type", loss_type, LOSS_TYPES)
+    key_t, key_noise = jax.random.split(key)
+    if t is None:
+        t = jax.random.randint(key_t, x0.shape[:1], 0, d.num_timesteps, dtype=jnp.int32)
+    if noise is None:
+        noise = _normal(key_noise, x0.shape, x0.dtype)
+    x_t = q_sample(d, x0, t, noise)
+    out = model_fn(x_t, d.timestep_map[t])
+    mean_out, v = _split_output(d, out, x_t)
+    target = {"eps": noise, "x0": x0, "v": predict_v(d, x0, t, noise)}[d.mean_type]
+    mse = likelihood.mean_flat(jnp.square(target - mean_out))
+    if loss_type == "hybrid":
+        frozen = jax.lax.stop_gradient(mean_out)
+        out = frozen if v is None else jnp.concatenate([frozen, v], axis=-1)
+    p = p_mean_variance_from_output(d, out, x_t, t, clip_denoised=False)
+    vb = vb_terms_bpd_from_p(d, p, x0, x_t, t, num_bins)
+    num_t = d.num_timesteps
+    loss = {
+        "simple": lambda: mse,
+        "kl": lambda: vb,
+        "vlb": lambda: num_t * vb + prior_bpd(d, x0),
+        "hybrid": lambda: mse + HYBRID_LAMBDA * num_t * vb,
+    }[loss_type]()
+    return dict(loss=loss, mse=mse, vb=vb)
+
+
+# Importance sampling of t (Improved DDPM section 3.3): p_t ~ sqrt(E[L_t^2]) over the last k
+# values of L_t; until every slot of the history is filled, t is uniform.
+
+
+def init_loss_history(num_timesteps: int, history_per_t: int = 10) -> jax.Array:
+    """An empty history [T, k] (NaN marks a slot not yet filled)."""
+    return jnp.full((num_timesteps, history_per_t), jnp.nan, jnp.float32)
+
+
+def update_loss_history(history: jax.Array, t: jax.Array, losses: jax.Array) -> jax.Array:
+    """Appends losses[i] to row t[i] in batch order, dropping the row's oldest value: [T, k]."""
+
+    def push(h, t_and_loss):
+        t_i, loss_i = t_and_loss
+        return h.at[t_i].set(jnp.roll(h[t_i], -1).at[-1].set(loss_i)), None
+
+    losses = jax.lax.stop_gradient(losses).astype(history.dtype)
+    return jax.lax.scan(push, history, (t, losses))[0]
+
+
+def importance_probs(history: jax.Array, uniform_prob: float = 0.001) -> jax.Array:
+    """p_t = (1 - u) sqrt(E[L_t^2]) / sum_s sqrt(E[L_s^2]) + u / T; uniform until warm: [T]."""
+    num_t = history.shape[0]
+    w = jnp.sqrt(jnp.mean(jnp.square(history), axis=1))  # [T]
+    p = (1.0 - uniform_prob) * w / jnp.sum(w) + uniform_prob / num_t
+    warm = ~jnp.any(jnp.isnan(history)) & (jnp.sum(w) > 0)
+    return jnp.where(warm, p, 1.0 / num_t)
+
+
+def sample_t_importance(
+    key: jax.Array, history: jax.Array, batch_size: int, uniform_prob: float = 0.001
+) -> tuple[jax.Array, jax.Array]:
+    """t ~ p (``importance_probs``) [B] int32 and weights 1 / (T p_t) [B], so that
+    E[weights * L_t] = mean_t L_t: pass t to ``training_losses`` and average weights * loss."""
+    p = importance_probs(history, uniform_prob)
+    t = jax.random.choice(key, history.shape[0], (batch_size,), p=p).astype(jnp.int32)
+    return t, 1.0 / (history.shape[0] * p[t])
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers
+
+
+def p_sample(
+    d: GaussianDiffusion,
+    model_fn: ModelFn,
+    x_t: jax.Array,
+    t: jax.Array,
+    key: jax.Array,
+    clip_denoised: bool = True,
+) -> dict[str, jax.Array]:
+    """x_{t-1} = mu_theta(x_t, t) + sigma_t z, z ~ N(0, I), with no noise where t == 0.
+
+    Returns dict(sample, pred_x0), each [B, ...].
+    """
+    p = p_mean_variance(d, model_fn, x_t, t, clip_denoised)
+    noise = _normal(key, x_t.shape, x_t.dtype)
+    nonzero = _bcast((t != 0).astype(x_t.dtype), x_t)  # [B, 1, ...]
+    sample = p["mean"] + nonzero * jnp.exp(0.5 * p["log_variance"]) * noise
+    return dict(sample=sample, pred_x0=p["pred_x0"])
+
+
+def _reverse_scan(
+    d: GaussianDiffusion,
+    step: Callable,
+    x: jax.Array,
+    key_steps: jax.Array,
+    pred_x0_every: int,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Runs step(x, t, key) -> (x, pred_x0) for t = K-1, ..., 0 in one scan; keeps pred_x0 at
+    t % pred_x0_every == 0 in chain order: [ceil(K / every), B, ...]."""
+    num = d.num_timesteps
+    n_snap = -(-num // pred_x0_every) if pred_x0_every > 0 else 0
+    snaps = jnp.zeros((n_snap,) + x.shape, x.dtype) if n_snap else None
+
+    def body(carry, i):
+        x, snaps = carry
+        t = jnp.full(x.shape[:1], i, jnp.int32)  # [B]
+        x, pred_x0 = step(x, t, jax.random.fold_in(key_steps, i))
+        if n_snap:
+            j = n_snap - 1 - i // pred_x0_every
+            snaps = snaps.at[j].set(jnp.where(i % pred_x0_every == 0, pred_x0, snaps[j]))
+        return (x, snaps), None
+
+    (x, snaps), _ = jax.lax.scan(body, (x, snaps), jnp.arange(num - 1, -1, -1))
+    return (x, snaps) if n_snap else x
+
+
+def p_sample_loop(
+    d: GaussianDiffusion,
+    model_fn: ModelFn,
+    shape: tuple[int, ...],
+    key: jax.Array,
+    x_T: jax.Array | None = None,
+    num_steps: int | None = None,
+    clip_denoised: bool = True,
+    pred_x0_every: int = 0,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Ancestral sampling x_T ~ N(0, I), x_{t-1} ~ p(x_{t-1} | x_t), in one ``lax.scan``.
+
+    ``num_steps`` < T respaces the chain (``space_timesteps`` / ``respace``; the model still sees
+    the original t). The last step adds no noise. With ``pred_x0_every`` = k > 0, also returns
+    the x0_hat of every k-th step (steps t with t % k == 0, from the noisiest to t = 0):
+    (x0 [B, ...], snapshots [ceil(K/k), B, ...]).
+    """
+    d = _maybe_respace(d, num_steps)
+    key_T, key_steps = jax.random.split(key)
+    x = _normal(key_T, shape, d.betas.dtype) if x_T is None else x_T
+
+    def step(x, t, key):
+        out = p_sample(d, model_fn, x, t, key, clip_denoised)
+        return out["sample"], out["pred_x0"]
+
+    return _reverse_scan(d, step, x, key_steps, pred_x0_every)
+
+
+def ddim_sample_loop(
+    d: GaussianDiffusion,
+    model_fn: ModelFn,
+    shape: tuple[int, ...],
+    key: jax.Array,
+    num_steps: int,
+    eta: float = 0.0,
+    x_T: jax.Array | None = None,
+    clip_denoised: bool = True,
+) -> jax.Array:
+    """DDIM (Song et al. 2021) over ``num_steps`` evenly spaced steps, in one ``lax.scan``:
+
+    x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z, z ~ N(0, I),
+    sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s) = eta sqrt(beta~_t)
+    of the respaced chain, s the previous step (abar_s = 1 after the last step, so sigma = 0
+    there). eta = 0 is deterministic; eta = 1 with all T steps is ancestral sampling with the
+    fixedsmall variance. The model's variance output (if any) is ignored.
+    """
+    d = _maybe_respace(d, num_steps)
+    key_T, key_steps = jax.random.split(key)
+    x = _normal(key_T, shape, d.betas.dtype) if x_T is None else x_T
+
+    def step(x, t, key):
+        p = p_mean_variance(d, model_fn, x, t, clip_denoised)
+        abar_prev = _at(d.alphas_cumprod_prev, t, x)
+        sigma = eta * jnp.sqrt(_at(d.posterior_variance, t, x))
+        dir_coef = jnp.sqrt(jnp.maximum(1.0 - abar_prev - jnp.square(sigma), 0.0))
+        noise = _normal(key, x.shape, x.dtype)
+        x = jnp.sqrt(abar_prev) * p["pred_x0"] + dir_coef * p["pred_eps"] + sigma * noise
+        return x, p["pred_x0"]
+
+    return _reverse_scan(d, step, x, key_steps, 0)
