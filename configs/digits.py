@@ -17,7 +17,7 @@ def get_config():
     config.data.num_bins = 17  # levels 0..16
     config.data.random_flip = False  # digits are not mirror-symmetric
 
-    config.model.ch = 64
+    config.model.ch = 32  # 1.0M parameters: 8x8 digits need little, and a CPU trains it fast
     config.model.ch_mult = (1, 2)
     config.model.num_res_blocks = 2
     config.model.attn_resolutions = (4,)
@@ -27,12 +27,14 @@ def get_config():
     config.optim.warmup_steps = 200
     config.optim.ema_decay = 0.999
 
-    config.training.batch_size = 128
+    config.training.batch_size = 64
     config.training.num_train_steps = 4000
     config.training.log_every = 100
     config.training.checkpoint_every = 500
-    config.training.sample_every = 1000
+    config.training.sample_every = 2000
 
-    config.eval.num_examples = 0  # the whole test split (297 digits)
-    config.eval.batch_size = 128
+    # The full ELBO costs T = 1000 network calls per example: 128 of the 297 test digits keep
+    # the evaluation to a few minutes on a laptop CPU (eval.num_examples=0 takes them all).
+    config.eval.num_examples = 128
+    config.eval.batch_size = 64
     return config
