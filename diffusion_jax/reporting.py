@@ -72,7 +72,7 @@ def save_png(path: str, image: np.ndarray, scale: int = 1) -> None:
 def save_sample_grid(path: str, samples: np.ndarray, num_bins: int) -> np.ndarray:
     """PNG grid of image samples in model space; returns the uint8 grid (before upscaling)."""
     grid = image_grid(to_display_uint8(samples, num_bins))
-    save_png(path, grid, scale=max(1, 256 // grid.shape[0]))
+    save_png(path, grid, scale=max(1, 512 // grid.shape[0]))
     return grid
 
 

@@ -102,16 +102,6 @@ def test_one_and_two_devices_give_the_same_parameters(reference, tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5)
 
 
-def test_eval_and_sample_modes(reference):
-    run_main(
-        reference, "--mode=sample", **STEPS, **{"sampling.method": "ddim", "sampling.num_steps": 5}
-    )
-    samples = np.load(os.path.join(reference, "samples", "samples.npz"))["samples"]
-    assert samples.shape == (4, 8, 8, 1)
-    run_main(reference, "--mode=eval", **STEPS)
-    assert os.path.exists(os.path.join(reference, "eval", "metrics.json"))
-
-
 def test_unknown_config_key_is_a_clear_error(tmp_path):
     proc = run_main(tmp_path / "run", "--config.training.batch_sise=4", check=False)
     assert proc.returncode != 0

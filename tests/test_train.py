@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from helpers import tiny_config
 
-from diffusion_jax import builders, checkpoints, train
+from diffusion_jax import builders, checkpoints, evaluate, train
 
 
 def _leaves(tree):
@@ -59,6 +59,19 @@ def test_load_params_returns_ema_or_raw(full_run):
     _assert_trees_equal(checkpoints.load_params(workdir, ema=False), state.params)
     with pytest.raises(FileNotFoundError, match="step 5"):
         checkpoints.load_params(workdir, step=5)
+
+
+def test_sample_and_eval_modes_use_the_newest_checkpoint(full_run):
+    workdir, _ = full_run
+    config = tiny_config(
+        **{"sampling.method": "ddim", "sampling.num_steps": 5, "sampling.num_samples": 6}
+    )
+    samples = evaluate.sample(config, workdir)
+    assert samples.shape == (6, 8, 8, 1) and np.all(np.isfinite(samples))
+    saved = np.load(os.path.join(workdir, "samples", "samples.npz"))["samples"]
+    np.testing.assert_array_equal(saved, samples)
+    metrics = evaluate.evaluate(tiny_config(**{"eval.num_examples": 8}), workdir)
+    assert metrics["num_examples"] == 8 and np.isfinite(metrics["bpd"])
 
 
 def test_resume_is_bit_identical(full_run, tmp_path):
