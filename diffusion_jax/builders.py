@@ -15,6 +15,7 @@ import ml_collections
 
 from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import input_pipeline, models, schedules, sharding
+from diffusion_jax import score as score_lib
 
 # Enumerated keys of the system's own sections (data and model keys are checked by
 # input_pipeline.validate_dataset and models.check_config).
@@ -65,6 +66,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     sharding.check_batch_size(config.sampling.batch_size, "sampling.batch_size")
     if config.training.objective == "ddpm":
         make_diffusion(config)  # schedule arguments (T >= 1, betas in (0, 1))
+    else:
+        make_sigmas(config)  # 0 < sigma_min < sigma_max, num_levels >= 2
+        if config.ncsn.n_steps_each < 1 or config.ncsn.step_lr <= 0:
+            raise ValueError(
+                f"config.ncsn.n_steps_each={config.ncsn.n_steps_each} must be >= 1 and "
+                f"config.ncsn.step_lr={config.ncsn.step_lr} must be > 0."
+            )
 
 
 def make_diffusion(config: ml_collections.ConfigDict) -> diffusion_lib.GaussianDiffusion:
@@ -76,6 +84,12 @@ def make_diffusion(config: ml_collections.ConfigDict) -> diffusion_lib.GaussianD
         kw = dict(beta=c.beta_end)
     betas = schedules.get_beta_schedule(c.beta_schedule, c.num_timesteps, **kw)
     return diffusion_lib.GaussianDiffusion.create(betas, mean_type=c.mean_type, var_type=c.var_type)
+
+
+def make_sigmas(config: ml_collections.ConfigDict) -> jax.Array:
+    """The NCSN noise levels σ_1 > … > σ_L of ``config.ncsn``."""
+    c = config.ncsn
+    return score_lib.ncsn_sigmas(c.sigma_max, c.sigma_min, c.num_levels)
 
 
 def model_fn(

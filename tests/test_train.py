@@ -133,6 +133,8 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path
         ({"model.name": "transformer"}, r"transformer"),
         ({"diffusion.num_timesteps": 0}, r"0"),
         ({"eval.metrics": ("bpd", "lpips")}, r"lpips"),
+        ({"training.objective": "ncsn", "ncsn.sigma_min": 10.0}, r"sigma_min"),
+        ({"training.objective": "ncsn", "ncsn.step_lr": 0.0}, r"ncsn.step_lr=0.0"),
     ],
 )
 def test_bad_config_fails_before_anything_is_written(tmp_path, overrides, message):

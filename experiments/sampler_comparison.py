@@ -1,0 +1,217 @@
+"""Samplers per number of network calls: ancestral DDPM (full and respaced), DDIM η = 0 and η = 1,
+and annealed Langevin, on the ring of 8 Gaussians, scored by two-sample distances to fresh data.
+
+The DDPM (T = 200) and the NCSN (10 levels, σ 6 → 0.05) are the runs of ``ddpm_score_link.py``
+(same config, steps and seed: pass the same ``--workdir`` to reuse them). Each sampler runs with
+the learned network and with the oracle, the exact ε (E[ε | x_t] = −√(1−ᾱ_t) ∇log q(x_t)) or
+the exact score ∇log q_σ, which separates the sampler's own error from the network's.
+
+- ancestral: ``p_sample_loop`` respaced to K steps (K = T = 200 is the full DDPM chain);
+- DDIM: ``ddim_sample_loop`` over K steps, η = 0 (deterministic) and η = 1;
+- annealed Langevin: the NCSN's 10 levels × K/10 steps each, α_i = ε σ_i²/σ_L² with
+  ε = c σ_L², c = min(1, 20/(K/10)): c = 0.2 at 100 steps per level (``configs/ncsn_toy.py``),
+  larger steps for shorter chains (capped at c = 1, where the chain stays stable). The rule was
+  set with the oracle score, never with the learned one. Start: uniform on [-1, 1]² as in
+  ``evaluate.make_sample_fn``.
+
+Distances (``metrics.py``) between N = 5000 generated points and one set of N fresh data points:
+sliced 2-Wasserstein over 512 directions (sensitive to a few far-away points) and the unbiased
+MMD² with RBF kernels of bandwidths 0.1, 0.3, 1, 3 (summed; bounded, so blind to how far an
+outlier is), plus the fraction of points beyond ‖x‖ = 5, where the data has none. The floor is
+the same distance from 5 other fresh data sets to that reference (mean ± std): differences
+smaller than its std are noise. Every sampler starts from the same x_T (or initial points).
+
+    python experiments/sampler_comparison.py [--steps 6000] [--workdir /tmp/dj_runs]
+"""
+
+from __future__ import annotations
+
+import os
+
+import common
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import metrics
+import numpy as np
+
+from diffusion_jax import builders, score
+from diffusion_jax import diffusion as diffusion_lib
+
+BUDGETS = (10, 50, 200, 1000)
+FAR = 5.0  # no data point lies this far from the origin (the modes are at radius 3, std 0.3)
+SAMPLERS = ("ancestral", "DDIM η=0", "DDIM η=1", "annealed Langevin")
+
+
+def add_args(parser) -> None:
+    parser.add_argument("--workdir", default=None, help="keep/reuse the runs here")
+    parser.add_argument("--num_samples", type=int, default=5000)
+
+
+def langevin_step_lr(sigma_min: float, n_steps_each: int) -> float:
+    return min(1.0, 20.0 / n_steps_each) * sigma_min**2
+
+
+def make_samplers(d, eps_fns, score_fns, sigmas, n: int) -> dict:
+    """(sampler, model, K) -> jitted sample(key) -> [n, 2], for the budgets each sampler has."""
+    shape = (n, 2)
+    out = {}
+    num_levels = sigmas.shape[0]
+    for model in ("learned", "oracle"):
+        eps_fn, score_fn = eps_fns[model], score_fns[model]
+        for k in BUDGETS:
+            if k <= d.num_timesteps:
+                out["ancestral", model, k] = jax.jit(
+                    lambda key, k=k, f=eps_fn: diffusion_lib.p_sample_loop(
+                        d, f, shape, key, num_steps=k, clip_denoised=False
+                    )
+                )
+                for eta in (0.0, 1.0):
+                    out[f"DDIM η={eta:.0f}", model, k] = jax.jit(
+                        lambda key, k=k, f=eps_fn, eta=eta: diffusion_lib.ddim_sample_loop(
+                            d, f, shape, key, k, eta=eta, clip_denoised=False
+                        )
+                    )
+            if k % num_levels == 0:
+                steps = k // num_levels
+                lr = langevin_step_lr(float(sigmas[-1]), steps)
+
+                def langevin(key, steps=steps, lr=lr, f=score_fn):
+                    init_key, key = jax.random.split(key)
+                    x = jax.random.uniform(init_key, shape, minval=-1.0, maxval=1.0)
+                    return score.annealed_langevin(f, x, sigmas, key, steps, lr)
+
+                out["annealed Langevin", model, k] = jax.jit(langevin)
+    return out
+
+
+def main(argv=None) -> None:
+    args = common.parse_args("sampler_comparison", __doc__, steps=6000, argv=argv, extra=add_args)
+    dist = common.toy_dist()
+    key = jax.random.key(args.seed)
+    n = 200 if args.quick else args.num_samples
+    runs = {}
+    for objective in ("ddpm", "ncsn"):
+        workdir = None if args.workdir is None else os.path.join(args.workdir, objective)
+        runs[objective] = common.train_toy(objective, args.steps, workdir, args.seed, args.quick)
+    config, model, params, _ = runs["ddpm"]
+    d = builders.make_diffusion(config)
+    ncfg, nmodel, nparams, _ = runs["ncsn"]
+    sigmas = common.ncsn_sigmas(ncfg)
+    eps_fns = {"learned": common.ddpm_eps(model, params), "oracle": common.exact_eps(dist, d)}
+    score_fns = {
+        "learned": common.ncsn_score(ncfg, nmodel, nparams),
+        "oracle": common.exact_ncsn_score(dist, sigmas),
+    }
+    samplers = make_samplers(d, eps_fns, score_fns, sigmas, n)
+    if args.quick:
+        samplers = {k: v for k, v in samplers.items() if k[2] == BUDGETS[0]}
+
+    sw_key = jax.random.fold_in(key, 7)
+    sw = jax.jit(lambda x, y: metrics.sliced_wasserstein(x, y, sw_key))
+    mmd = jax.jit(metrics.mmd2)
+    reference = dist.sample(jax.random.fold_in(key, 1), n)
+
+    floors = []  # fresh data sets scored exactly like the samplers' outputs
+    for j in range(5):
+        fresh = dist.sample(jax.random.fold_in(key, 100 + j), n)
+        floors.append((float(sw(fresh, reference)), float(mmd(fresh, reference))))
+    floors = np.asarray(floors)
+    floor = {
+        "SW mean": floors[:, 0].mean(),
+        "SW std": floors[:, 0].std(ddof=1),
+        "MMD² mean": floors[:, 1].mean(),
+        "MMD² std": floors[:, 1].std(ddof=1),
+    }
+
+    rows, samples = [], {}
+    sample_key = jax.random.fold_in(key, 2)  # the same x_T / initial points for every sampler
+    for (name, which, k), fn in samplers.items():
+        print(f"{name} ({which}), {k} calls", flush=True)
+        x = fn(sample_key)
+        ok = bool(jnp.all(jnp.isfinite(x)))
+        x = jnp.where(jnp.isfinite(x), x, 1e3)  # a diverged chain scores as far away
+        samples[name, which, k] = np.asarray(x)
+        rows.append(
+            {
+                "sampler": name,
+                "model": which,
+                "network calls": k,
+                "sliced W2": float(sw(x, reference)),
+                "MMD²": float(mmd(x, reference)),
+                f"‖x‖ > {FAR:g}": float(jnp.mean(jnp.linalg.norm(x, axis=-1) > FAR)),
+                "finite": ok,
+            }
+        )
+    note = (
+        f"{n} samples vs the same {n} fresh data points. Floor (5 other fresh data sets vs those "
+        f"points): sliced W2 "
+        f"{floor['SW mean']:.4f} ± {floor['SW std']:.4f}, MMD² {floor['MMD² mean']:.2e} ± "
+        f"{floor['MMD² std']:.2e}."
+    )
+    common.write_table(args.outdir, "sampler_comparison", rows, note)
+    common.write_table(args.outdir, "floor", [floor])
+    plot(args.outdir, rows, floor, samples, reference)
+
+
+def plot(outdir, rows, floor, samples, reference) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, metric, fkey in zip(axes, ("sliced W2", "MMD²"), ("SW", "MMD²"), strict=True):
+        for c, name in enumerate(SAMPLERS):
+            for which, style in (("learned", "-o"), ("oracle", "--x")):
+                pts = [
+                    (r["network calls"], r[metric])
+                    for r in rows
+                    if r["sampler"] == name and r["model"] == which
+                ]
+                if pts:
+                    k, v = zip(*pts, strict=True)
+                    label = f"{name} ({which})"
+                    ax.plot(k, v, style, color=f"C{c}", label=label, ms=4, alpha=0.9)
+        m, s = floor[f"{fkey} mean"], floor[f"{fkey} std"]
+        ax.axhspan(m - s, m + s, color="0.8", label="data vs data (±1 std)")
+        ax.axhline(m, color="0.5", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log" if metric == "sliced W2" else "symlog", **sym(metric, floor))
+        ax.set_xlabel("network calls per sample")
+        ax.set_title(f"{metric} to fresh data (lower is better)", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.tight_layout()
+    common.save_figure(fig, os.path.join(outdir, "sampler_distances.png"))
+
+    budgets = sorted({k for (_, w, k) in samples if w == "learned"})
+    fig, axes = plt.subplots(
+        len(SAMPLERS), len(budgets) + 1, figsize=(1.9 * (len(budgets) + 1), 1.9 * len(SAMPLERS))
+    )
+    axes = np.asarray(axes).reshape(len(SAMPLERS), len(budgets) + 1)
+    for r, name in enumerate(SAMPLERS):
+        for c, k in enumerate(budgets):
+            ax = axes[r, c]
+            x = samples.get((name, "learned", k))
+            if x is not None:
+                ax.scatter(x[:, 0], x[:, 1], s=0.5, alpha=0.5, rasterized=True)
+            ax.set_title(f"{name}, {k}" if x is not None else "", fontsize=7)
+        ax = axes[r, -1]
+        ref = np.asarray(reference)
+        ax.scatter(ref[:, 0], ref[:, 1], s=0.5, alpha=0.5, color="k")
+        ax.set_title("data", fontsize=7)
+    for ax in axes.ravel():
+        ax.set_xlim(-5, 5)
+        ax.set_ylim(-5, 5)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_aspect("equal")
+    fig.tight_layout()
+    common.save_figure(fig, os.path.join(outdir, "sampler_samples.png"))
+
+
+def sym(metric: str, floor: dict) -> dict:
+    """symlog needs a linear range around 0 for MMD², which can be slightly negative."""
+    if metric == "sliced W2":
+        return {}
+    return {"linthresh": max(abs(floor["MMD² std"]), 1e-6)}
+
+
+if __name__ == "__main__":
+    main()
