@@ -74,7 +74,23 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.split = "test"
     config.eval.num_examples = 10_000  # 0: the whole split
     config.eval.batch_size = 256
-    config.eval.metrics = ("bpd",)
+    config.eval.metrics = ("bpd",)  # bpd | fid | is
+    config.eval.figures = ("lt_curve", "rate_distortion", "progressive")
+    config.eval.bpd_splits = ()  # more splits for bits/dim besides eval.split, e.g. ("train",)
+    config.eval.bpd_splits_num_examples = -1  # -1: eval.num_examples; 0: the whole split
+    config.eval.rd_num_examples = 256  # rate-distortion examples of eval.split; 0: all
+    config.eval.progressive_num_samples = 8
+    config.eval.progressive_num_frames = 10
+    # FID/IS: Inception-v3 weights as .npz or .safetensors (never a pickle), verified against the
+    # pinned SHA-256 before use; without them FID/IS are skipped with a message, never invented.
+    config.eval.inception_weights = ""  # path or http(s)/file URL
+    config.eval.inception_sha256 = ""
+    config.eval.fid_num_samples = 50_000
+    config.eval.fid_reference_split = "train"
+    config.eval.fid_reference_num_examples = 0  # 0: the whole split
+    config.eval.fid_batch_size = 200  # a multiple of the device count
+    config.eval.fid_chunk_size = 1000
+    config.eval.is_num_splits = 10
 
     config.sampling = ml_collections.ConfigDict()
     config.sampling.method = "ancestral"  # ancestral | ddim

@@ -12,6 +12,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from diffusion_jax import sharding
+
 
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -59,9 +61,10 @@ def load_params(workdir: str, step: int | None = None, ema: bool = True) -> Any:
         params = checkpoints.load_params("runs/digits")
         model.apply({"params": params}, x_t, t, train=False)
     """
-    manager = ocp.CheckpointManager(
-        checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(read_only=True)
-    )
+    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    directory = checkpoint_dir(workdir)
+    manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"No checkpoint in {checkpoint_dir(workdir)}.")
@@ -70,6 +73,16 @@ def load_params(workdir: str, step: int | None = None, ema: bool = True) -> Any:
             f"No checkpoint of step {step} in {checkpoint_dir(workdir)}; "
             f"there are {sorted(manager.all_steps())}."
         )
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    # Restore onto this run's devices, replicated, whatever the devices of the run that saved it
+    # (a checkpoint of 8 GPUs loads in a 1-CPU notebook). On several processes, all must call this.
+    replicated = sharding.replicated(sharding.make_mesh())
+    metadata = manager.item_metadata(step)["state"]
+    target = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+        getattr(metadata, "tree", metadata),
+    )
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+    )
     params = restored.state["ema_params" if ema else "params"]
     return jax.tree.map(jax.numpy.asarray, params)

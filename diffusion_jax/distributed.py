@@ -2,7 +2,11 @@
 
 On TPU pods, Slurm and Open MPI, JAX detects the coordinator and the process ids itself. Elsewhere
 set ``JAX_COORDINATOR_ADDRESS`` (host:port), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``
-(``JAX_LOCAL_DEVICE_IDS`` optional), which this module passes on.
+(``JAX_LOCAL_DEVICE_IDS`` optional), which this module passes on: that is how several processes
+on one machine (the CPU backend, one device each) form a cluster, e.g. in the tests.
+
+On the CPU backend, arrays spanning processes need cross-process collectives: gloo (the default
+of current JAX) unless another implementation (``mpi``) was configured.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ def initialize(enabled: bool) -> None:
         if "JAX_LOCAL_DEVICE_IDS" in os.environ:
             ids = os.environ["JAX_LOCAL_DEVICE_IDS"].split(",")
             kwargs["local_device_ids"] = [int(i) for i in ids]
+    if jax.config.jax_cpu_collectives_implementation is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
     logging.info(
         "Process %d of %d: %d local of %d devices.",

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from diffusion_jax import builders, checkpoints, input_pipeline, models, reporting, sharding
 from diffusion_jax import diffusion as diffusion_lib
@@ -77,10 +78,17 @@ def make_sample_fn(
         chunks = []
         for i in range(-(-s.num_samples // s.batch_size)):
             x = compiled(params, jax.random.fold_in(key, i))
-            chunks.append(np.asarray(jax.device_get(x)))  # works for multi-host (replicated read)
+            chunks.append(to_host(x))
         return np.concatenate(chunks)[: s.num_samples]
 
     return sample
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole of a (possibly multi-host sharded) array as NumPy, on every process."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def sample_and_save(
@@ -180,7 +188,10 @@ def evaluate(
     mesh: jax.sharding.Mesh | None = None,
 ) -> dict[str, Any]:
     """The metrics of ``eval.metrics`` for the run in ``workdir`` -> ``eval/metrics.json``."""
+    from diffusion_jax import eval_extras
+
     builders.validate_config(config)
+    eval_extras.check_config(config)
     model = model or models.get_model(config)
     mesh = mesh or sharding.make_mesh()
     if params is None:
@@ -193,7 +204,7 @@ def evaluate(
             metrics.update(evaluate_bpd(config, model, params, mesh, config.eval.split))
             t = metrics["bpd_terms"]
             logging.info(
-                "bits/dim %.4f ± %.4f on %d %s examples (L_0 %.4f, sum L_t %.4f, L_T %.6f)",
+                "bits/dim %.4f ± %.4f on %d %s examples (L_0 %.3g, sum L_t %.4f, L_T %.3g)",
                 metrics["bpd"],
                 metrics["bpd_stderr"],
                 metrics["num_examples"],
@@ -202,9 +213,9 @@ def evaluate(
                 t["sum_Lt"],
                 t["prior_LT"],
             )
-    for name in ("fid", "is"):
-        if name in config.eval.metrics:
-            logging.warning("%s is not implemented yet: skipped (no number is reported).", name)
+    from diffusion_jax import eval_extras  # figures, FID/IS, more splits (imports this module)
+
+    metrics.update(eval_extras.evaluate_extras(config, model, params, mesh, workdir, metrics))
     path = os.path.join(workdir, "eval", "metrics.json")
     reporting.write_json(path, metrics)
     logging.info("Wrote %s.", path)

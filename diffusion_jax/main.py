@@ -28,12 +28,15 @@ class _ReadableLog(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or "diffusion_jax" in record.pathname
 
 
-def _setup_logging(workdir: str) -> None:
-    """Log to the terminal and to ``WORKDIR/log.INFO``."""
+def _setup_logging(workdir: str, process_index: int) -> None:
+    """Log to the terminal and to ``WORKDIR/log.INFO``; other processes: warnings to stderr only."""
     os.makedirs(workdir, exist_ok=True)
     handler = logging.get_absl_handler()
-    handler.use_absl_log_file("log", workdir)
     handler.addFilter(_ReadableLog())
+    if process_index != 0:
+        logging.set_verbosity(logging.WARNING)
+        return
+    handler.use_absl_log_file("log", workdir)
     flags.FLAGS.alsologtostderr = True
     logging.set_verbosity(logging.INFO)
 
@@ -41,10 +44,12 @@ def _setup_logging(workdir: str) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    import jax
+
     from diffusion_jax import distributed, evaluate, train  # after flags: jax config first
 
     distributed.initialize(_DISTRIBUTED.value)
-    _setup_logging(_WORKDIR.value)
+    _setup_logging(_WORKDIR.value, jax.process_index())
     logging.info("Mode %s, workdir %s, config:\n%s", _MODE.value, _WORKDIR.value, _CONFIG.value)
     try:
         if _MODE.value == "train":

@@ -8,6 +8,7 @@ never interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 
 from diffusion_jax import (
     builders,
@@ -165,6 +167,22 @@ def _raise_interrupted(signum, frame):
     raise _Interrupted(signal.Signals(signum).name)
 
 
+@contextlib.contextmanager
+def _signals_deferred(signums):
+    """Signals arriving inside the block take effect at its end: a save is never cut in two."""
+    received = []
+    old = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if received and received[0] == signal.SIGINT:
+            raise KeyboardInterrupt
+        if received:
+            raise _Interrupted(signal.Signals(received[0]).name)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Train (resuming from the newest checkpoint), then sample and evaluate as configured."""
     builders.validate_config(config)
@@ -219,13 +237,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         config, source, start, jax.process_index(), jax.process_count()
     )
 
+    # Several processes: SIGTERM (Slurm's --signal, a preemption notice) reaches each one at a
+    # different step of its loop. JAX's preemption service, started by jax.distributed, takes the
+    # signal over and names one step at which all of them stop and save together.
+    multi = jax.process_count() > 1
+    last_saved = start if restored is not None else None
+
     def save(step):
+        nonlocal last_saved
+        if step == last_saved:  # an interrupt right after the periodic save of this step
+            return
         meta = {"step": step, "data_position": step * config.training.batch_size}
-        checkpoints.save(manager, step, state, meta)
+        with _signals_deferred((signal.SIGINT,) if multi else (signal.SIGINT, signal.SIGTERM)):
+            checkpoints.save(manager, step, state, meta)
+            last_saved = step
 
     pending = []  # per-step metrics (device arrays) since the last check
     window_start = time.perf_counter()
-    old_handler = signal.signal(signal.SIGTERM, _raise_interrupted)
+    old_handler = None if multi else signal.signal(signal.SIGTERM, _raise_interrupted)
     progress = _progress_bar(start, total, process0)
     step = start
     try:
@@ -246,12 +275,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 progress.set_postfix(loss=f"{summary['loss']:.4f}")
             if boundary:
                 save(step)
+            if multi and multihost_utils.reached_preemption_sync_point(step):
+                raise _Interrupted("SIGTERM")
             every = config.training.sample_every
             if every and step % every == 0 and step != total:
                 _write_samples(
                     config, sampler, state.ema_params, keys["sample"], workdir, step, writer
                 )
     except (KeyboardInterrupt, _Interrupted) as e:
+        if multi and not isinstance(e, _Interrupted):
+            # Ctrl-C stops each process at its own step: a checkpoint needs all of them at one.
+            logging.warning("Interrupted (Ctrl-C) at step %d: several processes, not saving.", step)
+            raise
         _summarise(pending, step, manager)  # raises rather than save a non-finite state
         logging.warning("Interrupted (%s) at step %d: saving a checkpoint.", e or "Ctrl-C", step)
         save(step)
@@ -259,7 +294,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         raise KeyboardInterrupt from e
     finally:
         progress.close()
-        signal.signal(signal.SIGTERM, old_handler)
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
         manager.wait_until_finished()
     logging.info("Training done: %d steps.", step)
     if config.training.eval_at_end and step > start:
@@ -313,8 +349,8 @@ def _progress_bar(start: int, total: int, enabled: bool):
 
 def _write_samples(config, sampler, params, key, workdir, step, writer) -> None:
     """A grid from the same noise at every step, so the grids show the model's progress."""
-    samples = sampler(params, key)
-    if config.data.image_size:
+    samples = sampler(params, key)  # every process takes part; process 0 writes
+    if config.data.image_size and jax.process_index() == 0:
         path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
         grid = reporting.save_sample_grid(
             path, np.asarray(jax.device_get(samples)), config.data.num_bins

@@ -20,6 +20,7 @@ TINY = {  # the digits config shrunk to seconds: a 2-level U-Net with 32 channel
     "training.sample_every": 0,
     "eval.num_examples": 16,
     "eval.batch_size": 8,
+    "eval.figures": (),
     "sampling.num_samples": 4,
     "sampling.batch_size": 4,
 }
@@ -37,7 +38,7 @@ def cli_args(**overrides) -> list[str]:
     out = []
     for key, value in {**TINY, **overrides}.items():
         if isinstance(value, tuple):
-            value = "(" + ",".join(map(str, value)) + ",)"
+            value = "(" + "".join(f"{v!r}," for v in value) + ")"
         out.append(f"--config.{key}={value}")
     return out
 
