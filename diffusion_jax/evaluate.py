@@ -136,6 +136,22 @@ def bpd_fn(config: ml_collections.ConfigDict, model) -> Callable:
     return fn
 
 
+def sum_batches(fn, params, mesh: jax.sharding.Mesh, batches, key: jax.Array, what: str) -> dict:
+    """Σ over ``batches`` of ``fn(params, batch, mask, fold_in(key, i))``, a jitted function
+    returning masked sums (with a ``count``); fetched to the host at the end."""
+    total = None
+    for i, (batch, mask) in enumerate(batches):
+        sums = fn(
+            params,
+            sharding.global_batch(mesh, batch),
+            sharding.global_batch(mesh, mask),
+            jax.random.fold_in(key, i),
+        )
+        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+        logging.info("%s: %d examples so far", what, int(total["count"]))
+    return jax.device_get(total)
+
+
 def evaluate_bpd(
     config: ml_collections.ConfigDict, model, params, mesh: jax.sharding.Mesh, split: str
 ) -> dict[str, Any]:
@@ -151,17 +167,7 @@ def evaluate_bpd(
         jax.process_index(),
         jax.process_count(),
     )
-    total = None
-    for i, (batch, mask) in enumerate(batches):
-        sums = fn(
-            params,
-            sharding.global_batch(mesh, batch),
-            sharding.global_batch(mesh, mask),
-            jax.random.fold_in(key, i),
-        )
-        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-        logging.info("bits/dim: %d examples so far", int(total["count"]))
-    total = jax.device_get(total)
+    total = sum_batches(fn, params, mesh, batches, key, "bits/dim")
     n = float(total["count"])
     bpd = float(total["bpd"]) / n
     var = max(float(total["bpd_sq"]) / n - bpd**2, 0.0)

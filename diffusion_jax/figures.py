@@ -31,9 +31,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 
-from diffusion_jax import builders, input_pipeline, likelihood, reporting, sharding
+from diffusion_jax import builders, evaluate, input_pipeline, likelihood, reporting, sharding
 from diffusion_jax import diffusion as diffusion_lib
 
 # Config keys of the ``eval`` section used here, with their defaults (for configs without them).
@@ -189,20 +188,10 @@ def evaluate_rate_distortion(
     jitted = jax.jit(fn, in_shardings=(repl, data, data, repl), out_shardings=repl)
     key = builders.run_keys(config.seed)["eval"]  # evaluate_bpd's: the same x_t, the same terms
     source = input_pipeline.load_split(config, split)
-    total = None
     batches = input_pipeline.eval_batches(
         source, config.eval.batch_size, n, jax.process_index(), jax.process_count()
     )
-    for i, (batch, mask) in enumerate(batches):
-        sums = jitted(
-            params,
-            sharding.global_batch(mesh, batch),
-            sharding.global_batch(mesh, mask),
-            jax.random.fold_in(key, i),
-        )
-        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-        logging.info("rate-distortion: %d examples so far", int(total["count"]))
-    total = jax.device_get(total)
+    total = evaluate.sum_batches(jitted, params, mesh, batches, key, "rate-distortion")
     count = float(total["count"])
     out = rate_distortion_curve(
         np.asarray(total["terms_bpd"]) / count,

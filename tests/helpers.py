@@ -43,8 +43,8 @@ def cli_args(**overrides) -> list[str]:
     return out
 
 
-def run_main(workdir, *args, devices=1, config="configs/digits.py", check=True, **overrides):
-    """Run ``python -m diffusion_jax.main`` in a subprocess on ``devices`` CPU devices."""
+def main_command(workdir, *args, devices=1, config="configs/digits.py", **overrides):
+    """(argv, env) of ``python -m diffusion_jax.main`` on ``devices`` CPU devices."""
     env = dict(
         os.environ,
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
@@ -60,6 +60,12 @@ def run_main(workdir, *args, devices=1, config="configs/digits.py", check=True, 
         *cli_args(**overrides),
         *args,
     ]
+    return cmd, env
+
+
+def run_main(workdir, *args, devices=1, config="configs/digits.py", check=True, **overrides):
+    """Run ``python -m diffusion_jax.main`` in a subprocess on ``devices`` CPU devices."""
+    cmd, env = main_command(workdir, *args, devices=devices, config=config, **overrides)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

@@ -3,12 +3,11 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-from helpers import ROOT, cli_args, run_main
+from helpers import ROOT, main_command, run_main
 
 from diffusion_jax import checkpoints
 
@@ -34,21 +33,8 @@ def reference(tmp_path_factory):
     return workdir
 
 
-def _start(workdir, steps=STEPS, devices=1):
-    env = dict(
-        os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        PYTHONPATH=ROOT,
-        TF_CPP_MIN_LOG_LEVEL="3",
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "diffusion_jax.main",
-        "--config=configs/digits.py",
-        f"--workdir={workdir}",
-        *cli_args(**steps),
-    ]
+def _start(workdir, steps=STEPS):
+    cmd, env = main_command(workdir, **steps)
     return subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
