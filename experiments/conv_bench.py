@@ -16,6 +16,11 @@ the output and both gradients against ``lax.conv_general_dilated`` with autodiff
                kernel, kernel gradient = im2col(x)^T @ dy (one matmul).
   vjp_taps     as vjp_im2col, kernel gradient as k*k matmuls (shifted view)^T @ dy.
   vjp_patches  as vjp_im2col with the patches from lax.conv_general_dilated_patches.
+  vjp_swap     as vjp_im2col, kernel gradient as a convolution of dy by x with the roles of the
+               two swapped (batch = output channels); opt-in (--forms), XLA:CPU does not offload
+               it to YNNPACK and it is ~100x slower.
+  winograd     Winograd F(2x2, 3x3) (3x3, stride 1, even sizes; other shapes fall back to xla):
+               input/kernel/output transforms as jnp ops around 16 batched matmuls; autodiff.
   torch        (with --peer_python) torch.nn.functional.conv2d, NCHW, as the PyTorch peer runs it.
 
 GFLOP/s counts 2*N*HO*WO*KH*KW*C*O per forward, per input gradient (dx) and per kernel
@@ -132,6 +137,53 @@ def _dw_patches(x, g, wshape, s, pad):
     return jnp.einsum("nhwk,nhwo->ko", p, g).reshape(c, k, k, o).transpose(1, 2, 0, 3)
 
 
+def _dw_swap(x, g, wshape, s, pad):
+    if s != 1 or wshape[:2] != (3, 3) or pad != "SAME":
+        return jax.vjp(lambda b: xla_conv(x, b, s, pad), jnp.zeros(wshape, x.dtype))[1](g)[0]
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    # out[o, 2 - kh, 2 - kw, c] = sum_{n,h,w} dy[n, h, w, o] * xp[n, h + kh, w + kw, c]
+    out = lax.conv_general_dilated(
+        g, xp, (1, 1), ((2, 2), (2, 2)), dimension_numbers=("CHWN", "IHWO", "NHWC")
+    )
+    return out[:, ::-1, ::-1, :].transpose(1, 2, 3, 0)
+
+
+_WINO_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+_WINO_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+_WINO_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+
+
+def _combine(mat, xs):
+    """[sum_j mat[i][j] * xs[j] for each row i], skipping zero coefficients."""
+    out = []
+    for row in mat:
+        terms = [
+            v if c == 1 else (-v if c == -1 else c * v) for c, v in zip(row, xs, strict=True) if c
+        ]
+        out.append(functools.reduce(jnp.add, terms))
+    return out
+
+
+def winograd_conv(x, w, s, pad):
+    n, h, wd, c = x.shape
+    if s != 1 or w.shape[:2] != (3, 3) or pad != "SAME" or h % 2 or wd % 2:
+        return xla_conv(x, w, s, pad)
+    o = w.shape[-1]
+    th, tw = h // 2, wd // 2
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    rows = _combine(_WINO_BT, [xp[:, i : i + 2 * th : 2] for i in range(4)])
+    v = [
+        t for r in rows for t in _combine(_WINO_BT, [r[:, :, j : j + 2 * tw : 2] for j in range(4)])
+    ]
+    v = jnp.stack(v).reshape(16, n * th * tw, c)
+    g = jnp.asarray(_WINO_G, x.dtype)
+    u = jnp.einsum("ai,ijco,bj->abco", g, w, g).reshape(16, c, o)
+    m = jnp.einsum("xpc,xco->xpo", v, u).reshape(4, 4, n, th, tw, o)
+    a = _combine(_WINO_AT, [m[i] for i in range(4)])
+    y = jnp.stack([jnp.stack(_combine(_WINO_AT, [ai[j] for j in range(4)])) for ai in a])
+    return y.transpose(2, 3, 0, 4, 1, 5).reshape(n, h, wd, o)
+
+
 FORMS = {
     "xla": xla_conv,
     "fast": lambda x, w, s, pad: fast_conv.conv2d(x, w, s, pad),
@@ -140,7 +192,10 @@ FORMS = {
     "vjp_im2col": _make_vjp(_dw_im2col),
     "vjp_taps": _make_vjp(_dw_taps),
     "vjp_patches": _make_vjp(_dw_patches),
+    "vjp_swap": _make_vjp(_dw_swap),
+    "winograd": winograd_conv,
 }
+DEFAULT_FORMS = [f for f in FORMS if f != "vjp_swap"]
 
 
 def _snapshot():
@@ -178,7 +233,7 @@ def bench_shape(forms, shape, batch, rounds, reps, cores):
             jax.grad(lambda x, w, g, f=f: 0.5 * jnp.sum(jnp.square(f(x, w, s, pad))), (0, 1))
         )
         y, gx = fwd(x, w, g), grads(f)(x, w, g)
-        errs = [_max_rel_err(a, b) for a, b in zip((y, *gx), (ref_y, *ref_g), strict=True)]
+        errs = [_max_rel_err(u, v) for u, v in zip((y, *gx), (ref_y, *ref_g), strict=True)]
         checks[f_name] = max(errs)
         dx = jax.jit(lambda x, w, g, f=f: jax.vjp(lambda a: f(a, w, s, pad), x)[1](g)[0])
         dw = jax.jit(lambda x, w, g, f=f: jax.vjp(lambda b: f(x, b, s, pad), w)[1](g)[0])
@@ -252,7 +307,7 @@ for name, h, c, o, k, s in json.loads(sys.argv[5]):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
-        "--forms", default=",".join(FORMS), help="comma-separated, from: " + ",".join(FORMS)
+        "--forms", default=",".join(DEFAULT_FORMS), help="comma-separated, from: " + ",".join(FORMS)
     )
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--shapes", default="", help="comma-separated indices into SHAPES (default all)")

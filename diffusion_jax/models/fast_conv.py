@@ -1,27 +1,32 @@
 """A 2-D convolution with a hand-written backward pass, for training on XLA:CPU.
 
-`conv2d(x, kernel, strides, padding)` computes exactly what
-``lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))``
-computes, and so do its gradients (up to float32 rounding: the same products, summed in another
-order). What differs is the program XLA is given for the backward pass:
+`conv2d(x, kernel, strides, padding)` computes what ``lax.conv_general_dilated`` computes with
+``dimension_numbers=("NHWC", "HWIO", "NHWC")``, and so do its gradients (up to float32 rounding:
+the same products, summed in another order). What differs is the program XLA is given:
 
-- 1x1, stride 1, no padding: the convolution is a matrix product over channels (``dot_general``)
-  forwards and backwards. XLA:CPU runs the weight gradient of a 1x1 ``convolution`` as a
-  "window = whole image" convolution, several times slower than the same product as a dot.
+- 1x1, stride 1, no padding: a matrix product over channels (``dot_general``), forwards and
+  backwards. XLA:CPU runs the kernel gradient of a 1x1 ``convolution`` as a "window = whole
+  image" convolution: fwd+bwd of 16x32x32, 256->128 took 40.5 ms as a convolution, 10.8 ms as dots.
 - Input gradient, stride 1: one forward convolution of the output gradient with the spatially
-  flipped, in/out-transposed kernel. (This is also what XLA's own transpose rule emits.)
-- Input gradient, stride s > 1: XLA's transpose rule is a convolution over the output gradient
-  dilated by s (s^2 - 1 of every s^2 input pixels are zeros, multiplied anyway), which ran at a
-  quarter of the forward speed here. Instead the input gradient is split by output phase: input
-  pixel i only receives taps k = (i + pad_lo) mod s, mod s, ..., so each of the s^2 phases is a
-  small dense stride-1 convolution of the output gradient with a sub-kernel, and the phases are
-  interleaved (depth-to-space). No multiplications by inserted zeros.
+  flipped, in/out-swapped kernel (what XLA's own transpose rule emits too).
+- Input gradient, stride s > 1: XLA's transpose rule convolves the output gradient dilated by s
+  (s^2 - 1 of every s^2 pixels are inserted zeros). Here it is split by phase instead: input pixel
+  i (padded index j = i + pad_lo = s*m + r) only receives kernel taps r, r + s, ..., so each of the
+  s^2 phases is a small dense stride-1 convolution of the output gradient with a sub-kernel, and
+  the phases are interleaved (depth-to-space). 9-15 % faster than XLA's rule for the U-Net's
+  downsampling convolutions.
 - Kernel gradient: XLA's own rule (a "batch-as-feature" convolution), which XLA:CPU hands to
-  YNNPACK; hand-written alternatives (im2col x output-gradient matmuls, per-tap matmuls) were
-  measured and were not faster (see experiments/conv_bench.py).
+  YNNPACK. Every alternative measured was slower: im2col(x)^T @ dy and per-tap matmuls (slices are
+  materialised; 1.1-3x slower), lax.conv_general_dilated_patches (2-3x), swapping the roles of x
+  and dy (not offloaded to YNNPACK: >50x), Winograd F(2x2, 3x3) through autodiff (forward 2-3x,
+  forward+backward 1.04-1.9x slower). See experiments/conv_bench.py.
 
-The forward pass is always ``lax.conv_general_dilated`` (or the dot for 1x1), so inference is
-unchanged. `Conv` is a drop-in for ``flax.linen.Conv`` in the 2-D cases the networks use: the same
+The forward pass is ``lax.conv_general_dilated`` (the dot for 1x1), so inference is unchanged.
+Forward-mode differentiation (``jax.jvp``) is not available through a custom VJP: a model that
+must be differentiated forwards (e.g. sliced score matching through a convolutional network)
+keeps ``conv_impl = "xla"``.
+
+`Conv` is a drop-in for ``flax.linen.Conv`` in the 2-D cases the networks use: the same
 constructor arguments, parameter names, shapes and initialisers, so parameters move freely between
 the two (``config.model.conv_impl = "fast"`` vs ``"xla"``).
 """
@@ -53,7 +58,7 @@ def resolve_padding(
     kernel_hw: Sequence[int],
     strides: Sequence[int],
 ) -> Pads:
-    """'SAME' | 'VALID' | int | [(lo, hi), (lo, hi)] | [p, p] -> ((lo, hi), (lo, hi)), as lax does."""
+    """'SAME' | 'VALID' | int | [(lo, hi), (lo, hi)] | [p, p] -> ((lo, hi), (lo, hi)), like lax."""
     if isinstance(padding, str):
         if padding.upper() not in ("SAME", "VALID"):
             raise ValueError(f"padding={padding!r}: this convolution supports 'SAME' and 'VALID'.")
@@ -115,7 +120,11 @@ def _input_grad(g: Array, kernel: Array, x_shape, strides, pads: Pads, precision
             phase_pads = ((qh - 1 - m0_h, m1_h - ho), (qw - 1 - m0_w, m1_w - wo))
             cols.append(
                 lax.conv_general_dilated(
-                    g, sub, (1, 1), phase_pads, dimension_numbers=DIMENSION_NUMBERS,
+                    g,
+                    sub,
+                    (1, 1),
+                    phase_pads,
+                    dimension_numbers=DIMENSION_NUMBERS,
                     precision=precision,
                 )
             )  # [N, m1_h - m0_h, m1_w - m0_w, C]
@@ -123,7 +132,9 @@ def _input_grad(g: Array, kernel: Array, x_shape, strides, pads: Pads, precision
     if sh == sw == 1:
         full = rows[0][0]
     else:
-        full = jnp.stack([jnp.stack(cols, axis=3) for cols in rows], axis=2)  # [N, Mh, sh, Mw, sw, C]
+        full = jnp.stack(
+            [jnp.stack(cols, axis=3) for cols in rows], axis=2
+        )  # [N, Mh, sh, Mw, sw, C]
         full = full.reshape(n, (m1_h - m0_h) * sh, (m1_w - m0_w) * sw, c)
     off_h, off_w = lo_h - m0_h * sh, lo_w - m0_w * sw
     return full[:, off_h : off_h + h, off_w : off_w + w, :]
@@ -160,7 +171,11 @@ def _conv_bwd(strides, pads, precision, residuals, g):
         if min(pads[0] + pads[1]) < 0:  # negative (cropping) padding: XLA's own rule
             _, vjp = jax.vjp(
                 lambda a: lax.conv_general_dilated(
-                    a, kernel, strides, pads, dimension_numbers=DIMENSION_NUMBERS,
+                    a,
+                    kernel,
+                    strides,
+                    pads,
+                    dimension_numbers=DIMENSION_NUMBERS,
                     precision=precision,
                 ),
                 x,
@@ -198,8 +213,9 @@ def conv2d(
       [N, HO, WO, O].
     """
     if x.ndim != 4 or kernel.ndim != 4:
-        raise ValueError(f"conv2d needs x [N,H,W,C] and kernel [KH,KW,C,O]; got {x.shape}, "
-                         f"{kernel.shape}.")
+        raise ValueError(
+            f"conv2d needs x [N,H,W,C] and kernel [KH,KW,C,O]; got {x.shape}, {kernel.shape}."
+        )
     if x.shape[-1] != kernel.shape[2]:
         raise ValueError(f"x has {x.shape[-1]} channels but the kernel expects {kernel.shape[2]}.")
     strides = (strides, strides) if isinstance(strides, int) else tuple(int(s) for s in strides)
