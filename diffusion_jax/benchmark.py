@@ -12,7 +12,7 @@ Measured, on synthetic data of the config's shape (the data pipeline is not time
   donated, replicated over the device mesh, batch split over it).
 - ``sample_images_per_s``: sampling batch size / the median time of one ancestral step
   (``diffusion.p_sample``: one denoiser forward and the update), x donated, for ``--steps`` steps
-  t = T-1, T-2, ...
+  t = T-1, T-2, ... (null for ``training.objective = "ncsn"``, which has no ancestral sampler).
 - ``compile_s``: lowering + compilation of the train step (``sample_compile_s``: the sampling
   step). With a persistent compilation cache configured (``compilation_cache``: true) this can be
   a cache hit.

@@ -133,7 +133,7 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema_params = optax.incremental_update(params, state.ema_params, 1.0 - decay)
-        metrics |= {"grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+        metrics |= {"grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
         new_state = TrainState(state.step + 1, params, ema_params, opt_state)
         return new_state, metrics
 

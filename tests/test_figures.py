@@ -62,8 +62,8 @@ def test_rate_distortion_with_the_exact_denoiser(rd_case):
     )
     rate = np.asarray(rd["rate_bpd"])
     assert np.all(np.diff(rate) <= 1e-9)  # more bits as t goes down: monotone
-    assert rate[-1] == pytest.approx(out["prior_bpd"].mean(), rel=1e-6)  # x_{T-1}: only L_T
-    assert rd["lossless_bpd"] == pytest.approx(ref["total_bpd"].mean(), rel=1e-5)
+    assert rate[-1] == pytest.approx(float(out["prior_bpd"].mean()), rel=1e-6)  # x_{T-1}: only L_T
+    assert rd["lossless_bpd"] == pytest.approx(float(ref["total_bpd"].mean()), rel=1e-5)
     want = expected_rmse(BETAS)
     got = np.asarray(rd["distortion_rmse_of_mean_mse"])
     assert want[0] < 2.0 and got[0] < 2.0  # ~1.3 of 255 from x_0-latent: small
