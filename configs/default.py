@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.resamp_with_conv = True
     config.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
     config.model.remat = False  # rematerialise ResNet blocks (saves memory on big models)
-    config.model.conv_impl = "xla"  # models.layers.CONV_IMPLS (models/fast_conv.py: not wired yet)
+    config.model.conv_impl = "xla"  # models.layers.CONV_IMPLS: "xla" | "fast" (CPU training)
     config.model.hidden_dim = 256  # mlp only
     config.model.num_layers = 4  # mlp only: residual blocks
 

@@ -286,6 +286,25 @@ def test_remat_same_parameters_and_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_fast_conv_same_parameters_outputs_and_gradients():
+    """conv_impl="fast" is the same network: parameters, outputs and gradients as "xla"."""
+    xla = models.get_model(tiny_config(ch_mult=(1, 2)))
+    fast = models.get_model(tiny_config(ch_mult=(1, 2), conv_impl="fast"))
+    abstract = abstract_params(xla, (1, 8, 8, 1))
+    assert jax.tree.map(lambda p: p.shape, abstract_params(fast, (1, 8, 8, 1))) == jax.tree.map(
+        lambda p: p.shape, abstract
+    )
+    params = random_params(abstract)
+    x, t = batch((2, 8, 8, 1))
+    out_xla = jax.jit(lambda p: xla.apply({"params": p}, x, t))(params)
+    out_fast = jax.jit(lambda p: fast.apply({"params": p}, x, t))(params)
+    np.testing.assert_allclose(out_fast, out_xla, rtol=1e-5, atol=1e-6)
+    grads_xla = jax.jit(jax.grad(loss_fn(xla, x, t)))(params)
+    grads_fast = jax.jit(jax.grad(loss_fn(fast, x, t)))(params)
+    for a, b in zip(jax.tree.leaves(grads_xla), jax.tree.leaves(grads_fast), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
 def test_bfloat16_close_to_float32(tiny):
     model, _, params = tiny
     bf16 = models.get_model(tiny_config(dropout=0.5, dtype="bfloat16"))
@@ -399,7 +418,7 @@ def test_bad_dtype_conv_impl_and_data_kind():
     with pytest.raises(ValueError, match="model.dtype='float16'.*'float32', 'bfloat16'"):
         models.get_model(config)
     config = tiny_config(conv_impl="cudnn")
-    with pytest.raises(ValueError, match="conv_impl='cudnn'.*'xla'"):
+    with pytest.raises(ValueError, match="conv_impl='cudnn'.*'xla', 'fast'"):
         models.check_config(config)
     config = tiny_config()
     config.data.image_size = 0

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models import fast_conv
+
 Dtype = Any
 
 
@@ -38,7 +40,10 @@ def kernel_init(zero: bool = False) -> nn.initializers.Initializer:
 # Convolution implementations by `config.model.conv_impl`. Each entry is a Module class with the
 # constructor arguments and parameters ("kernel" [kh, kw, in, out], "bias" [out]) of nn.Conv, so a
 # faster implementation can be registered here without touching the networks.
-CONV_IMPLS: dict[str, type[nn.Module]] = {"xla": nn.Conv}
+#   "xla":  flax.linen.Conv, gradients by XLA's transpose rules.
+#   "fast": fast_conv.Conv, the same forward with a hand-written backward pass that is faster on
+#           XLA:CPU (strided input gradients by phase); reverse-mode only (no jax.jvp through it).
+CONV_IMPLS: dict[str, type[nn.Module]] = {"xla": nn.Conv, "fast": fast_conv.Conv}
 
 
 def check_conv_impl(impl: str) -> None:
