@@ -16,6 +16,11 @@ Measured, on synthetic data of the config's shape (the data pipeline is not time
 - ``compile_s``: lowering + compilation of the train step (``sample_compile_s``: the sampling
   step). With a persistent compilation cache configured (``compilation_cache``: true) this can be
   a cache hit.
+- ``chain_s`` (with ``--chain``): seconds for one whole sampling chain of
+  ``sample_batch_size`` samples (``evaluate.make_sample_fn``: ``sampling.method``, ancestral or
+  DDIM, over ``sampling.num_steps`` steps or all T, one compiled ``lax.scan``), timed on its second
+  call; ``chain_first_call_s`` includes compilation. E.g. the paper's 256 samples x 1000 steps:
+  ``--chain --sample_batch_size 256``.
 - ``fwd_gflops_per_image``: XLA's cost analysis of the jitted forward pass (train=False) / batch;
   ``train_gflops_per_image``: of the whole compiled train step / batch.
 - ``train_gflops`` = train-step FLOPs / median step time; ``frac_of_peak`` = that / ``peak_gflops``.
@@ -49,6 +54,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from diffusion_jax import runtime
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Train batch (default: training.batch_size).")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed train steps and sampling steps (median).")
@@ -57,6 +64,12 @@ _SAMPLE_BATCH = flags.DEFINE_integer(
     "sample_batch_size", 0, "Sampling batch (default: sampling.batch_size)."
 )
 _SKIP_SAMPLE = flags.DEFINE_bool("skip_sample", False, "Time the train step only.")
+_CHAIN = flags.DEFINE_bool(
+    "chain",
+    False,
+    "Also time the whole sampling chain as the product runs it (evaluate.make_sample_fn: one "
+    "compiled scan over sampling.num_steps steps, or all T) for one batch of the sampling size.",
+)
 _PEER_PYTHON = flags.DEFINE_string(
     "peer_python", "", "A Python with torch + diffusers: also run the PyTorch peer."
 )
@@ -121,11 +134,13 @@ def _contention(a, b) -> dict[str, float]:
     )
 
 
-def _flops(compiled) -> float | None:
+def _flops(compiled, num_devices: int = 1) -> float | None:
+    """FLOPs of a compiled program over all its devices: XLA's cost analysis counts the program
+    one device runs, which for a batch split over ``num_devices`` devices is 1/num_devices of it."""
     cost = compiled.cost_analysis()
     if isinstance(cost, list | tuple):
         cost = cost[0] if cost else None
-    return float(cost["flops"]) if cost and "flops" in cost else None
+    return float(cost["flops"]) * num_devices if cost and "flops" in cost else None
 
 
 def _peak_gflops(device, dtype_name: str) -> float | None:
@@ -179,12 +194,14 @@ def _run_peer(mode: str, batch: int, steps: int) -> dict:
     )
 
 
-def benchmark(config, batch_size: int, steps: int, warmup: int, sample_batch: int) -> dict:
+def benchmark(
+    config, batch_size: int, steps: int, warmup: int, sample_batch: int, chain: bool = False
+) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from diffusion_jax import builders, input_pipeline, models, sharding, train
+    from diffusion_jax import builders, evaluate, input_pipeline, models, sharding, train
     from diffusion_jax import diffusion as diffusion_lib
 
     config.training.batch_size = batch_size
@@ -215,7 +232,7 @@ def benchmark(config, batch_size: int, steps: int, warmup: int, sample_batch: in
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch, keys["train"]).compile()
     compile_s = time.perf_counter() - t0
-    train_flops = _flops(compiled)
+    train_flops = _flops(compiled, len(mesh.devices.flat))
 
     # Forward-pass FLOPs (train=False), from XLA's cost analysis of the jitted model.
     x = jnp.zeros((batch_size, *shape), jnp.float32)
@@ -253,6 +270,8 @@ def benchmark(config, batch_size: int, steps: int, warmup: int, sample_batch: in
         model=config.model.name,
         num_params=int(num_params),
         conv_impl=config.model.get("conv_impl"),
+        cpu_conv_library=config.cpu_conv_library,
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
         dtype=dtype_name,
         remat=config.model.get("remat"),
         batch_size=batch_size,
@@ -297,7 +316,7 @@ def benchmark(config, batch_size: int, steps: int, warmup: int, sample_batch: in
         t0 = time.perf_counter()
         sample_compiled = sample_fn.lower(params, xs, ts, key).compile()
         sample_compile_s = time.perf_counter() - t0
-        sample_flops = _flops(sample_compiled)
+        sample_flops = _flops(sample_compiled, len(mesh.devices.flat))
         cur = {"x": xs, "i": 0}
 
         def one_sample():
@@ -322,6 +341,31 @@ def benchmark(config, batch_size: int, steps: int, warmup: int, sample_batch: in
             sample_gflops=round(sample_flops / s_step / 1e9, 1) if sample_flops else None,
             sample_contention=s_contention,
         )
+    if sample_batch and chain:
+        config.sampling.batch_size = config.sampling.num_samples = sample_batch
+        sampler = evaluate.make_sample_fn(config, model, mesh)
+        t0 = time.perf_counter()
+        sampler(params, keys["sample"])
+        first_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        samples = sampler(params, jax.random.fold_in(keys["sample"], 1))
+        chain_s = time.perf_counter() - t0
+        if not np.all(np.isfinite(samples)):
+            raise FloatingPointError("the sampling chain produced non-finite values")
+        if config.training.objective == "ncsn":
+            method = "annealed_langevin"
+            chain_steps = config.ncsn.num_levels * config.ncsn.n_steps_each
+        else:
+            method = config.sampling.method
+            chain_steps = config.sampling.num_steps or config.diffusion.num_timesteps
+        out.update(
+            chain_method=method,
+            chain_steps=chain_steps,
+            chain_batch_size=sample_batch,
+            chain_s=round(chain_s, 3),
+            chain_first_call_s=round(first_s, 3),
+            chain_images_per_s=round(sample_batch / chain_s, 4),
+        )
     return out
 
 
@@ -331,8 +375,9 @@ def main(argv):
     config = _CONFIG.value
     batch = _BATCH.value or config.training.batch_size
     sample_batch = 0 if _SKIP_SAMPLE.value else (_SAMPLE_BATCH.value or config.sampling.batch_size)
+    runtime.configure_cpu_convolutions(config.cpu_conv_library)  # before JAX starts
     with config.unlocked():
-        out = benchmark(config, batch, _STEPS.value, _WARMUP.value, sample_batch)
+        out = benchmark(config, batch, _STEPS.value, _WARMUP.value, sample_batch, _CHAIN.value)
     if _PEER_PYTHON.value:
         peer = {"train": _run_peer("train", batch, _STEPS.value)}
         out["train_vs_peer"] = round(out["train_images_per_s"] / peer["train"]["images_per_s"], 3)

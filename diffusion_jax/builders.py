@@ -14,12 +14,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import input_pipeline, models, schedules, sharding
+from diffusion_jax import input_pipeline, models, runtime, schedules, sharding
 from diffusion_jax import score as score_lib
 
 # Enumerated keys of the system's own sections (data and model keys are checked by
 # input_pipeline.validate_dataset and models.check_config).
 CHOICES = {
+    "cpu_conv_library": tuple(runtime.CPU_CONV_LIBRARIES),
     "diffusion.beta_schedule": ("linear", "cosine", "quadratic", "const"),
     "diffusion.mean_type": ("eps", "x0", "v"),
     "diffusion.var_type": ("fixedlarge", "fixedsmall", "learned_range"),
@@ -32,6 +33,7 @@ EVAL_METRICS = ("bpd", "fid", "is")
 
 # Keys that may change between a run and its resumption (how long, how often, what to report).
 RESUMABLE_KEYS = (
+    "cpu_conv_library",
     "training.num_train_steps",
     "training.log_every",
     "training.checkpoint_every",

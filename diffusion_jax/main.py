@@ -12,6 +12,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from diffusion_jax import runtime
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to run.")
@@ -44,20 +46,22 @@ def _setup_logging(workdir: str, process_index: int) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    import jax
-
-    from diffusion_jax import distributed, evaluate, train  # after flags: jax config first
-
-    distributed.initialize(_DISTRIBUTED.value)
-    _setup_logging(_WORKDIR.value, jax.process_index())
-    logging.info("Mode %s, workdir %s, config:\n%s", _MODE.value, _WORKDIR.value, _CONFIG.value)
+    config = _CONFIG.value
     try:
+        runtime.configure_cpu_convolutions(config.cpu_conv_library)  # before JAX starts
+        import jax
+
+        from diffusion_jax import distributed, evaluate, train
+
+        distributed.initialize(_DISTRIBUTED.value)
+        _setup_logging(_WORKDIR.value, jax.process_index())
+        logging.info("Mode %s, workdir %s, config:\n%s", _MODE.value, _WORKDIR.value, config)
         if _MODE.value == "train":
-            train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+            train.train_and_evaluate(config, _WORKDIR.value)
         elif _MODE.value == "eval":
-            evaluate.evaluate(_CONFIG.value, _WORKDIR.value)
+            evaluate.evaluate(config, _WORKDIR.value)
         else:
-            evaluate.sample(_CONFIG.value, _WORKDIR.value)
+            evaluate.sample(config, _WORKDIR.value)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,96 @@
+"""Tests of diffusion_jax.benchmark: the figures it prints are consistent with each other and with
+the model, the whole-chain timing runs the product's sampler, and the peer's figures are read and
+turned into ratios (with a stand-in peer script: torch is not installed here)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from helpers import ROOT, cli_args, tiny_config
+
+from diffusion_jax import benchmark, models
+
+
+@pytest.fixture(scope="module")
+def result():
+    config = tiny_config()
+    return config, benchmark.benchmark(
+        config, batch_size=8, steps=2, warmup=1, sample_batch=4, chain=True
+    )
+
+
+def test_train_figures_are_consistent(result):
+    config, out = result
+    model = models.get_model(config)
+    x = np.zeros((1, 8, 8, 1), np.float32)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, np.zeros(1, np.int32)))
+    assert out["num_params"] == sum(p.size for p in jax.tree.leaves(params))
+    assert out["batch_size"] == 8 and len(out["train_step_all_s"]) == 2
+    assert out["train_images_per_s"] == pytest.approx(8 / out["train_step_s"], rel=1e-2)
+    assert out["train_images_per_s_best"] >= out["train_images_per_s"]
+    assert out["compile_s"] > 0 and out["device_count"] == jax.device_count()
+    # A train step (forward, backward: about twice the forward, optimizer) costs 2-5 forwards.
+    ratio = out["train_gflops_per_image"] / out["fwd_gflops_per_image"]
+    assert 2 < ratio < 5, ratio
+    assert out["train_gflops"] == pytest.approx(
+        out["train_gflops_per_image"] * out["train_images_per_s"], rel=2e-2
+    )
+    assert out["frac_of_peak"] == pytest.approx(out["train_gflops"] / out["peak_gflops"], rel=1e-2)
+
+
+def test_sampling_figures(result):
+    config, out = result
+    assert out["sample_batch_size"] == 4 and len(out["sample_step_all_s"]) == 2
+    assert out["sample_images_per_s"] == pytest.approx(4 / out["sample_step_s"], rel=1e-2)
+    assert out["chain_method"] == "ancestral" and out["chain_batch_size"] == 4
+    assert out["chain_steps"] == config.diffusion.num_timesteps == 20
+    assert 0 < out["chain_s"] <= out["chain_first_call_s"]
+
+
+FAKE_PEER = textwrap.dedent(
+    """
+    import argparse, json
+    p = argparse.ArgumentParser()
+    for a in ("--config", "--mode", "--batch", "--steps", "--threads"):
+        p.add_argument(a)
+    a = p.parse_args()
+    step = {"train": 4.0, "sample": 0.5}[a.mode]
+    r = dict(images_per_s_median=int(a.batch) / step, median_s=step, all_s=[step] * int(a.steps),
+             contention={"other_cores": 0.0}, achieved_gflops_median=1.0)
+    print("peer log line")
+    print(json.dumps({a.mode: r, "fwd_flops_per_image": 2e9, "versions": {"torch": "fake"}}))
+    """
+)
+
+
+def test_cli_prints_one_json_line_with_peer_ratios(tmp_path):
+    peer = tmp_path / "peer.py"
+    peer.write_text(FAKE_PEER)
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffusion_jax.benchmark",
+        "--config=configs/digits.py",
+        *cli_args(),
+        "--batch_size=8",
+        "--sample_batch_size=4",
+        "--steps=1",
+        f"--peer_python={sys.executable}",
+        f"--peer_script={peer}",
+    ]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=ROOT)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1
+    out = json.loads(lines[0])
+    assert out["peer"]["train"]["images_per_s"] == 2.0  # the stand-in: batch 8 in 4 s
+    assert out["peer"]["sample"]["images_per_s"] == 8.0  # batch 4 in 0.5 s
+    assert out["train_vs_peer"] == round(out["train_images_per_s"] / 2.0, 3)
+    assert out["sample_vs_peer"] == round(out["sample_images_per_s"] / 8.0, 3)
+    assert "chain_s" not in out  # --chain not given

@@ -1,0 +1,102 @@
+"""Tests of diffusion_jax.runtime: the XLA:CPU convolution library is chosen through XLA_FLAGS,
+before JAX starts, without overriding a user's own setting, and it takes effect."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import ROOT
+
+from diffusion_jax import runtime
+
+FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """A process whose backends have not started, on a tested jaxlib, with one XLA flag set."""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    monkeypatch.setattr(runtime, "_backends_started", lambda: False)
+    monkeypatch.setattr(runtime, "_jaxlib_minor", lambda: (0, 10))
+    return monkeypatch
+
+
+def test_eigen_appends_the_flag(fresh):
+    assert runtime.configure_cpu_convolutions("eigen") == FLAG
+    assert os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {FLAG}"
+    assert runtime.configure_cpu_convolutions("eigen") is None  # set once only
+    assert os.environ["XLA_FLAGS"].count("ynn_fusion_type") == 1
+
+
+def test_cases_that_change_nothing(fresh):
+    before = os.environ["XLA_FLAGS"]
+    assert runtime.configure_cpu_convolutions("ynnpack") is None
+    fresh.setattr(runtime, "_jaxlib_minor", lambda: (0, 99))  # a jaxlib not tested
+    assert runtime.configure_cpu_convolutions("eigen") is None
+    fresh.setattr(runtime, "_jaxlib_minor", lambda: (0, 10))
+    fresh.setattr(runtime, "_backends_started", lambda: True)  # too late
+    assert runtime.configure_cpu_convolutions("eigen") is None
+    assert os.environ["XLA_FLAGS"] == before
+    fresh.setattr(runtime, "_backends_started", lambda: False)
+    own = "--xla_cpu_experimental_ynn_fusion_type=invalid"  # the user's own choice wins
+    fresh.setenv("XLA_FLAGS", own)
+    assert runtime.configure_cpu_convolutions("eigen") is None
+    assert os.environ["XLA_FLAGS"] == own
+
+
+def test_bad_library_is_named():
+    with pytest.raises(ValueError, match="cpu_conv_library='mkl'.*'eigen', 'ynnpack'"):
+        runtime.configure_cpu_convolutions("mkl")
+
+
+PROBE = r"""
+import json, re, sys
+import numpy as np
+from diffusion_jax import runtime
+flag = runtime.configure_cpu_convolutions(sys.argv[1])
+import jax, jax.numpy as jnp
+from jax import lax
+def conv(x, w):
+    dn = ("NHWC", "HWIO", "NHWC")
+    return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn)
+loss = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=(0, 1)))
+x = jax.random.normal(jax.random.key(0), (8, 32, 32, 128))
+w = jax.random.normal(jax.random.key(1), (3, 3, 128, 128)) / 34.0
+hlo = loss.lower(x, w).compile().as_text()
+bodies = {block.split()[0].lstrip("%"): block for block in re.split(r"\n(?=\S)", hlo)}
+callees = re.findall(r'calls=%([\w.-]+).*"__ynn_fusion"', hlo)
+value, (dx, dw) = loss(x, w)
+np.savez(sys.argv[2], value=value, dx=dx, dw=dw)
+print(json.dumps({"flag": flag, "convolutions": hlo.count(" convolution("),
+                  "ynn_convolutions": sum(" convolution(" in bodies[c] for c in callees)}))
+"""
+
+
+def test_eigen_takes_convolutions_from_ynnpack_with_the_same_results(tmp_path):
+    """Compiled in fresh processes: with "eigen" no convolution sits in a YNNPACK fusion, with
+    "ynnpack" (XLA's default on this jaxlib) they do; values and gradients agree."""
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    out = {}
+    for library in ("eigen", "ynnpack"):
+        path = tmp_path / f"{library}.npz"
+        proc = subprocess.run(
+            [sys.executable, "-c", PROBE, library, str(path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        with np.load(path) as arrays:
+            out[library] = json.loads(proc.stdout.strip().splitlines()[-1]), dict(arrays)
+    (eigen, eigen_arrays), (ynn, ynn_arrays) = out["eigen"], out["ynnpack"]
+    assert eigen["flag"] == FLAG and ynn["flag"] is None
+    assert eigen["convolutions"] >= 3 and ynn["convolutions"] >= 3  # forward, dx, dw
+    assert eigen["ynn_convolutions"] == 0 and ynn["ynn_convolutions"] >= 3
+    for name in ("value", "dx", "dw"):
+        a, b = eigen_arrays[name], ynn_arrays[name]
+        scale = float(abs(b).max())
+        assert float(abs(a - b).max()) <= 1e-5 * scale, name
