@@ -7,7 +7,7 @@ about half its speed, while XLA's own (Eigen) convolutions take every direction 
 Measured here (2-core AMD EPYC with AVX-512, float32, 3x3, 32x32, 128 -> 128 channels, batch 16,
 experiments/conv_bench.py): YNNPACK forward 253.7, input gradient 396.6, kernel gradient 219.2
 GFLOP/s; Eigen 335.4, 333.9 and 336.5. The DDPM CIFAR-10 U-Net's whole train step at batch 16 went
-from 6.1-6.6 to 7.0-7.9 images/s (README, "Performance").
+from 6.0-6.6 to 7.0-7.9 images/s (README, "Performance").
 
 ``configure_cpu_convolutions("eigen")`` therefore adds
 ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`` to ``XLA_FLAGS`` (YNNPACK keeps

@@ -21,6 +21,11 @@ the same products, summed in another order). What differs is the program XLA is 
   and dy (not offloaded to YNNPACK: >50x), Winograd F(2x2, 3x3) through autodiff (forward 2-3x,
   forward+backward 1.04-1.9x slower). See experiments/conv_bench.py.
 
+With ``config.cpu_conv_library = "eigen"`` (the default, ``diffusion_jax.runtime``) XLA:CPU runs
+every convolution with Eigen, whose kernel gradient is as fast as its forward pass; on the whole
+CIFAR-10 U-Net train step this module then measures within the run-to-run noise of "xla"
+(README, "Performance"), so the configs keep ``conv_impl = "xla"``.
+
 The forward pass is ``lax.conv_general_dilated`` (the dot for 1x1), so inference is unchanged.
 Forward-mode differentiation (``jax.jvp``) is not available through a custom VJP: a model that
 must be differentiated forwards (e.g. sliced score matching through a convolutional network)
