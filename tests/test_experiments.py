@@ -67,6 +67,23 @@ def test_script_quick(script, tmp_path):
     assert values and all(math.isfinite(v) for v in values)
 
 
+def test_profile_step_accounts_for_the_step():
+    """experiments/profile_step.py on the digits model: the traced kinds and the convolutions'
+    share by difference add up to the step's CPU time, each kind non-negative."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    cmd = [sys.executable, os.path.join(EXPERIMENTS, "profile_step.py")]
+    cmd += ["--config", "configs/digits.py", "--batch_size", "16", "--steps", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    traced = out["traced_ms"]
+    assert traced and all(v >= 0 for v in traced.values())
+    assert {"dot", "elementwise/reduce forward/optimizer"} <= set(traced)
+    non_conv = sum(v for k, v in traced.items() if not k.startswith("conv"))
+    assert out["conv_by_difference_ms"] == pytest.approx(out["step_cpu_ms"] - non_conv, abs=0.5)
+    assert 0 < out["step_wall_ms"] and 0 < out["step_cpu_ms"]
+
+
 # ------------------------------------------------------------------------------ the metrics
 
 

@@ -1,0 +1,147 @@
+"""Where the time of one train step goes: a jax.profiler trace of the compiled step, its XLA:CPU
+operations summed by kind. Prints a table and one JSON line.
+
+    python experiments/profile_step.py --config configs/cifar10_ddpm.py --batch_size 16
+
+Kinds are read from the compiled HLO: convolutions (forward, input gradient, kernel gradient, by
+their dimension labels), dots, transposes/copies, YNNPACK fusions of other ops, and the remaining
+elementwise/reduction fusions (forward or backward, by the op name XLA keeps from JAX). Times
+are summed over the executor's threads (CPU time, not wall time). Eigen convolutions run
+asynchronously on the intra-op pool, so their trace events end before their work does: with
+``cpu_conv_library = "eigen"`` the convolutions' share is the step's process CPU time minus
+everything else (``conv_by_difference_ms``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _kind(line: str, body: str) -> str:
+    op_name = re.search(r'op_name="([^"]+)"', line)
+    backward = op_name is not None and "transpose(" in op_name.group(1)
+    if " convolution(" in body or " convolution(" in line:
+        labels = re.search(r"dim_labels=(\S+?),", body + line)
+        labels = labels.group(1) if labels else ""
+        if labels.startswith("f01b") or labels.endswith("->01bf") or "01io->" not in labels:
+            return "conv kernel grad"
+        return "conv input grad" if backward else "conv forward"
+    if " dot(" in body or " dot(" in line:
+        return "dot"
+    if "transpose" in line.split("=")[0] or "copy" in line.split("=")[0]:
+        return "transpose/copy"
+    if '"__ynn_fusion"' in line:
+        return "ynn fusion (other)"
+    return "elementwise/reduce " + ("backward" if backward else "forward/optimizer")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="configs/cifar10_ddpm.py")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--cpu_conv_library", default="eigen")
+    args = p.parse_args()
+
+    from diffusion_jax import runtime
+
+    runtime.configure_cpu_convolutions(args.cpu_conv_library)
+    import importlib.util
+
+    import jax
+    import numpy as np
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    from diffusion_jax import builders, input_pipeline, models, sharding, train
+
+    spec = importlib.util.spec_from_file_location("cfg", args.config)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.training.batch_size = args.batch_size
+    mesh = sharding.make_mesh()
+    repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
+    model = models.get_model(config)
+    optimizer, schedule = train.make_optimizer(config)
+    keys = builders.run_keys(config.seed)
+    state = jax.jit(train.init_state(config, model, optimizer), out_shardings=repl)(keys["init"])
+    shape = (args.batch_size, *input_pipeline.example_shape(config))
+    batch = jax.device_put(np.random.default_rng(0).integers(0, 256, shape, np.uint8), data)
+    step = jax.jit(
+        train.make_train_step(config, model, optimizer, schedule),
+        in_shardings=(repl, data, repl),
+        out_shardings=(repl, repl),
+        donate_argnums=(0,),
+    )
+    compiled = step.lower(state, batch, keys["train"]).compile()
+    hlo = compiled.as_text()
+    for _ in range(2):
+        state, metrics = compiled(state, batch, keys["train"])
+        jax.block_until_ready(metrics)
+
+    trace_dir = tempfile.mkdtemp(prefix="profile_step_")
+    walls, cpus = [], []
+    with jax.profiler.trace(trace_dir):
+        for _ in range(args.steps):
+            c0, t0 = time.process_time(), time.perf_counter()
+            state, metrics = compiled(state, batch, keys["train"])
+            jax.block_until_ready(metrics)
+            walls.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
+
+    lines = {}
+    for text in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = ", text)
+        if m:
+            lines[m.group(1)] = text
+    bodies = {block.split()[0].lstrip("%"): block for block in re.split(r"\n(?=\S)", hlo)}
+    space = xplane_pb2.XSpace()
+    with open(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0], "rb") as f:
+        space.ParseFromString(f.read())
+    per_kind = collections.Counter()
+    for plane in space.planes:
+        names = {k: v.name for k, v in plane.event_metadata.items()}
+        for line in plane.lines:
+            if "XLAEigen" not in line.name:  # the executor's threads
+                continue
+            for event in line.events:
+                name = names.get(event.metadata_id)
+                if name in lines:
+                    callee = re.search(r"calls=%([\w.\-]+)", lines[name])
+                    body = bodies.get(callee.group(1), "") if callee else ""
+                    per_kind[_kind(lines[name], body)] += event.duration_ps / 1e9 / args.steps
+
+    cpu_ms = 1e3 * float(np.median(cpus))
+    out = dict(
+        config=args.config,
+        batch_size=args.batch_size,
+        cpu_conv_library=args.cpu_conv_library,
+        step_wall_ms=round(1e3 * float(np.median(walls)), 1),
+        step_cpu_ms=round(cpu_ms, 1),
+        traced_ms={k: round(v, 1) for k, v in per_kind.most_common()},
+    )
+    non_conv = sum(v for k, v in per_kind.items() if not k.startswith("conv"))
+    if args.cpu_conv_library == "eigen":
+        out["conv_by_difference_ms"] = round(cpu_ms - non_conv, 1)
+    print(f"step: {out['step_wall_ms']} ms wall, {out['step_cpu_ms']} ms CPU")
+    for kind, ms in per_kind.most_common():
+        print(f"  {ms:8.1f} ms  {100 * ms / cpu_ms:5.1f} % of CPU  {kind}")
+    if "conv_by_difference_ms" in out:
+        ms = out["conv_by_difference_ms"]
+        share = 100 * ms / cpu_ms
+        print(f"  {ms:8.1f} ms  {share:5.1f} % of CPU  convolutions (Eigen, by difference)")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
