@@ -194,15 +194,14 @@ def _run_peer(mode: str, batch: int, steps: int) -> dict:
     )
 
 
-def benchmark(
-    config, batch_size: int, steps: int, warmup: int, sample_batch: int, chain: bool = False
-) -> dict:
+def compile_train_step(config, batch_size: int) -> dict:
+    """The train step as ``train.py`` jits it (state donated and replicated over the device mesh,
+    batch split over it), compiled, with its initial state and a synthetic batch of the config's
+    shape. Returns dict(compiled, compile_s, state, batch, keys, mesh, model)."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    from diffusion_jax import builders, evaluate, input_pipeline, models, sharding, train
-    from diffusion_jax import diffusion as diffusion_lib
+    from diffusion_jax import builders, input_pipeline, models, sharding, train
 
     config.training.batch_size = batch_size
     builders.validate_config(config)
@@ -213,7 +212,6 @@ def benchmark(
     optimizer, schedule = train.make_optimizer(config)
     keys = builders.run_keys(config.seed)
     state = jax.jit(train.init_state(config, model, optimizer), out_shardings=repl)(keys["init"])
-    num_params = sum(x.size for x in jax.tree.leaves(state.params))
 
     shape = input_pipeline.example_shape(config)
     rng = np.random.default_rng(0)
@@ -232,6 +230,34 @@ def benchmark(
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch, keys["train"]).compile()
     compile_s = time.perf_counter() - t0
+    return dict(
+        compiled=compiled,
+        compile_s=compile_s,
+        state=state,
+        batch=batch,
+        keys=keys,
+        mesh=mesh,
+        model=model,
+    )
+
+
+def benchmark(
+    config, batch_size: int, steps: int, warmup: int, sample_batch: int, chain: bool = False
+) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from diffusion_jax import builders, evaluate, input_pipeline, sharding
+    from diffusion_jax import diffusion as diffusion_lib
+
+    built = compile_train_step(config, batch_size)
+    compiled, compile_s, state = built["compiled"], built["compile_s"], built["state"]
+    batch, keys, mesh, model = built["batch"], built["keys"], built["mesh"], built["model"]
+    repl, data_sharding = sharding.replicated(mesh), sharding.data_sharded(mesh)
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    shape = input_pipeline.example_shape(config)
+    rng = np.random.default_rng(0)
     train_flops = _flops(compiled, len(mesh.devices.flat))
 
     # Forward-pass FLOPs (train=False), from XLA's cost analysis of the jitted model.

@@ -61,6 +61,14 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str) -> None:
+    """Lay out, write (creating the folder) and close a matplotlib figure."""
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path)
+    _pyplot().close(fig)
+
+
 # ----------------------------------------------------------------------------- (a) L_t curve
 
 
@@ -89,10 +97,7 @@ def plot_lt_curve(
         ax.set_xlabel("t")
         ax.set_ylabel("eps MSE per dim")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
 
 
 # ----------------------------------------------------------------------------- (b) rate-distortion
@@ -222,10 +227,7 @@ def plot_rate_distortion(rd: dict[str, Any], path: str) -> None:
     b.set_ylabel("distortion (RMSE, [0, 255])")
     b.set_title(f"rate-distortion, {rd.get('num_examples', '?')} examples", fontsize=9)
     b.grid(alpha=0.3)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
 
 
 # ----------------------------------------------------------------------------- (c) progressive

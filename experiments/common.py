@@ -92,6 +92,16 @@ def train_toy(objective: str, steps: int, workdir: str | None, seed: int = 0, qu
     return config, models.get_model(config), state.ema_params, seconds
 
 
+def train_both(args) -> dict:
+    """The DDPM and the NCSN toy runs of the scripts, by objective ("ddpm", "ncsn"), each kept in
+    ``args.workdir/<objective>`` when a workdir is given (so a second script reuses them)."""
+    runs = {}
+    for objective in ("ddpm", "ncsn"):
+        workdir = None if args.workdir is None else os.path.join(args.workdir, objective)
+        runs[objective] = train_toy(objective, args.steps, workdir, args.seed, args.quick)
+    return runs
+
+
 def ncsn_sigmas(config) -> jax.Array:
     c = config.ncsn
     return score.ncsn_sigmas(c.sigma_max, c.sigma_min, c.num_levels)

@@ -62,28 +62,13 @@ def main() -> None:
     import numpy as np
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-    from diffusion_jax import builders, input_pipeline, models, sharding, train
+    from diffusion_jax import benchmark
 
     spec = importlib.util.spec_from_file_location("cfg", args.config)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config()
-    config.training.batch_size = args.batch_size
-    mesh = sharding.make_mesh()
-    repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
-    model = models.get_model(config)
-    optimizer, schedule = train.make_optimizer(config)
-    keys = builders.run_keys(config.seed)
-    state = jax.jit(train.init_state(config, model, optimizer), out_shardings=repl)(keys["init"])
-    shape = (args.batch_size, *input_pipeline.example_shape(config))
-    batch = jax.device_put(np.random.default_rng(0).integers(0, 256, shape, np.uint8), data)
-    step = jax.jit(
-        train.make_train_step(config, model, optimizer, schedule),
-        in_shardings=(repl, data, repl),
-        out_shardings=(repl, repl),
-        donate_argnums=(0,),
-    )
-    compiled = step.lower(state, batch, keys["train"]).compile()
+    built = benchmark.compile_train_step(module.get_config(), args.batch_size)
+    compiled, state, batch, keys = built["compiled"], built["state"], built["batch"], built["keys"]
     hlo = compiled.as_text()
     for _ in range(2):
         state, metrics = compiled(state, batch, keys["train"])

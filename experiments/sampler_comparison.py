@@ -90,10 +90,7 @@ def main(argv=None) -> None:
     dist = common.toy_dist()
     key = jax.random.key(args.seed)
     n = 200 if args.quick else args.num_samples
-    runs = {}
-    for objective in ("ddpm", "ncsn"):
-        workdir = None if args.workdir is None else os.path.join(args.workdir, objective)
-        runs[objective] = common.train_toy(objective, args.steps, workdir, args.seed, args.quick)
+    runs = common.train_both(args)
     config, model, params, _ = runs["ddpm"]
     d = builders.make_diffusion(config)
     ncfg, nmodel, nparams, _ = runs["ncsn"]
