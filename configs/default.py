@@ -10,9 +10,10 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
-    # XLA:CPU's library for convolutions: eigen (faster training here) | ynnpack (XLA's default).
-    # Set by the entry points before JAX starts (diffusion_jax.runtime); no effect on GPU/TPU.
-    config.cpu_conv_library = "eigen"
+    # Deprecated (kept so that older command lines and config files still parse): XLA:CPU's
+    # convolution library belongs to the process: --cpu_conv_library or
+    # $DIFFUSION_JAX_CPU_CONV_LIBRARY (diffusion_jax.runtime). "" = the process's choice.
+    config.cpu_conv_library = ""
 
     # Data: images live in [-1, 1]; level k of `num_bins` maps to 2k/(num_bins-1) - 1.
     config.data = ml_collections.ConfigDict()
@@ -77,7 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.split = "test"
     config.eval.num_examples = 10_000  # 0: the whole split
     config.eval.batch_size = 256
-    config.eval.metrics = ("bpd",)  # bpd | fid | is
+    config.eval.metrics = ("bpd",)  # evaluation.EVALUATORS of kind "metric": bpd | fid | is
     config.eval.figures = ("lt_curve", "rate_distortion", "progressive")
     config.eval.bpd_splits = ()  # more splits for bits/dim besides eval.split, e.g. ("train",)
     config.eval.bpd_splits_num_examples = -1  # -1: eval.num_examples; 0: the whole split
@@ -96,7 +97,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.is_num_splits = 10
 
     config.sampling = ml_collections.ConfigDict()
-    config.sampling.method = "ancestral"  # ancestral | ddim
+    config.sampling.method = "ancestral"  # sampling.SAMPLERS: ancestral | ddim; langevin (NCSN)
     config.sampling.num_steps = 0  # 0: all T steps; fewer respaces the chain
     config.sampling.eta = 0.0  # ddim only
     config.sampling.num_samples = 64

@@ -32,6 +32,7 @@ def get_config():
     config.model.dropout = 0.0
 
     config.training.objective = "ncsn"
+    config.sampling.method = "langevin"  # annealed Langevin dynamics over config.ncsn
     config.training.num_train_steps = 2000
     config.training.sample_every = 0  # a 1000-call Langevin chain costs as much as ~100 steps
     config.eval.metrics = ()  # bits/dim is a DDPM bound; an NCSN has none

@@ -27,6 +27,7 @@ def get_config():
     config.model.num_layers = 3
 
     config.training.objective = "ncsn"
+    config.sampling.method = "langevin"  # annealed Langevin dynamics over config.ncsn
     config.training.num_train_steps = 6000
     config.training.checkpoint_every = 1000
     config.training.log_every = 250

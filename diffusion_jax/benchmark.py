@@ -7,9 +7,8 @@
 Measured, on synthetic data of the config's shape (the data pipeline is not timed):
 
 - ``train_images_per_s``: batch size / the median time of ``--steps`` full train steps (loss,
-  gradient, optax update, EMA), the step built by ``train.make_train_step`` from
-  ``train.make_optimizer`` and ``train.init_state`` and jitted as ``train.py`` jits it (state
-  donated, replicated over the device mesh, batch split over it).
+  gradient, optax update, EMA), the step of ``train.build``, the one builder the train loop
+  uses too (state donated, replicated over the device mesh, batch split over it).
 - ``sample_images_per_s``: sampling batch size / the median time of one ancestral step
   (``diffusion.p_sample``: one denoiser forward and the update), x donated, for ``--steps`` steps
   t = T-1, T-2, ... (null for ``training.objective = "ncsn"``, which has no ancestral sampler).
@@ -17,8 +16,8 @@ Measured, on synthetic data of the config's shape (the data pipeline is not time
   step). With a persistent compilation cache configured (``compilation_cache``: true) this can be
   a cache hit.
 - ``chain_s`` (with ``--chain``): seconds for one whole sampling chain of
-  ``sample_batch_size`` samples (``evaluate.make_sample_fn``: ``sampling.method``, ancestral or
-  DDIM, over ``sampling.num_steps`` steps or all T, one compiled ``lax.scan``), timed on its second
+  ``sample_batch_size`` samples (``sampling.make_sample_fn``: ``sampling.method`` over
+  ``sampling.num_steps`` steps or all T, in compiled segments), timed on its second
   call; ``chain_first_call_s`` includes compilation. E.g. the paper's 256 samples x 1000 steps:
   ``--chain --sample_batch_size 256``.
 - ``fwd_gflops_per_image``: XLA's cost analysis of the jitted forward pass (train=False) / batch;
@@ -33,13 +32,10 @@ Measured, on synthetic data of the config's shape (the data pipeline is not time
 diffusers' UNet2DModel with the same architecture) at the same batch sizes right after, in this
 run, and reports its figures and the ratios ``train_vs_peer`` and ``sample_vs_peer``.
 
-Peak. ``CPU_FP32_PEAK_GFLOPS`` = 220 is the FP32 peak documented for the project's 2-core
-benchmark machine (AMD EPYC, 2 cores; ../shared/bench/README.md: an AVX2 FMA loop measured
-213-230 GFLOP/s). That machine's cores also execute AVX-512 FMAs at full width (Zen 5): an
-AVX-512 FMA loop measured 536-539 GFLOP/s there with the machine idle, so ``frac_of_peak`` against
-220 can exceed 1; ``frac_of_avx512_peak`` divides by ``CPU_AVX512_FP32_PEAK_GFLOPS`` = 538 as well.
-On other CPUs both are only indicative. On GPUs the peak is the vendor's nominal dense figure for
-the compute dtype from ``GPU_PEAK_TFLOPS`` (null for devices not in the table).
+Peak. On a CPU, ``peak_gflops`` is what ``--cpu_peak_gflops`` says (measure it on the machine,
+e.g. with an FMA loop; absent: null, and ``frac_of_peak`` null). On GPUs it is the vendor's
+nominal dense figure for the compute dtype from ``GPU_PEAK_TFLOPS`` (null for devices not in the
+table). Measured figures belong in the README's "Performance" section, not here.
 """
 
 from __future__ import annotations
@@ -67,28 +63,24 @@ _SKIP_SAMPLE = flags.DEFINE_bool("skip_sample", False, "Time the train step only
 _CHAIN = flags.DEFINE_bool(
     "chain",
     False,
-    "Also time the whole sampling chain as the product runs it (evaluate.make_sample_fn: one "
-    "compiled scan over sampling.num_steps steps, or all T) for one batch of the sampling size.",
+    "Also time the whole sampling chain as the product runs it (sampling.make_sample_fn) for "
+    "one batch of the sampling size.",
 )
 _PEER_PYTHON = flags.DEFINE_string(
     "peer_python", "", "A Python with torch + diffusers: also run the PyTorch peer."
 )
 _PEER_SCRIPT = flags.DEFINE_string(
-    "peer_script",
-    os.path.join(
-        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-        "shared",
-        "bench",
-        "peer_torch_unet.py",
-    ),
-    "The peer benchmark script.",
+    "peer_script", "", "The peer benchmark script (needed with --peer_python)."
+)
+_CPU_PEAK = flags.DEFINE_float(
+    "cpu_peak_gflops", 0.0, "This CPU's measured FP32 peak, GFLOP/s (0: unknown)."
+)
+_CPU_CONV = flags.DEFINE_string(
+    "cpu_conv_library", runtime.default_library(), runtime.CPU_CONV_HELP
 )
 _PEER_CONFIG = flags.DEFINE_string("peer_config", "ddpm_cifar10", "The peer's --config.")
 flags.mark_flags_as_required(["config"])
 
-# FP32 peak of the project's benchmark CPU (see the module docstring), GFLOP/s.
-CPU_FP32_PEAK_GFLOPS = 220.0
-CPU_AVX512_FP32_PEAK_GFLOPS = 538.0
 # Nominal dense peaks, TFLOP/s: (float32 without tensor cores, bfloat16 tensor cores). Matched
 # against jax's device_kind by substring, first match wins.
 GPU_PEAK_TFLOPS = {
@@ -143,9 +135,9 @@ def _flops(compiled, num_devices: int = 1) -> float | None:
     return float(cost["flops"]) * num_devices if cost and "flops" in cost else None
 
 
-def _peak_gflops(device, dtype_name: str) -> float | None:
+def _peak_gflops(device, dtype_name: str, cpu_peak_gflops: float | None) -> float | None:
     if device.platform == "cpu":
-        return CPU_FP32_PEAK_GFLOPS
+        return cpu_peak_gflops or None
     kind = getattr(device, "device_kind", "")
     for name, (fp32, bf16) in GPU_PEAK_TFLOPS.items():
         if name.lower() in kind.lower():
@@ -195,40 +187,32 @@ def _run_peer(mode: str, batch: int, steps: int) -> dict:
 
 
 def compile_train_step(config, batch_size: int) -> dict:
-    """The train step as ``train.py`` jits it (state donated and replicated over the device mesh,
+    """The train step of ``train.build`` (state donated and replicated over the device mesh,
     batch split over it), compiled, with its initial state and a synthetic batch of the config's
-    shape. Returns dict(compiled, compile_s, state, batch, keys, mesh, model)."""
+    shape, for a copy of ``config`` at ``batch_size``. Returns dict(compiled, compile_s, state,
+    batch, keys, mesh, model, config)."""
     import jax
     import numpy as np
 
-    from diffusion_jax import builders, input_pipeline, models, sharding, train
+    from diffusion_jax import evaluation, input_pipeline, objectives, sharding, train
 
-    config.training.batch_size = batch_size
-    builders.validate_config(config)
-    sharding.check_batch_size(batch_size)
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.training.batch_size = batch_size
+    config = evaluation.prepare(config)
     mesh = sharding.make_mesh()
-    repl, data_sharding = sharding.replicated(mesh), sharding.data_sharded(mesh)
-    model = models.get_model(config)
-    optimizer, schedule = train.make_optimizer(config)
-    keys = builders.run_keys(config.seed)
-    state = jax.jit(train.init_state(config, model, optimizer), out_shardings=repl)(keys["init"])
-
+    program = train.build(config, mesh)
+    keys = objectives.run_keys(config.seed)
+    state = program.init(keys["init"])
     shape = input_pipeline.example_shape(config)
     rng = np.random.default_rng(0)
     if config.data.image_size:
         host_batch = rng.integers(0, config.data.num_bins, (batch_size, *shape), dtype=np.uint8)
     else:
         host_batch = rng.standard_normal((batch_size, *shape), dtype=np.float32)
-    batch = jax.device_put(host_batch, data_sharding)
-
-    step_fn = jax.jit(
-        train.make_train_step(config, model, optimizer, schedule),
-        in_shardings=(repl, data_sharding, repl),
-        out_shardings=(repl, repl),
-        donate_argnums=(0,),
-    )
+    batch = jax.device_put(host_batch, sharding.data_sharded(mesh))
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batch, keys["train"]).compile()
+    compiled = program.step.lower(state, batch, keys["train"]).compile()
     compile_s = time.perf_counter() - t0
     return dict(
         compiled=compiled,
@@ -237,21 +221,66 @@ def compile_train_step(config, batch_size: int) -> dict:
         batch=batch,
         keys=keys,
         mesh=mesh,
-        model=model,
+        model=program.model,
+        config=config,
     )
 
 
+# Decimals each figure is printed with (benchmark() returns them unrounded); others as they are.
+PRINT_DIGITS = {
+    "train_images_per_s": 3,
+    "train_images_per_s_best": 3,
+    "sample_images_per_s": 3,
+    "compile_s": 2,
+    "sample_compile_s": 2,
+    "fwd_gflops_per_image": 4,
+    "train_gflops_per_image": 4,
+    "frac_of_peak": 4,
+    "train_step_s": 4,
+    "train_step_all_s": 4,
+    "sample_step_s": 4,
+    "sample_step_all_s": 4,
+    "train_cpu_s_per_step": 3,
+    "train_gflops": 1,
+    "sample_gflops": 1,
+    "chain_s": 3,
+    "chain_first_call_s": 3,
+    "chain_images_per_s": 4,
+    "train_vs_peer": 3,
+    "sample_vs_peer": 3,
+}
+
+
+def rounded(out: dict) -> dict:
+    """A copy of ``benchmark()``'s figures rounded for printing (``PRINT_DIGITS``)."""
+
+    def fix(value, digits):
+        if isinstance(value, list):
+            return [fix(v, digits) for v in value]
+        return round(value, digits) if isinstance(value, float) else value
+
+    return {k: fix(v, PRINT_DIGITS[k]) if k in PRINT_DIGITS else v for k, v in out.items()}
+
+
 def benchmark(
-    config, batch_size: int, steps: int, warmup: int, sample_batch: int, chain: bool = False
+    config,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    sample_batch: int,
+    chain: bool = False,
+    cpu_peak_gflops: float | None = None,
 ) -> dict:
+    """The figures of the module docstring, unrounded (``rounded`` rounds them for printing)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from diffusion_jax import builders, evaluate, input_pipeline, sharding
     from diffusion_jax import diffusion as diffusion_lib
+    from diffusion_jax import input_pipeline, models, objectives, sampling, sharding
 
     built = compile_train_step(config, batch_size)
+    config = built["config"]  # a checked copy: the caller's config is left as it is
     compiled, compile_s, state = built["compiled"], built["compile_s"], built["state"]
     batch, keys, mesh, model = built["batch"], built["keys"], built["mesh"], built["model"]
     repl, data_sharding = sharding.replicated(mesh), sharding.data_sharded(mesh)
@@ -278,14 +307,14 @@ def benchmark(
     step_s = statistics.median(walls)
     device = jax.devices()[0]
     dtype_name = config.model.dtype
-    peak = _peak_gflops(device, dtype_name)
+    peak = _peak_gflops(device, dtype_name, cpu_peak_gflops)
     train_gflops = train_flops / step_s / 1e9 if train_flops else None
     out = dict(
-        train_images_per_s=round(batch_size / step_s, 3),
+        train_images_per_s=batch_size / step_s,
         sample_images_per_s=None,
-        compile_s=round(compile_s, 2),
-        fwd_gflops_per_image=round(fwd_flops / batch_size / 1e9, 4) if fwd_flops else None,
-        frac_of_peak=round(train_gflops / peak, 4) if train_gflops and peak else None,
+        compile_s=compile_s,
+        fwd_gflops_per_image=fwd_flops / batch_size / 1e9 if fwd_flops else None,
+        frac_of_peak=train_gflops / peak if train_gflops and peak else None,
         device=(
             f"cpu: {_cpu_name()}, {os.cpu_count()} cores"
             if device.platform == "cpu"
@@ -296,33 +325,30 @@ def benchmark(
         model=config.model.name,
         num_params=int(num_params),
         conv_impl=config.model.get("conv_impl"),
-        cpu_conv_library=config.cpu_conv_library,
         xla_flags=os.environ.get("XLA_FLAGS", ""),
         dtype=dtype_name,
         remat=config.model.get("remat"),
         batch_size=batch_size,
         steps=steps,
-        train_step_s=round(step_s, 4),
-        train_step_all_s=[round(w, 4) for w in walls],
-        train_images_per_s_best=round(batch_size / min(walls), 3),
-        train_cpu_s_per_step=round(statistics.median(cpus), 3),
-        train_gflops_per_image=round(train_flops / batch_size / 1e9, 4) if train_flops else None,
-        train_gflops=round(train_gflops, 1) if train_gflops else None,
+        train_step_s=step_s,
+        train_step_all_s=walls,
+        train_images_per_s_best=batch_size / min(walls),
+        train_cpu_s_per_step=statistics.median(cpus),
+        train_gflops_per_image=train_flops / batch_size / 1e9 if train_flops else None,
+        train_gflops=train_gflops,
         peak_gflops=peak,
         contention=contention,
         jax=jax.__version__,
         compilation_cache=bool(jax.config.jax_compilation_cache_dir),
     )
-    if device.platform == "cpu" and train_gflops:
-        out["frac_of_avx512_peak"] = round(train_gflops / CPU_AVX512_FP32_PEAK_GFLOPS, 4)
     params = holder["state"].ema_params  # the initial state's buffers were donated
 
-    if sample_batch and config.training.objective != "ncsn":
+    if sample_batch and config.training.objective in sampling.SAMPLERS["ancestral"].objectives:
         sharding.check_batch_size(sample_batch, "sampling.batch_size")
-        d = builders.make_diffusion(config)
+        d = objectives.make_diffusion(config)
 
         def sample_step(params, x, t, key):
-            net = builders.model_fn(model, params)
+            net = models.model_fn(model, params)
             p = diffusion_lib.p_sample(
                 d, net, x, t, key, clip_denoised=config.sampling.clip_denoised
             )
@@ -359,17 +385,18 @@ def benchmark(
         s_walls, s_cpus, s_contention = _timed(one_sample, steps)
         s_step = statistics.median(s_walls)
         out.update(
-            sample_images_per_s=round(sample_batch / s_step, 3),
+            sample_images_per_s=sample_batch / s_step,
             sample_batch_size=sample_batch,
-            sample_step_s=round(s_step, 4),
-            sample_step_all_s=[round(w, 4) for w in s_walls],
-            sample_compile_s=round(sample_compile_s, 2),
-            sample_gflops=round(sample_flops / s_step / 1e9, 1) if sample_flops else None,
+            sample_step_s=s_step,
+            sample_step_all_s=s_walls,
+            sample_compile_s=sample_compile_s,
+            sample_gflops=sample_flops / s_step / 1e9 if sample_flops else None,
             sample_contention=s_contention,
         )
     if sample_batch and chain:
-        config.sampling.batch_size = config.sampling.num_samples = sample_batch
-        sampler = evaluate.make_sample_fn(config, model, mesh)
+        with config.unlocked():
+            config.sampling.batch_size = config.sampling.num_samples = sample_batch
+        sampler = sampling.make_sample_fn(config, model, mesh, desc="chain")
         t0 = time.perf_counter()
         sampler(params, keys["sample"])
         first_s = time.perf_counter() - t0
@@ -378,19 +405,15 @@ def benchmark(
         chain_s = time.perf_counter() - t0
         if not np.all(np.isfinite(samples)):
             raise FloatingPointError("the sampling chain produced non-finite values")
-        if config.training.objective == "ncsn":
-            method = "annealed_langevin"
-            chain_steps = config.ncsn.num_levels * config.ncsn.n_steps_each
-        else:
-            method = config.sampling.method
-            chain_steps = config.sampling.num_steps or config.diffusion.num_timesteps
+        chain = sampling.SAMPLERS[config.sampling.method].build(config, model)
+        chain_steps = chain.num_steps * chain.calls_per_step  # network calls per sample
         out.update(
-            chain_method=method,
+            chain_method=config.sampling.method,
             chain_steps=chain_steps,
             chain_batch_size=sample_batch,
-            chain_s=round(chain_s, 3),
-            chain_first_call_s=round(first_s, 3),
-            chain_images_per_s=round(sample_batch / chain_s, 4),
+            chain_s=chain_s,
+            chain_first_call_s=first_s,
+            chain_images_per_s=sample_batch / chain_s,
         )
     return out
 
@@ -401,19 +424,24 @@ def main(argv):
     config = _CONFIG.value
     batch = _BATCH.value or config.training.batch_size
     sample_batch = 0 if _SKIP_SAMPLE.value else (_SAMPLE_BATCH.value or config.sampling.batch_size)
-    runtime.configure_cpu_convolutions(config.cpu_conv_library)  # before JAX starts
-    with config.unlocked():
-        out = benchmark(config, batch, _STEPS.value, _WARMUP.value, sample_batch, _CHAIN.value)
+    if _PEER_PYTHON.value and not _PEER_SCRIPT.value:
+        raise app.UsageError(
+            "--peer_python needs --peer_script (e.g. shared/bench/peer_torch_unet.py)."
+        )
+    library = runtime.process_library(config, _CPU_CONV.value)
+    runtime.configure_cpu_convolutions(library)  # before JAX starts
+    out = benchmark(
+        config, batch, _STEPS.value, _WARMUP.value, sample_batch, _CHAIN.value, _CPU_PEAK.value
+    )
+    out["cpu_conv_library"] = library
     if _PEER_PYTHON.value:
         peer = {"train": _run_peer("train", batch, _STEPS.value)}
-        out["train_vs_peer"] = round(out["train_images_per_s"] / peer["train"]["images_per_s"], 3)
+        out["train_vs_peer"] = out["train_images_per_s"] / peer["train"]["images_per_s"]
         if sample_batch:
             peer["sample"] = _run_peer("sample", sample_batch, _STEPS.value)
-            out["sample_vs_peer"] = round(
-                out["sample_images_per_s"] / peer["sample"]["images_per_s"], 3
-            )
+            out["sample_vs_peer"] = out["sample_images_per_s"] / peer["sample"]["images_per_s"]
         out["peer"] = peer
-    print(json.dumps(out), flush=True)
+    print(json.dumps(rounded(out)), flush=True)
 
 
 if __name__ == "__main__":

@@ -172,7 +172,7 @@ def respace(d: GaussianDiffusion, timesteps: np.ndarray) -> GaussianDiffusion:
     )
 
 
-def _maybe_respace(d: GaussianDiffusion, num_steps: int | None) -> GaussianDiffusion:
+def maybe_respace(d: GaussianDiffusion, num_steps: int | None) -> GaussianDiffusion:
     if num_steps is None or num_steps == d.num_timesteps:
         return d
     return respace(d, space_timesteps(d.num_timesteps, num_steps))
@@ -413,21 +413,32 @@ def prior_bpd(d: GaussianDiffusion, x0: jax.Array) -> jax.Array:
     return likelihood.mean_flat_bpd(likelihood.normal_kl(mean, log_var, 0.0, 0.0))
 
 
-def calc_bpd_loop(
+def bound_terms(
     d: GaussianDiffusion,
     model_fn: ModelFn,
     x0: jax.Array,
     key: jax.Array,
+    t_start: jax.Array | int = 0,
+    num_t: int | None = None,
     clip_denoised: bool = False,
     num_bins: int = 256,
 ) -> dict[str, jax.Array]:
-    """The whole bound -log p(x0) <= L_T + sum_t L_t, every t, in one ``lax.scan``.
+    """The terms of the bound for t = t_start, ..., t_start + num_t - 1, in one ``lax.scan``:
 
-    x_t ~ q(x_t | x0) is drawn with key fold_in(key, t). Returns dict(total_bpd [B],
-    prior_bpd [B], terms_bpd [B, T], mse [B, T]) where mse = mean_flat((eps_hat - eps)^2).
+        L_0 = -log p(x0 | x_0-latent)                     (t = 0)
+        L_t = KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t))  (t > 0)
+
+    with x_t = q_sample(x0, t, eps_t), eps_t drawn from fold_in(key, t), so any split of
+    {0, ..., T-1} into ranges gives the terms of one pass (``calc_bpd_loop``). ``t_start`` may be
+    traced (one compilation serves every range of the same length); t >= T is not evaluated
+    (zeros). One model call per t also gives the distortion of x0_hat on the [0, 255] scale.
+    Returns dict(terms_bpd [B, n], mse [B, n] = mean_flat((eps_hat - eps)^2),
+    x0_sq_err [B, n] = mean_flat((127.5 (clip(x0_hat, -1, 1) - x0))^2)).
     """
+    num_t = d.num_timesteps if num_t is None else num_t
+    zeros = jnp.zeros(x0.shape[:1], x0.dtype)  # [B]
 
-    def step(_, t_i):
+    def term(t_i):
         t = jnp.full(x0.shape[:1], t_i, jnp.int32)  # [B]
         noise = _normal(jax.random.fold_in(key, t_i), x0.shape, x0.dtype)
         x_t = q_sample(d, x0, t, noise)
@@ -439,12 +450,38 @@ def calc_bpd_loop(
             lambda: _kl_bpd(d, p, x0, x_t, t),
         )
         mse = likelihood.mean_flat(jnp.square(p["pred_eps"] - noise))
-        return None, (vb, mse)
+        err = 127.5 * (jnp.clip(p["pred_x0"], -1.0, 1.0) - x0)
+        return tuple(v.astype(x0.dtype) for v in (vb, mse, likelihood.mean_flat(err**2)))
 
-    _, (vb, mse) = jax.lax.scan(step, None, jnp.arange(d.num_timesteps))  # [T, B] each
+    def step(_, t_i):
+        out = jax.lax.cond(t_i < d.num_timesteps, term, lambda _: (zeros,) * 3, t_i)
+        return None, out
+
+    ts = jnp.asarray(t_start, jnp.int32) + jnp.arange(num_t, dtype=jnp.int32)
+    _, (vb, mse, sq) = jax.lax.scan(step, None, ts)  # [n, B] each
+    return dict(terms_bpd=vb.T, mse=mse.T, x0_sq_err=sq.T)
+
+
+def calc_bpd_loop(
+    d: GaussianDiffusion,
+    model_fn: ModelFn,
+    x0: jax.Array,
+    key: jax.Array,
+    clip_denoised: bool = False,
+    num_bins: int = 256,
+) -> dict[str, jax.Array]:
+    """The whole bound -log p(x0) <= L_T + sum_t L_t, every t, in one ``lax.scan``.
+
+    x_t ~ q(x_t | x0) is drawn with key fold_in(key, t) (``bound_terms``). Returns
+    dict(total_bpd [B], prior_bpd [B], terms_bpd [B, T], mse [B, T]) where
+    mse = mean_flat((eps_hat - eps)^2).
+    """
+    out = bound_terms(d, model_fn, x0, key, 0, None, clip_denoised, num_bins)
     prior = prior_bpd(d, x0)
-    terms = vb.T  # [B, T]
-    return dict(total_bpd=terms.sum(axis=1) + prior, prior_bpd=prior, terms_bpd=terms, mse=mse.T)
+    terms = out["terms_bpd"]  # [B, T]
+    return dict(
+        total_bpd=terms.sum(axis=1) + prior, prior_bpd=prior, terms_bpd=terms, mse=out["mse"]
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -587,6 +624,49 @@ def _reverse_scan(
     return (x, snaps) if n_snap else x
 
 
+def _reverse_range(
+    step: Callable, x: jax.Array, key_steps: jax.Array, start: jax.Array | int, count: int
+) -> jax.Array:
+    """Chain steps i = start-1, ..., start-count (those with i >= 0) of ``_reverse_scan``, the
+    same keys fold_in(key_steps, i); ``start`` may be traced, so one compilation runs any
+    segment of ``count`` steps."""
+
+    def body(j, x):
+        i = jnp.asarray(start, jnp.int32) - 1 - j
+        t = jnp.full(x.shape[:1], i, jnp.int32)  # [B]
+        run = lambda x: step(x, t, jax.random.fold_in(key_steps, i))[0]
+        return jax.lax.cond(i >= 0, run, lambda x: x, x)
+
+    return jax.lax.fori_loop(0, count, body, x)
+
+
+def _ancestral_step(d: GaussianDiffusion, model_fn: ModelFn, clip_denoised: bool) -> Callable:
+    def step(x, t, key):
+        out = p_sample(d, model_fn, x, t, key, clip_denoised)
+        return out["sample"], out["pred_x0"]
+
+    return step
+
+
+def _ddim_step(d: GaussianDiffusion, model_fn: ModelFn, eta: float, clip_denoised: bool):
+    def step(x, t, key):
+        p = p_mean_variance(d, model_fn, x, t, clip_denoised)
+        abar_prev = _at(d.alphas_cumprod_prev, t, x)
+        sigma = eta * jnp.sqrt(_at(d.posterior_variance, t, x))
+        dir_coef = jnp.sqrt(jnp.maximum(1.0 - abar_prev - jnp.square(sigma), 0.0))
+        noise = _normal(key, x.shape, x.dtype)
+        x = jnp.sqrt(abar_prev) * p["pred_x0"] + dir_coef * p["pred_eps"] + sigma * noise
+        return x, p["pred_x0"]
+
+    return step
+
+
+def chain_keys(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(key of x_T, key of the steps) of ``p_sample_loop`` / ``ddim_sample_loop``."""
+    key_T, key_steps = jax.random.split(key)
+    return key_T, key_steps
+
+
 def p_sample_loop(
     d: GaussianDiffusion,
     model_fn: ModelFn,
@@ -604,15 +684,27 @@ def p_sample_loop(
     the x0_hat of every k-th step (steps t with t % k == 0, from the noisiest to t = 0):
     (x0 [B, ...], snapshots [ceil(K/k), B, ...]).
     """
-    d = _maybe_respace(d, num_steps)
-    key_T, key_steps = jax.random.split(key)
+    d = maybe_respace(d, num_steps)
+    key_T, key_steps = chain_keys(key)
     x = _normal(key_T, shape, d.betas.dtype) if x_T is None else x_T
+    return _reverse_scan(
+        d, _ancestral_step(d, model_fn, clip_denoised), x, key_steps, pred_x0_every
+    )
 
-    def step(x, t, key):
-        out = p_sample(d, model_fn, x, t, key, clip_denoised)
-        return out["sample"], out["pred_x0"]
 
-    return _reverse_scan(d, step, x, key_steps, pred_x0_every)
+def p_sample_steps(
+    d: GaussianDiffusion,
+    model_fn: ModelFn,
+    x: jax.Array,
+    key_steps: jax.Array,
+    start: jax.Array | int,
+    count: int,
+    clip_denoised: bool = True,
+) -> jax.Array:
+    """Steps i = start-1, ..., start-count of ``p_sample_loop``'s chain on ``d`` (respaced
+    already, if at all), from x at step ``start``: running K = d.num_timesteps steps in segments
+    gives ``p_sample_loop`` with the same x_T and ``key_steps`` (``chain_keys``)."""
+    return _reverse_range(_ancestral_step(d, model_fn, clip_denoised), x, key_steps, start, count)
 
 
 def ddim_sample_loop(
@@ -633,17 +725,23 @@ def ddim_sample_loop(
     there). eta = 0 is deterministic; eta = 1 with all T steps is ancestral sampling with the
     fixedsmall variance. The model's variance output (if any) is ignored.
     """
-    d = _maybe_respace(d, num_steps)
-    key_T, key_steps = jax.random.split(key)
+    d = maybe_respace(d, num_steps)
+    key_T, key_steps = chain_keys(key)
     x = _normal(key_T, shape, d.betas.dtype) if x_T is None else x_T
+    return _reverse_scan(d, _ddim_step(d, model_fn, eta, clip_denoised), x, key_steps, 0)
 
-    def step(x, t, key):
-        p = p_mean_variance(d, model_fn, x, t, clip_denoised)
-        abar_prev = _at(d.alphas_cumprod_prev, t, x)
-        sigma = eta * jnp.sqrt(_at(d.posterior_variance, t, x))
-        dir_coef = jnp.sqrt(jnp.maximum(1.0 - abar_prev - jnp.square(sigma), 0.0))
-        noise = _normal(key, x.shape, x.dtype)
-        x = jnp.sqrt(abar_prev) * p["pred_x0"] + dir_coef * p["pred_eps"] + sigma * noise
-        return x, p["pred_x0"]
 
-    return _reverse_scan(d, step, x, key_steps, 0)
+def ddim_sample_steps(
+    d: GaussianDiffusion,
+    model_fn: ModelFn,
+    x: jax.Array,
+    key_steps: jax.Array,
+    start: jax.Array | int,
+    count: int,
+    eta: float = 0.0,
+    clip_denoised: bool = True,
+) -> jax.Array:
+    """Steps i = start-1, ..., start-count of ``ddim_sample_loop``'s chain on ``d`` (respaced
+    already): in segments, the same result as the whole loop (``p_sample_steps``)."""
+    step = _ddim_step(d, model_fn, eta, clip_denoised)
+    return _reverse_range(step, x, key_steps, start, count)

@@ -20,6 +20,9 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() (multi-host runs)."
 )
+_CPU_CONV = flags.DEFINE_string(
+    "cpu_conv_library", runtime.default_library(), runtime.CPU_CONV_HELP
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -43,29 +46,37 @@ def _setup_logging(workdir: str, process_index: int) -> None:
     logging.set_verbosity(logging.INFO)
 
 
+def _fail(e: Exception) -> None:
+    """A user's error: one line on stderr (and in the log), exit status 1, no traceback."""
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
+    try:  # before JAX starts
+        runtime.configure_cpu_convolutions(runtime.process_library(config, _CPU_CONV.value))
+    except ValueError as e:
+        _fail(e)
+    import jax
+
+    from diffusion_jax import distributed, evaluation, train
+
     try:
-        runtime.configure_cpu_convolutions(config.cpu_conv_library)  # before JAX starts
-        import jax
-
-        from diffusion_jax import distributed, evaluate, train
-
         distributed.initialize(_DISTRIBUTED.value)
         _setup_logging(_WORKDIR.value, jax.process_index())
         logging.info("Mode %s, workdir %s, config:\n%s", _MODE.value, _WORKDIR.value, config)
         if _MODE.value == "train":
             train.train_and_evaluate(config, _WORKDIR.value)
         elif _MODE.value == "eval":
-            evaluate.evaluate(config, _WORKDIR.value)
+            evaluation.evaluate(config, _WORKDIR.value)
         else:
-            evaluate.sample(config, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+            evaluation.sample(config, _WORKDIR.value)
+    except (ValueError, FileNotFoundError, FloatingPointError, evaluation.EvaluationError) as e:
+        _fail(e)
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -12,6 +12,7 @@ import os
 import jax
 import numpy as np
 from absl import logging
+from tqdm import tqdm
 
 
 class MetricWriter:
@@ -85,6 +86,20 @@ def write_json(path: str, obj: dict) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
+
+
+def progress_bar(total: int, desc: str, unit: str = "step", initial: int = 0) -> tqdm:
+    """A terminal progress bar with rate and ETA, drawn by process 0 only."""
+    return tqdm(
+        total=total,
+        initial=initial,
+        disable=jax.process_index() != 0,
+        unit=unit,
+        dynamic_ncols=True,
+        desc=desc,
+        smoothing=0.1,
+        mininterval=1.0,
+    )
 
 
 def log_metrics(step: int, values: dict[str, float]) -> None:

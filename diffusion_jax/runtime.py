@@ -1,19 +1,27 @@
 """Process-wide XLA settings, made before JAX starts its backends.
 
-XLA:CPU (jaxlib 0.10-0.11) hands convolutions, dots, elementwise ops and reductions to YNNPACK.
-YNNPACK's forward convolution is fast, but the kernel gradient of a convolution (a
-"batch-as-feature" convolution with a whole-image window, fed by layout transposes) runs at
-about half its speed, while XLA's own (Eigen) convolutions take every direction at the same rate.
-Measured here (2-core AMD EPYC with AVX-512, float32, 3x3, 32x32, 128 -> 128 channels, batch 16,
-experiments/conv_bench.py): YNNPACK forward 253.7, input gradient 396.6, kernel gradient 219.2
-GFLOP/s; Eigen 335.4, 333.9 and 336.5. The DDPM CIFAR-10 U-Net's whole train step at batch 16 went
-from 6.0-6.6 to 7.0-7.9 images/s (README, "Performance").
+XLA:CPU hands convolutions, dots, elementwise ops and reductions to YNNPACK. YNNPACK's forward
+convolution is fast, but the kernel gradient of a convolution (a "batch-as-feature" convolution
+with a whole-image window, fed by layout transposes) runs at about half its speed, while XLA's own
+(Eigen) convolutions take every direction at the same rate (README, "Performance";
+``experiments/perf/conv_bench.py``).
 
 ``configure_cpu_convolutions("eigen")`` therefore adds
 ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`` to ``XLA_FLAGS`` (YNNPACK keeps
-dots, elementwise ops and reductions, where it is faster). ``python -m diffusion_jax.main`` and
-``python -m diffusion_jax.benchmark`` call it with ``config.cpu_conv_library``; a notebook or
-script calls it before its first JAX computation. GPUs and TPUs are not affected.
+dots, elementwise ops and reductions). The choice belongs to the process, not to a run: ``python
+-m diffusion_jax.main`` and ``python -m diffusion_jax.benchmark`` take ``--cpu_conv_library``,
+whose default is ``$DIFFUSION_JAX_CPU_CONV_LIBRARY`` or "eigen" (``default_library``); a notebook
+or script calls ``configure_cpu_convolutions`` before its first JAX computation. GPUs and TPUs
+are not affected.
+
+Which jaxlibs. An XLA flag that XLA does not know aborts the process when the backends start
+(``Unknown flag in XLA_FLAGS``), and the flag is experimental: a later XLA may rename or drop it.
+So the flag is added only for a jaxlib from ``TESTED_JAXLIB[0]`` to ``TESTED_JAXLIB[1]`` (major,
+minor; inclusive), the range whose XLA was seen to accept it and to take convolutions from YNNPACK
+with it (tests/test_runtime.py, run by CI on Python 3.11 and 3.12). A jaxlib outside the range
+keeps XLA's default (YNNPACK), with one warning line saying that it is untested; a user who wants
+Eigen there puts the flag in ``XLA_FLAGS``. A range rather than a list of versions, so that a
+patch release or a minor version between tested ones needs no change here.
 """
 
 from __future__ import annotations
@@ -25,8 +33,14 @@ from absl import logging
 
 YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 CPU_CONV_LIBRARIES = {"eigen": f"{YNN_FUSION_FLAG}=-individual_convolution", "ynnpack": None}
-# jaxlib versions whose XLA knows the flag (an unknown flag in XLA_FLAGS aborts the process).
-TESTED_JAXLIB = ((0, 10), (0, 11))
+CPU_CONV_ENV = "DIFFUSION_JAX_CPU_CONV_LIBRARY"
+CPU_CONV_HELP = (
+    f"XLA:CPU's library for convolutions: eigen (faster training) | ynnpack (XLA's default); "
+    f"default ${CPU_CONV_ENV} or eigen. No effect on GPU/TPU."
+)
+# The oldest and newest (major, minor) of jaxlib whose XLA knows the flag, inclusive (an unknown
+# flag in XLA_FLAGS aborts the process; see the module docstring).
+TESTED_JAXLIB = ((0, 10), (0, 12))
 
 
 def _jaxlib_minor() -> tuple[int, int]:
@@ -42,23 +56,49 @@ def _backends_started() -> bool:
     return bool(xla_bridge.backends_are_initialized())
 
 
+def default_library() -> str:
+    """``$DIFFUSION_JAX_CPU_CONV_LIBRARY`` when set, else "eigen"."""
+    return os.environ.get(CPU_CONV_ENV) or "eigen"
+
+
+def process_library(config, flag_value: str) -> str:
+    """The library of ``--cpu_conv_library``, unless a config still sets the deprecated key
+    ``cpu_conv_library`` (configs of earlier versions): then that, with a warning."""
+    from_config = config.get("cpu_conv_library") or ""
+    if from_config:
+        logging.warning(
+            "config.cpu_conv_library=%r is deprecated: the choice belongs to the process "
+            "(--cpu_conv_library or $%s).",
+            from_config,
+            CPU_CONV_ENV,
+        )
+    return from_config or flag_value
+
+
 def configure_cpu_convolutions(library: str = "eigen") -> str | None:
     """Pick the library XLA:CPU runs convolutions with: "eigen" (XLA's own) or "ynnpack".
 
     Returns the flag added to ``XLA_FLAGS``, or None when nothing was changed: "ynnpack" (XLA's
     default), a ``--xla_cpu_experimental_ynn_fusion_type`` the user set already (theirs wins), a
-    jaxlib outside the tested versions, or backends that have started (then too late: a warning).
+    jaxlib outside ``TESTED_JAXLIB`` or backends that have started (either: a warning).
     """
     if library not in CPU_CONV_LIBRARIES:
-        raise ValueError(
-            f"config.cpu_conv_library={library!r}; allowed: {tuple(CPU_CONV_LIBRARIES)}."
-        )
+        raise ValueError(f"cpu_conv_library={library!r}; allowed: {tuple(CPU_CONV_LIBRARIES)}.")
     flag = CPU_CONV_LIBRARIES[library]
     current = os.environ.get("XLA_FLAGS", "")
     if flag is None or YNN_FUSION_FLAG in current:
         return None
-    if _jaxlib_minor() not in TESTED_JAXLIB:
-        logging.info("jaxlib %s: leaving XLA:CPU's convolutions as they are.", _jaxlib_minor())
+    version = _jaxlib_minor()
+    if not TESTED_JAXLIB[0] <= version <= TESTED_JAXLIB[1]:
+        logging.warning(
+            "jaxlib %s is untested with cpu_conv_library=%r (tested: %s to %s): leaving XLA:CPU's "
+            "convolutions as they are (XLA's default); put %s in XLA_FLAGS to try it.",
+            ".".join(map(str, version)),
+            library,
+            ".".join(map(str, TESTED_JAXLIB[0])),
+            ".".join(map(str, TESTED_JAXLIB[1])),
+            flag,
+        )
         return None
     if _backends_started():
         logging.warning(

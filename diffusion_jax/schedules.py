@@ -13,6 +13,7 @@ _SCHEDULE_KWARGS = {
     "const": {"beta": 0.02},
     "cosine": {"s": 0.008, "max_beta": 0.999},
 }
+SCHEDULES = tuple(_SCHEDULE_KWARGS)  # the names get_beta_schedule knows
 
 
 def _cosine(num_timesteps: int, s: float, max_beta: float) -> np.ndarray:

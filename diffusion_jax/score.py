@@ -185,6 +185,27 @@ def langevin_step(
     return x + 0.5 * alpha * score_fn(x, level) + jnp.sqrt(alpha) * z
 
 
+def _langevin_level(
+    score_fn: ScoreFn, x: jax.Array, sigmas: jax.Array, level, level_key, n_steps_each, step_lr
+) -> jax.Array:
+    """The ``n_steps_each`` Langevin steps of one level: α_i = ε σ_i² / σ_L²."""
+    alpha = step_lr * (sigmas[level] / sigmas[-1]) ** 2
+    labels = jnp.full(x.shape[:1], level, jnp.int32)  # [B]
+    step = lambda x, k: (langevin_step(score_fn, x, labels, alpha, k), None)
+    x, _ = jax.lax.scan(step, x, jax.random.split(level_key, n_steps_each))
+    return x
+
+
+def _check_langevin(sigmas: jax.Array, n_steps_each: int, step_lr) -> None:
+    _check_count("n_steps_each", n_steps_each)
+    _check_positive("step_lr", step_lr)
+    concrete = _concrete(sigmas)
+    if sigmas.ndim != 1 or sigmas.shape[0] < 1:
+        raise ValueError(f"sigmas must be a non-empty 1-D array, got shape {sigmas.shape}")
+    if concrete is not None and (np.any(concrete <= 0) or np.any(np.diff(concrete) > 0)):
+        raise ValueError(f"sigmas must be positive and decreasing, got {concrete}")
+
+
 def annealed_langevin(
     score_fn: ScoreFn,
     x_init: jax.Array,
@@ -209,27 +230,62 @@ def annealed_langevin(
     sigmas: decreasing, positive [L]; x_init: [B, ...]. Returns the final x [B, ...], or with
     ``return_all`` the state after each level [L, B, ...] (its last entry is the final x).
     """
-    _check_count("n_steps_each", n_steps_each)
-    _check_positive("step_lr", step_lr)
     sigmas = jnp.asarray(sigmas, x_init.dtype)
-    concrete = _concrete(sigmas)
-    if sigmas.ndim != 1 or sigmas.shape[0] < 1:
-        raise ValueError(f"sigmas must be a non-empty 1-D array, got shape {sigmas.shape}")
-    if concrete is not None and (np.any(concrete <= 0) or np.any(np.diff(concrete) > 0)):
-        raise ValueError(f"sigmas must be positive and decreasing, got {concrete}")
-    batch, num_levels = x_init.shape[0], sigmas.shape[0]
-    alphas = step_lr * (sigmas / sigmas[-1]) ** 2  # [L]
+    _check_langevin(sigmas, n_steps_each, step_lr)
+    num_levels = sigmas.shape[0]
 
     def level_loop(x, inputs):
-        level, alpha, level_key = inputs
-        labels = jnp.full((batch,), level, jnp.int32)  # [B]
-        step = lambda x, k: (langevin_step(score_fn, x, labels, alpha, k), None)
-        x, _ = jax.lax.scan(step, x, jax.random.split(level_key, n_steps_each))
+        level, level_key = inputs
+        x = _langevin_level(score_fn, x, sigmas, level, level_key, n_steps_each, step_lr)
         return x, x
 
-    inputs = (jnp.arange(num_levels), alphas, jax.random.split(key, num_levels))
+    inputs = (jnp.arange(num_levels), jax.random.split(key, num_levels))
     x, xs = jax.lax.scan(level_loop, x_init, inputs)  # [B, ...], [L, B, ...]
     if denoise:
-        last = jnp.full((batch,), num_levels - 1, jnp.int32)
-        x = x + sigmas[-1] ** 2 * score_fn(x, last)
+        x = langevin_denoise(score_fn, x, sigmas)
     return xs.at[-1].set(x) if return_all else x
+
+
+def annealed_langevin_levels(
+    score_fn: ScoreFn,
+    x: jax.Array,
+    sigmas: jax.Array,
+    key: jax.Array,
+    n_steps_each: int,
+    step_lr: float,
+    start: jax.Array | int,
+    count: int,
+) -> jax.Array:
+    """Levels start, ..., start+count-1 (those < L) of ``annealed_langevin`` with the same
+    ``key``: running all L levels in segments gives its result (without ``denoise``).
+    ``start`` may be traced, so one compilation runs any segment of ``count`` levels."""
+    sigmas = jnp.asarray(sigmas, x.dtype)
+    _check_langevin(sigmas, n_steps_each, step_lr)
+    num_levels = sigmas.shape[0]
+    keys = jax.random.split(key, num_levels)
+
+    def body(j, x):
+        level = jnp.asarray(start, jnp.int32) + j
+        run = lambda x: _langevin_level(
+            score_fn, x, sigmas, level, keys[level], n_steps_each, step_lr
+        )
+        return jax.lax.cond(level < num_levels, run, lambda x: x, x)
+
+    return jax.lax.fori_loop(0, count, body, x)
+
+
+def langevin_denoise(score_fn: ScoreFn, x: jax.Array, sigmas: jax.Array) -> jax.Array:
+    """Tweedie's formula at the last level: x ← x + σ_L² s(x, L)."""
+    last = jnp.full(x.shape[:1], sigmas.shape[0] - 1, jnp.int32)
+    return x + sigmas[-1] ** 2 * score_fn(x, last)
+
+
+def ncsn_score_fn(net: Callable, sigmas: jax.Array) -> ScoreFn:
+    """s(x, i) = net(x, i) / σ_i: the NCSNv2 parametrisation of a level-conditioned score."""
+
+    def score_fn(x, level):
+        level = jnp.broadcast_to(level, x.shape[:1]).astype(jnp.int32)  # [B]
+        sigma = sigmas[level].reshape((-1,) + (1,) * (x.ndim - 1))
+        return net(x, level) / sigma
+
+    return score_fn

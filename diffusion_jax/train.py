@@ -9,6 +9,7 @@ never interrupted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -26,16 +27,17 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from diffusion_jax import (
-    builders,
     checkpoints,
-    evaluate,
+    evaluation,
     input_pipeline,
     models,
+    objectives,
+    optim,
     reporting,
+    sampling,
     sharding,
 )
-from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import score as score_lib
+from diffusion_jax import config as config_lib
 
 
 @flax.struct.dataclass
@@ -50,19 +52,7 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the run stopped without saving that state."""
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Any]:
-    """Adam(W) with linear warmup lr·min(step/warmup, 1) and global-norm clipping."""
-    o = config.optim
-    schedule = optax.linear_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1))
-    if o.warmup_steps == 0:
-        schedule = optax.constant_schedule(o.learning_rate)
-    if o.optimizer == "adamw":
-        opt = optax.adamw(schedule, o.beta1, o.beta2, o.eps, weight_decay=o.weight_decay)
-    else:
-        opt = optax.adam(schedule, o.beta1, o.beta2, o.eps)
-    if o.grad_clip > 0:
-        opt = optax.chain(optax.clip_by_global_norm(o.grad_clip), opt)
-    return opt, schedule
+make_optimizer = optim.make_optimizer  # (optimizer, learning-rate schedule) of a config
 
 
 def init_state(
@@ -86,34 +76,11 @@ def init_state(
 
 
 def make_loss_fn(config: ml_collections.ConfigDict, model) -> Callable:
-    """``loss_fn(params, x0, key) -> (mean loss, metrics)`` for ``training.objective``."""
-    num_bins = config.data.num_bins
-    if config.training.objective == "ncsn":
-        sigmas = score_lib.ncsn_sigmas(
-            config.ncsn.sigma_max, config.ncsn.sigma_min, config.ncsn.num_levels
-        )
-    else:
-        diffusion = builders.make_diffusion(config)
+    """``loss_fn(params, x0, key) -> (mean loss, metrics)`` of ``training.objective``."""
+    per_example = objectives.get_objective(config).make_loss_fn(config, model)
 
     def loss_fn(params, x0, key):
-        dropout_key, loss_key = jax.random.split(key)
-        net = builders.model_fn(model, params, train=True, dropout_key=dropout_key)
-        if config.training.objective == "ncsn":
-            losses = {
-                "loss": score_lib.ncsn_loss(
-                    builders.ncsn_score_fn(net, sigmas), x0, sigmas, loss_key
-                )
-            }
-        else:
-            losses = diffusion_lib.training_losses(
-                diffusion,
-                net,
-                x0,
-                loss_key,
-                loss_type=config.diffusion.loss_type,
-                num_bins=num_bins,
-            )
-        metrics = {k: jnp.mean(v) for k, v in losses.items()}
+        metrics = {k: jnp.mean(v) for k, v in per_example(params, x0, key).items()}
         return metrics["loss"], metrics
 
     return loss_fn
@@ -140,6 +107,37 @@ def make_train_step(
     return train_step
 
 
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """A run's compiled pieces over a mesh: what the loop and the benchmark both use."""
+
+    model: Any
+    init: Callable[[jax.Array], TrainState]  # jitted; the state replicated over the mesh
+    step: Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]  # jitted, donated
+    abstract_state: TrainState  # ShapeDtypeStructs with their shardings (for restoring)
+    mesh: jax.sharding.Mesh
+
+
+def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Program:
+    """The train step jitted on ``mesh``: state replicated and donated, batch split over the
+    data axis; and the state's initialiser with the same shardings. ``config`` is checked."""
+    repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
+    model = models.get_model(config)
+    optimizer, schedule = make_optimizer(config)
+    init = init_state(config, model, optimizer)
+    abstract = jax.eval_shape(init, objectives.run_keys(config.seed)["init"])
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), abstract
+    )
+    step = jax.jit(
+        make_train_step(config, model, optimizer, schedule),
+        in_shardings=(repl, data, repl),
+        out_shardings=(repl, repl),
+        donate_argnums=(0,),
+    )
+    return Program(model, jax.jit(init, out_shardings=repl), step, abstract, mesh)
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -150,7 +148,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
         return
     with open(path) as f:
         old = json.load(f)
-    diffs = builders.config_differences(old, config)
+    diffs = config_lib.config_differences(old, config)
     if diffs:
         raise ValueError(
             f"{workdir} holds a run of a different config ({path}); differing keys:\n  "
@@ -185,26 +183,19 @@ def _signals_deferred(signums):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Train (resuming from the newest checkpoint), then sample and evaluate as configured."""
-    builders.validate_config(config)
+    config = evaluation.prepare(config)
     check_workdir(config, workdir)
     process0 = jax.process_index() == 0
     mesh = sharding.make_mesh()
-    repl, data_sharding = sharding.replicated(mesh), sharding.data_sharded(mesh)
-    model = models.get_model(config)
-    optimizer, schedule = make_optimizer(config)
-    init = init_state(config, model, optimizer)
-    keys = builders.run_keys(config.seed)
-    init_key, train_key = keys["init"], keys["train"]
+    program = build(config, mesh)
+    keys = objectives.run_keys(config.seed)
+    train_key = keys["train"]
 
     source = input_pipeline.load_split(config, config.data.train_split)
     manager = checkpoints.make_manager(workdir, config.training.keep_checkpoints)
-    abstract = jax.eval_shape(init, init_key)
-    abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), abstract
-    )
-    restored = checkpoints.restore(manager, abstract)
+    restored = checkpoints.restore(manager, program.abstract_state)
     if restored is None:
-        state = jax.jit(init, out_shardings=repl)(init_key)
+        state = program.init(keys["init"])
         logging.info("Starting a new run in %s.", workdir)
     else:
         state, meta = restored
@@ -213,7 +204,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if process0:
         os.makedirs(workdir, exist_ok=True)
         reporting.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-    num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+    num_params = sum(x.size for x in jax.tree.leaves(program.abstract_state.params))
     logging.info(
         "Model %s: %d parameters; %d device(s) in %d process(es); global batch %d.",
         config.model.name,
@@ -222,14 +213,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         jax.process_count(),
         config.training.batch_size,
     )
-
-    step_fn = jax.jit(
-        make_train_step(config, model, optimizer, schedule),
-        in_shardings=(repl, data_sharding, repl),
-        out_shardings=(repl, repl),
-        donate_argnums=(0,),
-    )
-    sampler = evaluate.make_sample_fn(config, model, mesh)
+    step_fn = program.step
+    sampler = sampling.make_sample_fn(config, program.model, mesh)
     writer = reporting.MetricWriter(workdir)
     start = int(state.step)
     total = config.training.num_train_steps
@@ -255,7 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     pending = []  # per-step metrics (device arrays) since the last check
     window_start = time.perf_counter()
     old_handler = None if multi else signal.signal(signal.SIGTERM, _raise_interrupted)
-    progress = _progress_bar(start, total, process0)
+    progress = reporting.progress_bar(total, "train", initial=start)
     step = start
     try:
         while step < total:
@@ -298,10 +283,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             signal.signal(signal.SIGTERM, old_handler)
         manager.wait_until_finished()
     logging.info("Training done: %d steps.", step)
-    if config.training.eval_at_end and step > start:
-        evaluate.sample_and_save(config, sampler, state.ema_params, workdir, writer)
-        evaluate.evaluate(config, workdir, params=state.ema_params, model=model, mesh=mesh)
-    writer.close()
+    try:
+        if config.training.eval_at_end and step > start:
+            sampling.sample_and_save(config, sampler, state.ema_params, workdir, writer)
+            ctx = evaluation.EvalContext(config, program.model, state.ema_params, mesh, workdir)
+            evaluation.run_evaluators(ctx)
+    finally:
+        writer.close()
     return state
 
 
@@ -330,21 +318,6 @@ def _summarise(pending: list[dict], step: int, manager) -> dict[str, float]:
             f"is step {manager.latest_step()} in {manager.directory}."
         )
     return {k: float(np.mean(v)) for k, v in stacked.items()}
-
-
-def _progress_bar(start: int, total: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total,
-        initial=start,
-        disable=not enabled,
-        unit="step",
-        dynamic_ncols=True,
-        desc="train",
-        smoothing=0.1,
-        mininterval=1.0,
-    )
 
 
 def _write_samples(config, sampler, params, key, workdir, step, writer) -> None:

@@ -30,8 +30,8 @@ import numpy as np  # noqa: E402
 matplotlib.use("Agg")
 
 from configs import ncsn_toy  # noqa: E402
-from diffusion_jax import builders, models, score, toy_data, train  # noqa: E402
 from diffusion_jax import diffusion as diffusion_lib  # noqa: E402
+from diffusion_jax import models, objectives, score, toy_data, train  # noqa: E402
 
 DATASET = "gmm8"
 RESULTS = os.path.join(ROOT, "experiments", "results")
@@ -63,6 +63,7 @@ def toy_config(objective: str, steps: int, seed: int = 0, quick: bool = False):
     config = ncsn_toy.get_config()
     config.seed = seed
     config.training.objective = objective
+    config.sampling.method = objectives.OBJECTIVES[objective].default_sampler
     config.training.num_train_steps = steps
     config.training.log_every = max(1, min(500, steps))
     config.training.checkpoint_every = steps
@@ -103,18 +104,17 @@ def train_both(args) -> dict:
 
 
 def ncsn_sigmas(config) -> jax.Array:
-    c = config.ncsn
-    return score.ncsn_sigmas(c.sigma_max, c.sigma_min, c.num_levels)
+    return objectives.make_sigmas(config)
 
 
 def ncsn_score(config, model, params):
     """s(x, i) = net(x, i) / σ_i, the trained NCSN's score at level i (int32 [B])."""
-    return builders.ncsn_score_fn(builders.model_fn(model, params), ncsn_sigmas(config))
+    return score.ncsn_score_fn(models.model_fn(model, params), ncsn_sigmas(config))
 
 
 def ddpm_eps(model, params):
     """ε̂(x_t, t) of the trained DDPM."""
-    return builders.model_fn(model, params)
+    return models.model_fn(model, params)
 
 
 # ------------------------------------------------------------------------------ exact targets

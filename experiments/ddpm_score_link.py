@@ -41,8 +41,8 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from diffusion_jax import builders
 from diffusion_jax import diffusion as diffusion_lib
+from diffusion_jax import objectives
 
 TABLE_TS = (0, 5, 10, 20, 40, 60, 80, 100, 130, 199)
 
@@ -64,7 +64,7 @@ def main(argv=None) -> None:
     n = 500 if args.quick else 10_000
     runs = common.train_both(args)
     config, model, params, _ = runs["ddpm"]
-    d = builders.make_diffusion(config)
+    d = objectives.make_diffusion(config)
     eps_fn = common.ddpm_eps(model, params)
     ncfg, nmodel, nparams, _ = runs["ncsn"]
     sigmas = common.ncsn_sigmas(ncfg)

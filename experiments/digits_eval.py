@@ -3,11 +3,10 @@ split, the L_t curve, the rate-distortion curve and the progressive-generation s
 
     python experiments/digits_eval.py --workdir /tmp/digits_eval
 
-Trains ``configs/digits.py`` for ``--train_steps`` first when the workdir holds no checkpoint.
-Runs the same path ``--mode eval`` takes once ``evaluate_extras`` is wired into
-``evaluate.evaluate``: ``evaluate.evaluate`` (bits/dim of ``eval.split``), then
-``eval_extras.evaluate_extras``; FID/IS are requested and, with no Inception weights here,
-skipped with the reason recorded. Copies metrics, curves and figures to ``--outdir``.
+Trains ``configs/digits.py`` for ``--train_steps`` first when the workdir holds no checkpoint,
+then runs what ``--mode eval`` runs (``evaluation.evaluate``); FID/IS are requested and, with no
+Inception weights here, skipped with the reason recorded. Copies metrics, curves and figures to
+``--outdir``.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ def main(argv=None) -> None:
     from absl import logging
 
     from configs import digits
-    from diffusion_jax import checkpoints, eval_extras, evaluate, models, reporting, sharding, train
+    from diffusion_jax import checkpoints, evaluation, reporting, train
 
     logging.set_verbosity(logging.INFO)
     config = digits.get_config()
@@ -50,12 +49,7 @@ def main(argv=None) -> None:
         train.train_and_evaluate(config, args.workdir)
 
     start = time.time()
-    model, mesh = models.get_model(config), sharding.make_mesh()
-    params = evaluate.load_ema_params(config, args.workdir, mesh)
-    metrics = evaluate.evaluate(config, args.workdir, params=params, model=model, mesh=mesh)
-    metrics.update(
-        eval_extras.evaluate_extras(config, model, params, mesh, args.workdir, metrics=metrics)
-    )
+    metrics = evaluation.evaluate(config, args.workdir)
     metrics["eval_seconds"] = time.time() - start
     reporting.write_json(os.path.join(args.workdir, "eval", "metrics.json"), metrics)
 

@@ -12,7 +12,7 @@ the exact score ∇log q_σ, which separates the sampler's own error from the ne
   ε = c σ_L², c = min(1, 20/(K/10)): c = 0.2 at 100 steps per level (``configs/ncsn_toy.py``),
   larger steps for shorter chains (capped at c = 1, where the chain stays stable). The rule was
   set with the oracle score, never with the learned one. Start: uniform on [-1, 1]² as in
-  ``evaluate.make_sample_fn``.
+  ``sampling.make_sample_fn``.
 
 Distances (``metrics.py``) between N = 5000 generated points and one set of N fresh data points:
 sliced 2-Wasserstein over 512 directions (sensitive to a few far-away points) and the unbiased
@@ -35,8 +35,8 @@ import matplotlib.pyplot as plt
 import metrics
 import numpy as np
 
-from diffusion_jax import builders, score
 from diffusion_jax import diffusion as diffusion_lib
+from diffusion_jax import objectives, score
 
 BUDGETS = (10, 50, 200, 1000)
 FAR = 5.0  # no data point lies this far from the origin (the modes are at radius 3, std 0.3)
@@ -92,7 +92,7 @@ def main(argv=None) -> None:
     n = 200 if args.quick else args.num_samples
     runs = common.train_both(args)
     config, model, params, _ = runs["ddpm"]
-    d = builders.make_diffusion(config)
+    d = objectives.make_diffusion(config)
     ncfg, nmodel, nparams, _ = runs["ncsn"]
     sigmas = common.ncsn_sigmas(ncfg)
     eps_fns = {"learned": common.ddpm_eps(model, params), "oracle": common.exact_eps(dist, d)}

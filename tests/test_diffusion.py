@@ -468,6 +468,30 @@ def test_calc_bpd_loop_terms_use_fold_in_keys():
     np.testing.assert_allclose(out["prior_bpd"], dl.prior_bpd(d, x0), rtol=1e-6)
 
 
+def test_bound_terms_in_segments_are_those_of_one_pass():
+    """bound_terms over t = s, ..., s + 7 with s traced (T = 50: the last segment runs past T and
+    gives zeros there) rebuilds calc_bpd_loop's terms and MSE; x0_sq_err is the squared error of
+    the clipped x0_hat on [0, 255] at the same x_t."""
+    d, model = D50_SMALL, MODEL_50
+    x0 = _grid_data(np.random.default_rng(14), (4, 6))
+    key = jax.random.key(5)
+    whole = dl.calc_bpd_loop(d, model, x0, key)
+    seg = jax.jit(lambda s: dl.bound_terms(d, model, x0, key, s, 7))
+    parts = [seg(s) for s in range(0, 50, 7)]  # 8 segments: 56 t, the last 6 past T
+    for name in ("terms_bpd", "mse"):
+        got = np.concatenate([p[name] for p in parts], axis=1)
+        np.testing.assert_allclose(got[:, :50], whole[name], rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(got[:, 50:], 0.0)
+    sq = np.concatenate([p["x0_sq_err"] for p in parts], axis=1)
+    for t_i in (0, 23, 49):
+        t = jnp.full(4, t_i, jnp.int32)
+        eps = jax.random.normal(jax.random.fold_in(key, t_i), x0.shape, jnp.float32)
+        x_t = dl.q_sample(d, x0, t, eps)
+        x0_hat = np.clip(dl.predict_x0_from_eps(d, x_t, t, model(x_t, t)), -1, 1)
+        want = np.mean((127.5 * (x0_hat - np.asarray(x0))) ** 2, axis=1)
+        np.testing.assert_allclose(sq[:, t_i], want, rtol=1e-4, atol=1e-6)
+
+
 def test_bound_is_above_and_close_to_exact_nll_of_discretised_gaussian():
     """Data: N(MU, SD^2) rounded to 256 bins in [-1, 1] (edges open): exact entropy H from the
     bin probabilities. E[bound] >= E[-log p_model] >= H; with the exact linear denoiser of the

@@ -26,6 +26,8 @@ from helpers import ROOT, cli_args
 
 from diffusion_jax import checkpoints
 
+pytestmark = pytest.mark.system
+
 NUM_STEPS = 12
 RUN = {
     "model.ch_mult": (1,),  # one level at 8x8 (no attention): compiles in half the time

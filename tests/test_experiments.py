@@ -47,6 +47,7 @@ def _numbers(obj):
         yield obj
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_script_quick(script, tmp_path):
     outdir = tmp_path / "out"
@@ -67,11 +68,12 @@ def test_script_quick(script, tmp_path):
     assert values and all(math.isfinite(v) for v in values)
 
 
+@pytest.mark.system
 def test_profile_step_accounts_for_the_step():
-    """experiments/profile_step.py on the digits model: the traced kinds and the convolutions'
+    """experiments/perf/profile_step.py on the digits model: the traced kinds and the convolutions'
     share by difference add up to the step's CPU time, each kind non-negative."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    cmd = [sys.executable, os.path.join(EXPERIMENTS, "profile_step.py")]
+    cmd = [sys.executable, os.path.join(EXPERIMENTS, "perf", "profile_step.py")]
     cmd += ["--config", "configs/digits.py", "--batch_size", "16", "--steps", "2"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -19,7 +19,10 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from diffusion_jax import fid
+from diffusion_jax import evaluation, sampling
+from diffusion_jax.evaluation import fid
+from diffusion_jax.evaluation import inception_weights as weights
+from diffusion_jax.models import inception
 
 # ----------------------------------------------------------------------------- FID and IS math
 
@@ -117,7 +120,7 @@ def _random_variables(abstract, seed=0):
     """Random weights for the abstract Inception tree: He-scaled kernels, BN near identity."""
     rng = np.random.default_rng(seed)
     out = {}
-    for name, leaf in fid.flatten_variables(abstract).items():
+    for name, leaf in weights.flatten_variables(abstract).items():
         shape = leaf.shape
         if name.endswith("kernel"):
             fan_in = int(np.prod(shape[:-1]))
@@ -134,11 +137,11 @@ def _random_variables(abstract, seed=0):
 
 @pytest.fixture(scope="module")
 def abstract():
-    return fid.abstract_variables(fid.InceptionV3())
+    return inception.abstract_variables(inception.InceptionV3())
 
 
 def test_network_structure_at_299(abstract):
-    model = fid.InceptionV3()
+    model = inception.InceptionV3()
     params = abstract["params"]
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) == 23_850_960
     assert params["fc"]["kernel"].shape == (2048, 1008)
@@ -152,7 +155,7 @@ def test_network_structure_at_299(abstract):
 def test_preprocess_resizes_uint8_bilinearly():
     row = np.array([0, 40, 80, 120, 160, 200, 240, 255], np.uint8)
     grey = np.broadcast_to(row, (2, 8, 8))[..., None]  # [2, 8, 8, 1], a horizontal ramp
-    x = np.asarray(fid.preprocess(jnp.asarray(grey)))
+    x = np.asarray(inception.preprocess(jnp.asarray(grey)))
     assert x.shape == (2, 299, 299, 3) and x.dtype == np.float32
     np.testing.assert_array_equal(x[..., 0], x[..., 2])  # grey repeated to RGB
     # Independent bilinear with half-pixel centres: source coordinate (j + 0.5) 8 / 299 - 0.5,
@@ -162,15 +165,15 @@ def test_preprocess_resizes_uint8_bilinearly():
     np.testing.assert_allclose(x[0, 150, :, 1], expected, atol=1e-5)
     assert x.min() >= -1.0 and x.max() <= 1.0
     rgb = np.random.default_rng(0).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
-    assert fid.preprocess(jnp.asarray(rgb)).shape == (1, 299, 299, 3)
+    assert inception.preprocess(jnp.asarray(rgb)).shape == (1, 299, 299, 3)
     with pytest.raises(TypeError, match="uint8"):
-        fid.preprocess(jnp.zeros((1, 8, 8, 1), jnp.float32))
+        inception.preprocess(jnp.zeros((1, 8, 8, 1), jnp.float32))
 
 
 def test_network_runs_with_random_weights(abstract):
     """A real forward pass (at 75 x 75, the smallest size the network takes, to keep it fast)."""
-    model = fid.InceptionV3(resize_to=75)
-    variables = fid.assign_variables(_random_variables(abstract), abstract)
+    model = inception.InceptionV3(resize_to=75)
+    variables = weights.assign_variables(_random_variables(abstract), abstract)
     rng = np.random.default_rng(1)
     grey = rng.integers(0, 256, (2, 8, 8, 1), dtype=np.uint8)
     rgb = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
@@ -187,7 +190,7 @@ def test_network_runs_with_random_weights(abstract):
 
 
 def _sha(path):
-    return fid.sha256_of(path)
+    return weights.sha256_of(path)
 
 
 def _config(path, sha):
@@ -239,14 +242,14 @@ def test_weights_round_trip_npz_and_torch_layout_safetensors(abstract, tmp_path)
     npz = str(tmp_path / "inception.npz")
     np.savez(npz, **arrays)
     model, variables = fid.load_inception(_config(npz, _sha(npz)), str(tmp_path / "cache"))
-    assert isinstance(model, fid.InceptionV3)
-    for name, leaf in fid.flatten_variables(variables).items():
+    assert isinstance(model, inception.InceptionV3)
+    for name, leaf in weights.flatten_variables(variables).items():
         np.testing.assert_array_equal(np.asarray(leaf), arrays[name])
 
     st = str(tmp_path / "inception.safetensors")
     _write_safetensors(st, _to_torch_layout(arrays))
     _, variables = fid.load_inception(_config(st, _sha(st)), str(tmp_path / "cache"))
-    for name, leaf in fid.flatten_variables(variables).items():
+    for name, leaf in weights.flatten_variables(variables).items():
         np.testing.assert_array_equal(np.asarray(leaf), arrays[name])
 
 
@@ -254,32 +257,32 @@ def test_weights_errors_are_clear(abstract, tmp_path):
     arrays = _random_variables(abstract, seed=3)
     missing = dict(arrays)
     del missing["params/Mixed_6b/branch7x7_2/conv/kernel"]
-    with pytest.raises(fid.WeightsError, match=r"1 missing .*Mixed_6b/branch7x7_2/conv/kernel"):
-        fid.assign_variables(missing, abstract)
+    with pytest.raises(weights.WeightsError, match=r"1 missing .*Mixed_6b/branch7x7_2/conv/kernel"):
+        weights.assign_variables(missing, abstract)
     wrong = dict(arrays)
     wrong["params/fc/kernel"] = np.zeros((2048, 1000), np.float32)  # torchvision's 1000 classes
-    with pytest.raises(fid.WeightsError, match=r"wrong shape .*fc/kernel.*\(2048, 1000\)"):
-        fid.assign_variables(wrong, abstract)
+    with pytest.raises(weights.WeightsError, match=r"wrong shape .*fc/kernel.*\(2048, 1000\)"):
+        weights.assign_variables(wrong, abstract)
     extra = dict(arrays, **{"params/AuxLogits/conv/kernel": np.zeros(3, np.float32)})
-    with pytest.raises(fid.WeightsError, match="1 unexpected"):
-        fid.assign_variables(extra, abstract)
+    with pytest.raises(weights.WeightsError, match="1 unexpected"):
+        weights.assign_variables(extra, abstract)
 
     small = str(tmp_path / "small.npz")
     np.savez(small, a=np.arange(3.0))
-    with pytest.raises(fid.WeightsError, match="SHA-256 mismatch"):
-        fid.fetch_weights(small, "0" * 64, str(tmp_path))
-    with pytest.raises(fid.WeightsError, match="No SHA-256 is pinned"):
-        fid.fetch_weights(small, "", str(tmp_path))
-    with pytest.raises(fid.WeightsError, match="does not exist"):
-        fid.fetch_weights(str(tmp_path / "nope.npz"), "0" * 64, str(tmp_path))
-    with pytest.raises(fid.WeightsError, match="No Inception weights configured"):
-        fid.fetch_weights("", "", str(tmp_path))
+    with pytest.raises(weights.WeightsError, match="SHA-256 mismatch"):
+        weights.fetch_weights(small, "0" * 64, str(tmp_path))
+    with pytest.raises(weights.WeightsError, match="No SHA-256 is pinned"):
+        weights.fetch_weights(small, "", str(tmp_path))
+    with pytest.raises(weights.WeightsError, match="does not exist"):
+        weights.fetch_weights(str(tmp_path / "nope.npz"), "0" * 64, str(tmp_path))
+    with pytest.raises(weights.WeightsError, match="No Inception weights configured"):
+        weights.fetch_weights("", "", str(tmp_path))
     # A URL (file://: no network here) is copied into the cache and verified.
     url = "file://" + small
-    cached = fid.fetch_weights(url, _sha(small), str(tmp_path / "cache"))
+    cached = weights.fetch_weights(url, _sha(small), str(tmp_path / "cache"))
     assert cached.startswith(str(tmp_path / "cache")) and _sha(cached) == _sha(small)
-    with pytest.raises(fid.WeightsError, match="SHA-256 mismatch"):
-        fid.fetch_weights(url, "f" * 64, str(tmp_path / "cache2"))
+    with pytest.raises(weights.WeightsError, match="SHA-256 mismatch"):
+        weights.fetch_weights(url, "f" * 64, str(tmp_path / "cache2"))
     assert not os.listdir(tmp_path / "cache2")  # the unverified download is not kept
 
 
@@ -298,30 +301,36 @@ def test_pickles_and_torch_checkpoints_are_refused(tmp_path):
     pkl = str(tmp_path / "weights.pkl")
     with open(pkl, "wb") as f:
         pickle.dump({"w": np.zeros(3), "trap": _Trap(marker)}, f)
-    path = fid.fetch_weights(pkl, _sha(pkl), str(tmp_path))  # the hash is right ...
-    with pytest.raises(fid.WeightsError, match="pickle"):
-        fid.read_arrays(path)  # ... but the format is refused
+    path = weights.fetch_weights(pkl, _sha(pkl), str(tmp_path))  # the hash is right ...
+    with pytest.raises(weights.WeightsError, match="pickle"):
+        weights.read_arrays(path)  # ... but the format is refused
     torch_like = str(tmp_path / "model.pth")  # a PyTorch zip: data.pkl inside
     with zipfile.ZipFile(torch_like, "w") as z:
         z.writestr("archive/data.pkl", pickle.dumps(_Trap(marker)))
         z.writestr("archive/data/0", b"\0" * 16)
-    with pytest.raises(fid.WeightsError, match="PyTorch checkpoint"):
-        fid.read_arrays(torch_like)
+    with pytest.raises(weights.WeightsError, match="PyTorch checkpoint"):
+        weights.read_arrays(torch_like)
     obj = str(tmp_path / "object.npz")  # an .npz holding an object array (a pickle inside)
     np.savez(obj, a=np.array([{"x": 1}], dtype=object))
-    with pytest.raises(fid.WeightsError, match="pickled data"):
-        fid.read_arrays(obj)
+    with pytest.raises(weights.WeightsError, match="pickled data"):
+        weights.read_arrays(obj)
     assert not os.path.exists(marker)
+
+
+def fid_and_is(config, params, mesh, workdir):
+    """The fid and is evaluators over one context (IS reads FID's samples)."""
+    ctx = evaluation.EvalContext(config, None, params, mesh, workdir)
+    return {**fid.fid(ctx), **fid.inception_score_metric(ctx)}
 
 
 def test_fid_is_skipped_without_weights(tmp_path):
     import ml_collections
 
     config = ml_collections.ConfigDict({"eval": {"inception_weights": "", "inception_sha256": ""}})
-    out = fid.evaluate_fid_is(config, None, None, None, str(tmp_path))
+    out = fid_and_is(config, None, None, str(tmp_path))
     assert set(out) == {"fid_skipped"} and "No Inception weights configured" in out["fid_skipped"]
     config.eval.inception_weights = str(tmp_path / "missing.npz")
-    out = fid.evaluate_fid_is(config, None, None, None, str(tmp_path))
+    out = fid_and_is(config, None, None, str(tmp_path))
     assert set(out) == {"fid_skipped"} and "does not exist" in out["fid_skipped"]
 
 
@@ -329,11 +338,10 @@ def test_sample_chunks_are_resumable(tmp_path, monkeypatch):
     """Chunks already on disk are read back; only the missing ones are drawn (by the system's
     make_sample_fn, replaced here by a counting fake)."""
     from configs import digits
-    from diffusion_jax import evaluate
 
     calls = []
 
-    def fake_make_sample_fn(config, model, mesh):
+    def fake_make_sample_fn(config, model, mesh, **kwargs):
         n = config.sampling.num_samples
 
         def sample(params, key):
@@ -343,7 +351,7 @@ def test_sample_chunks_are_resumable(tmp_path, monkeypatch):
 
         return sample
 
-    monkeypatch.setattr(evaluate, "make_sample_fn", fake_make_sample_fn)
+    monkeypatch.setattr(sampling, "make_sample_fn", fake_make_sample_fn)
     config = digits.get_config()
     out = str(tmp_path / "samples")
     first = np.concatenate(list(fid.sample_chunks(config, None, None, None, out, 25, 10)))
@@ -358,21 +366,24 @@ def test_fid_and_is_end_to_end_with_random_weights(abstract, tmp_path, monkeypat
     """The whole path with a random-weight network (at 75 x 75) and a fake sampler: reference
     statistics computed once and cached, samples in chunks, a finite FID and an IS in [1, K]."""
     from configs import digits
-    from diffusion_jax import evaluate, sharding
+    from diffusion_jax import sharding
 
-    variables = fid.assign_variables(_random_variables(abstract, seed=4), abstract)
+    variables = weights.assign_variables(_random_variables(abstract, seed=4), abstract)
     monkeypatch.setattr(
-        fid, "load_inception", lambda config, cache: (fid.InceptionV3(resize_to=75), variables)
+        fid,
+        "load_inception",
+        lambda config, cache: (inception.InceptionV3(resize_to=75), variables),
     )
 
-    def fake_make_sample_fn(config, model, mesh):
+    def fake_make_sample_fn(config, model, mesh, **kwargs):
         def sample(params, key):
             return np.asarray(jax.random.uniform(key, (config.sampling.num_samples, 8, 8, 1)))
 
         return sample
 
-    monkeypatch.setattr(evaluate, "make_sample_fn", fake_make_sample_fn)
+    monkeypatch.setattr(sampling, "make_sample_fn", fake_make_sample_fn)
     config = digits.get_config()
+    config.eval.metrics = ("bpd", "fid", "is")
     config.eval.fid_num_samples = 30
     config.eval.fid_chunk_size = 16
     config.eval.fid_batch_size = 16
@@ -381,7 +392,7 @@ def test_fid_and_is_end_to_end_with_random_weights(abstract, tmp_path, monkeypat
     config.eval.inception_sha256 = "ab" * 32
     mesh = sharding.make_mesh()
     params = {"w": jnp.ones(3)}
-    out = fid.evaluate_fid_is(config, None, params, mesh, str(tmp_path))
+    out = fid_and_is(config, params, mesh, str(tmp_path))
     assert out["fid_num_samples"] == 30 and out["fid_reference"]["num_examples"] == 40
     assert np.isfinite(out["fid"]) and out["fid"] > 0
     assert 1.0 <= out["inception_score"] <= 1008

@@ -11,6 +11,8 @@ from helpers import ROOT, main_command, run_main
 
 from diffusion_jax import checkpoints
 
+pytestmark = pytest.mark.system
+
 STEPS = {
     "training.num_train_steps": 30,
     "training.checkpoint_every": 1,

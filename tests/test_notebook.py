@@ -8,6 +8,8 @@ from helpers import ROOT
 
 nbclient = pytest.importorskip("nbclient")
 
+pytestmark = pytest.mark.system
+
 NOTEBOOK = os.path.join(ROOT, "experiments", "notebooks", "quickstart.ipynb")
 
 TINY = """\

@@ -13,6 +13,12 @@ from helpers import ROOT
 from diffusion_jax import runtime
 
 FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+REAL_JAXLIB_MINOR = runtime._jaxlib_minor
+OLDEST, NEWEST = runtime.TESTED_JAXLIB
+UNTESTED = {  # really outside the tested range: the next minor and major, and an older minor
+    "newer": [(NEWEST[0], NEWEST[1] + 1), (NEWEST[0] + 1, 0)],
+    "older": [(OLDEST[0], OLDEST[1] - 1)],
+}
 
 
 @pytest.fixture
@@ -31,10 +37,31 @@ def test_eigen_appends_the_flag(fresh):
     assert os.environ["XLA_FLAGS"].count("ynn_fusion_type") == 1
 
 
+@pytest.mark.parametrize("version", ["0.10.2", "0.11.0", "0.12.0.1"])
+def test_every_tested_jaxlib_gets_the_flag(fresh, version):
+    fresh.setattr(runtime, "_jaxlib_minor", REAL_JAXLIB_MINOR)
+    fresh.setattr(runtime.importlib.metadata, "version", lambda name: version)
+    assert runtime.configure_cpu_convolutions("eigen") == FLAG
+
+
+@pytest.mark.parametrize("version", UNTESTED["newer"] + UNTESTED["older"])
+def test_an_untested_jaxlib_changes_nothing_and_says_so(fresh, caplog, version):
+    assert version > NEWEST or version < OLDEST
+    before = os.environ["XLA_FLAGS"]
+    fresh.setattr(runtime, "_jaxlib_minor", lambda: version)
+    with caplog.at_level("WARNING"):
+        assert runtime.configure_cpu_convolutions("eigen") is None
+    assert os.environ["XLA_FLAGS"] == before
+    warned = [r.getMessage() for r in caplog.records if "untested" in r.getMessage()]
+    assert len(warned) == 1, caplog.text
+    assert warned[0].startswith(f"jaxlib {version[0]}.{version[1]} is untested"), warned[0]
+    assert f"tested: {OLDEST[0]}.{OLDEST[1]} to {NEWEST[0]}.{NEWEST[1]}" in warned[0]
+
+
 def test_cases_that_change_nothing(fresh):
     before = os.environ["XLA_FLAGS"]
     assert runtime.configure_cpu_convolutions("ynnpack") is None
-    fresh.setattr(runtime, "_jaxlib_minor", lambda: (0, 99))  # a jaxlib not tested
+    fresh.setattr(runtime, "_jaxlib_minor", lambda: UNTESTED["newer"][0])  # a newer jaxlib
     assert runtime.configure_cpu_convolutions("eigen") is None
     fresh.setattr(runtime, "_jaxlib_minor", lambda: (0, 10))
     fresh.setattr(runtime, "_backends_started", lambda: True)  # too late
@@ -100,3 +127,17 @@ def test_eigen_takes_convolutions_from_ynnpack_with_the_same_results(tmp_path):
         a, b = eigen_arrays[name], ynn_arrays[name]
         scale = float(abs(b).max())
         assert float(abs(a - b).max()) <= 1e-5 * scale, name
+
+
+def test_the_library_is_the_processs_unless_an_old_config_sets_it(monkeypatch):
+    import ml_collections
+
+    monkeypatch.delenv(runtime.CPU_CONV_ENV, raising=False)
+    assert runtime.default_library() == "eigen"
+    monkeypatch.setenv(runtime.CPU_CONV_ENV, "ynnpack")
+    assert runtime.default_library() == "ynnpack"
+    new = ml_collections.ConfigDict({"cpu_conv_library": ""})  # today's default: no choice
+    assert runtime.process_library(new, "eigen") == "eigen"
+    old = ml_collections.ConfigDict({"cpu_conv_library": "ynnpack"})  # an earlier config file
+    assert runtime.process_library(old, "eigen") == "ynnpack"
+    assert runtime.process_library(ml_collections.ConfigDict(), "ynnpack") == "ynnpack"

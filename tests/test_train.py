@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from helpers import tiny_config
 
-from diffusion_jax import builders, checkpoints, evaluate, train
+from diffusion_jax import checkpoints, evaluation, train
+from diffusion_jax import config as config_lib
 
 
 def _leaves(tree):
@@ -66,11 +67,11 @@ def test_sample_and_eval_modes_use_the_newest_checkpoint(full_run):
     config = tiny_config(
         **{"sampling.method": "ddim", "sampling.num_steps": 5, "sampling.num_samples": 6}
     )
-    samples = evaluate.sample(config, workdir)
+    samples = evaluation.sample(config, workdir)
     assert samples.shape == (6, 8, 8, 1) and np.all(np.isfinite(samples))
     saved = np.load(os.path.join(workdir, "samples", "samples.npz"))["samples"]
     np.testing.assert_array_equal(saved, samples)
-    metrics = evaluate.evaluate(tiny_config(**{"eval.num_examples": 8}), workdir)
+    metrics = evaluation.evaluate(tiny_config(**{"eval.num_examples": 8}), workdir)
     assert metrics["num_examples"] == 8 and np.isfinite(metrics["bpd"])
 
 
@@ -146,7 +147,7 @@ def test_bad_config_fails_before_anything_is_written(tmp_path, overrides, messag
 def test_image_size_the_model_cannot_take(tmp_path):
     config = tiny_config(**{"model.ch_mult": (1, 2, 2, 2, 2)})  # 8x8 cannot be halved 4 times
     with pytest.raises(ValueError, match="divisible by 16; got 8"):
-        builders.validate_config(config)
+        config_lib.validate(config)
 
 
 def test_workdir_of_a_different_config_is_refused(full_run):
@@ -157,7 +158,7 @@ def test_workdir_of_a_different_config_is_refused(full_run):
     assert sorted(os.listdir(workdir)) == before
     # Run length and reporting may change on resumption.
     assert (
-        builders.config_differences(
+        config_lib.config_differences(
             tiny_config().to_dict(), tiny_config(**{"training.num_train_steps": 9})
         )
         == []

@@ -10,15 +10,18 @@ A new network is one new file defining ``build(config) -> nn.Module`` and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 import flax.linen as nn
+import jax
 import ml_collections
 
 from diffusion_jax.models import layers, mlp, unet
 from diffusion_jax.models.unet import check_image_size
 
-__all__ = ["MODELS", "check_config", "check_image_size", "get_model"]
+__all__ = ["MODELS", "check_config", "check_image_size", "get_model", "model_fn"]
 
 MODELS: dict[str, ModuleType] = {"unet": unet, "mlp": mlp}
 
@@ -47,3 +50,15 @@ def get_model(config: ml_collections.ConfigDict) -> nn.Module:
     layers.compute_dtype(config.model.dtype)
     layers.check_conv_impl(config.model.conv_impl)
     return model_module.build(config)
+
+
+def model_fn(
+    model: nn.Module, params: Any, train: bool = False, dropout_key: jax.Array | None = None
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """``model_fn(x_t, t)`` for the math core, closing over parameters (and a dropout key)."""
+    rngs = {"dropout": dropout_key} if train else {}
+
+    def fn(x: jax.Array, t: jax.Array) -> jax.Array:
+        return model.apply({"params": params}, x, t, train=train, rngs=rngs)
+
+    return fn

@@ -1,5 +1,6 @@
 """The paper's figures: rate-distortion against the exact denoiser of Gaussian data, the progressive
-strip, the L_t plot, and ``evaluate_extras`` end to end on a tiny untrained digits model.
+strip and the plots (``evaluation.rate_distortion``, ``evaluation.progressive``,
+``evaluation.plots``; end to end in test_evaluation.py).
 
 Gaussian data x0 ~ N(MU, SD^2 I) has the exact denoiser (a = abar_t)
 
@@ -18,7 +19,8 @@ import numpy as np
 import pytest
 
 from diffusion_jax import diffusion as dl
-from diffusion_jax import figures, reporting, schedules
+from diffusion_jax import reporting, schedules
+from diffusion_jax.evaluation import plots, progressive, rate_distortion
 
 MU, SD = 0.05, 0.25
 BETAS = schedules.get_beta_schedule("linear", 200)
@@ -44,8 +46,10 @@ def rd_case():
     d = dl.GaussianDiffusion.create(BETAS)
     x0 = MU + SD * jax.random.normal(jax.random.key(0), (48, 6, 6, 1))
     key = jax.random.key(1)
-    out = jax.jit(lambda x, k: figures.rate_distortion_terms(d, exact_eps_fn(d), x, k))(x0, key)
-    return d, x0, key, jax.device_get(out)
+    out = jax.jit(lambda x, k: dl.bound_terms(d, exact_eps_fn(d), x, k))(x0, key)
+    out = dict(jax.device_get(out), prior_bpd=np.asarray(dl.prior_bpd(d, x0)))
+    out["sq_err"] = out.pop("x0_sq_err")
+    return d, x0, key, out
 
 
 def test_rate_distortion_with_the_exact_denoiser(rd_case):
@@ -57,7 +61,7 @@ def test_rate_distortion_with_the_exact_denoiser(rd_case):
     np.testing.assert_allclose(out["prior_bpd"], ref["prior_bpd"], rtol=1e-6)
 
     rmse = np.sqrt(out["sq_err"]).mean(0)  # [T]
-    rd = figures.rate_distortion_curve(
+    rd = rate_distortion.rate_distortion_curve(
         out["terms_bpd"].mean(0), out["prior_bpd"].mean(), rmse, out["sq_err"].mean(0)
     )
     rate = np.asarray(rd["rate_bpd"])
@@ -72,7 +76,9 @@ def test_rate_distortion_with_the_exact_denoiser(rd_case):
 
 
 def test_rate_curve_formula():
-    rd = figures.rate_distortion_curve(np.array([0.5, 0.25, 0.125]), 0.01, np.array([1, 2, 3]))
+    rd = rate_distortion.rate_distortion_curve(
+        np.array([0.5, 0.25, 0.125]), 0.01, np.array([1, 2, 3])
+    )
     # rate[t] = L_T + sum_{s > t} L_s
     np.testing.assert_allclose(rd["rate_bpd"], [0.01 + 0.375, 0.01 + 0.125, 0.01])
     assert rd["lossless_bpd"] == pytest.approx(0.885)
@@ -80,14 +86,14 @@ def test_rate_curve_formula():
 
 def test_figure_files_are_written(rd_case, tmp_path):
     _, _, _, out = rd_case
-    rd = figures.rate_distortion_curve(
+    rd = rate_distortion.rate_distortion_curve(
         out["terms_bpd"].mean(0), out["prior_bpd"].mean(), np.sqrt(out["sq_err"]).mean(0)
     )
     rd["num_examples"] = 48
     paths = [str(tmp_path / "rd.png"), str(tmp_path / "lt.png"), str(tmp_path / "lt1.png")]
-    figures.plot_rate_distortion(rd, paths[0])
-    figures.plot_lt_curve(out["terms_bpd"].mean(0), paths[1], mse_per_t=np.ones(200))
-    figures.plot_lt_curve(out["terms_bpd"].mean(0), paths[2])
+    plots.plot_rate_distortion(rd, paths[0])
+    plots.plot_lt_curve(out["terms_bpd"].mean(0), paths[1], mse_per_t=np.ones(200))
+    plots.plot_lt_curve(out["terms_bpd"].mean(0), paths[2])
     reporting.write_json(str(tmp_path / "rd.json"), rd)
     for p in paths:
         with open(p, "rb") as f:
@@ -100,7 +106,7 @@ def test_figure_files_are_written(rd_case, tmp_path):
 @pytest.mark.parametrize("num_steps, expected_t", [(None, [16, 12, 8, 4, 0]), (10, None)])
 def test_progressive_strip(num_steps, expected_t):
     d = dl.GaussianDiffusion.create(schedules.get_beta_schedule("linear", 20))
-    x0, frames, steps = figures.progressive_samples(
+    x0, frames, steps = progressive.progressive_samples(
         d, exact_eps_fn(d), (3, 8, 8, 1), jax.random.key(2), num_frames=5, num_steps=num_steps
     )
     assert x0.shape == (3, 8, 8, 1) and frames.shape == (5, 3, 8, 8, 1)
@@ -108,61 +114,5 @@ def test_progressive_strip(num_steps, expected_t):
         expected_t = dl.space_timesteps(20, 10)[[8, 6, 4, 2, 0]].tolist()
     assert steps.tolist() == expected_t
     np.testing.assert_allclose(frames[-1], np.clip(x0, -1, 1), atol=1e-6)  # t = 0: the sample
-    strip = figures.progressive_strip(frames, num_bins=17)
+    strip = progressive.progressive_strip(frames, num_bins=17)
     assert strip.shape == (3 * 9 + 1, 5 * 9 + 1, 1) and strip.dtype == np.uint8
-
-
-def test_evaluate_extras_on_a_tiny_model(tmp_path):
-    """The integration path: other split's bpd, L_t plot, rate-distortion, progressive strip,
-    FID requested without weights -> skipped with a reason, no number. Untrained U-Net, T = 20,
-    2 CPU devices."""
-    from diffusion_jax import eval_extras, evaluate, models, sharding
-    from tests.helpers import tiny_config
-
-    config = tiny_config()
-    config.eval.metrics = ("bpd", "fid", "is")
-    config.eval.figures = ("lt_curve", "rate_distortion", "progressive")
-    config.eval.bpd_splits = ("train",)
-    config.eval.rd_num_examples = 8
-    config.eval.progressive_num_samples = 2
-    config.eval.progressive_num_frames = 4
-    model = models.get_model(config)
-    x = jnp.zeros((1, 8, 8, 1))
-    params = model.init(jax.random.key(0), x, jnp.zeros((1,), jnp.int32), train=False)["params"]
-    mesh = sharding.make_mesh()
-    params = jax.device_put(params, sharding.replicated(mesh))
-    metrics = evaluate.evaluate_bpd(config, model, params, mesh, "test")
-    out = eval_extras.evaluate_extras(config, model, params, mesh, str(tmp_path), metrics)
-
-    train = out["bpd_by_split"]["train"]
-    assert train["split"] == "train" and train["num_examples"] == 16
-    assert out["bpd_by_split"]["test"]["bpd"] == metrics["bpd"]
-    rd = json.load(open(out["rate_distortion"]["path"]))
-    assert rd["num_examples"] == 8 and len(rd["rate_bpd"]) == 20
-    assert np.all(np.diff(rd["rate_bpd"]) <= 1e-7)
-    assert out["progressive"]["t_of_columns"] == [15, 10, 5, 0]
-    assert out["progressive"]["shape"] == (2 * 9 + 1, 4 * 9 + 1, 1)
-    for name in ("lt_curve", "rate_distortion", "progressive"):
-        assert os.path.getsize(out["figures"][name]) < 200_000
-    assert "fid" not in out and "inception_score" not in out
-    assert "No Inception weights configured" in out["fid_skipped"]
-
-
-def test_extras_config_is_checked():
-    from diffusion_jax import eval_extras
-    from tests.helpers import tiny_config
-
-    eval_extras.check_config(tiny_config())  # the defaults of a config without the new keys
-    config = tiny_config()
-    config.eval.figures = ("rate_distortion", "fig7")
-    with pytest.raises(ValueError, match="fig7"):
-        eval_extras.check_config(config)
-    config = tiny_config()
-    config.eval.metrics = ("bpd", "fid")
-    config.eval.inception_sha256 = "abc"
-    with pytest.raises(ValueError, match="64 hex digits"):
-        eval_extras.check_config(config)
-    config.eval.inception_sha256 = ""
-    config.eval.fid_batch_size = 3  # 2 devices
-    with pytest.raises(ValueError, match="eval.fid_batch_size=3"):
-        eval_extras.check_config(config)

@@ -4,19 +4,15 @@ The model is the exact eps-predictor for Gaussian data x0 ~ N(mu, s^2 I),
 E[eps | x_t] = sqrt(1 - abar_t) (x_t - sqrt(abar_t) mu) / (abar_t s^2 + 1 - abar_t), so the
 timings measure the library's own cost (no network). Prints one JSON line.
 
-    python experiments/bench_math.py --num_timesteps 1000 --batch 64 --dims 3072
+    python experiments/perf/bench_math.py --num_timesteps 1000 --batch 64 --dims 3072
 """
 
 import argparse
 import json
-import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from diffusion_jax import diffusion, schedules  # noqa: E402
 

@@ -1,9 +1,9 @@
 """Throughput of formulations of the U-Net's convolutions on this machine, forward and
 forward+backward, one JSON line per (formulation, shape).
 
-    python experiments/conv_bench.py                       # all formulations, the U-Net shapes
-    python experiments/conv_bench.py --batch 16 --forms xla,fast --rounds 5
-    python experiments/conv_bench.py --peer_python ~/peer-venv/bin/python   # + PyTorch rows
+    python experiments/perf/conv_bench.py                       # all formulations, the U-Net shapes
+    python experiments/perf/conv_bench.py --batch 16 --forms xla,fast --rounds 5
+    python experiments/perf/conv_bench.py --peer_python ~/peer-venv/bin/python   # + PyTorch rows
 
 Formulations (all exact to float32 rounding; `check` in each line is the largest relative error of
 the output and both gradients against ``lax.conv_general_dilated`` with autodiff):
@@ -40,14 +40,12 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from diffusion_jax.models import fast_conv  # noqa: E402
 
 DN = fast_conv.DIMENSION_NUMBERS

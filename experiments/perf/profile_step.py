@@ -1,7 +1,7 @@
 """Where the time of one train step goes: a jax.profiler trace of the compiled step, its XLA:CPU
 operations summed by kind. Prints a table and one JSON line.
 
-    python experiments/profile_step.py --config configs/cifar10_ddpm.py --batch_size 16
+    python experiments/perf/profile_step.py --config configs/cifar10_ddpm.py --batch_size 16
 
 Kinds are read from the compiled HLO: convolutions (forward, input gradient, kernel gradient, by
 their dimension labels), dots, transposes/copies, YNNPACK fusions of other ops, and the remaining
@@ -18,13 +18,9 @@ import argparse
 import collections
 import glob
 import json
-import os
 import re
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _kind(line: str, body: str) -> str:

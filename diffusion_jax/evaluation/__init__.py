@@ -1,0 +1,207 @@
+"""Evaluation of a trained run: the evaluators of ``eval.metrics`` and ``eval.figures`` by name.
+
+``evaluate(config, workdir)`` runs, in the order of EVALUATORS, every evaluator the config asks
+for, over one ``EvalContext`` (the run's config, model, EMA parameters, mesh and workdir, and the
+results so far: an evaluator may read what an earlier one computed, e.g. the L_t curve the
+bound's terms, IS the FID samples). ``WORKDIR/eval/metrics.json`` is rewritten after each one, so
+every number is on disk as soon as it is known. An evaluator that fails is named in one line with
+the reason (a traceback only for an unexpected error); the others still run, and ``evaluate``
+then raises ``EvaluationError``: the command exits non-zero with every number computed kept.
+
+A new evaluator is one entry in EVALUATORS (its kind, the function ``run(ctx) -> dict`` whose
+keys are merged into metrics.json, and when it does not apply) plus its module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from diffusion_jax import checkpoints, models, objectives, reporting, sampling, sharding
+from diffusion_jax import config as config_lib
+from diffusion_jax.evaluation import bpd as bpd_lib
+from diffusion_jax.evaluation import fid as fid_lib
+from diffusion_jax.evaluation import progressive as progressive_lib
+from diffusion_jax.evaluation import rate_distortion as rd_lib
+from diffusion_jax.evaluation.bpd import evaluate_bpd
+from diffusion_jax.evaluation.context import EvalContext
+
+__all__ = [
+    "EVALUATORS",
+    "EvalContext",
+    "EvaluationError",
+    "check_config",
+    "evaluate",
+    "evaluate_bpd",
+    "load_ema_params",
+    "run_evaluators",
+    "sample",
+]
+
+
+class EvaluationError(RuntimeError):
+    """One or more evaluators failed; the numbers of the others are in metrics.json."""
+
+
+def _needs_bound(ctx: EvalContext) -> str | None:
+    if not objectives.get_objective(ctx.config).has_bound or not ctx.config.data.image_size:
+        return "needs a model with a likelihood bound (DDPM) on discrete image data"
+    return None
+
+
+def _needs_images(ctx: EvalContext) -> str | None:
+    return None if ctx.config.data.image_size else "needs image data"
+
+
+def _needs_bpd(ctx: EvalContext) -> str | None:
+    return None if "terms_bpd_per_t" in ctx.metrics else "needs the bpd metric"
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+    kind: str  # "metric" (named in eval.metrics) | "figure" (eval.figures) | "splits"
+    run: Callable[[EvalContext], dict[str, Any]]
+    skip: Callable[[EvalContext], str | None] = lambda ctx: None  # why it does not apply
+
+
+EVALUATORS: dict[str, Evaluator] = {
+    "bpd": Evaluator("metric", bpd_lib.bpd, _needs_bound),
+    "bpd_splits": Evaluator("splits", bpd_lib.bpd_splits, _needs_bound),
+    "lt_curve": Evaluator("figure", bpd_lib.lt_curve, _needs_bpd),
+    "rate_distortion": Evaluator("figure", rd_lib.rate_distortion, _needs_bound),
+    "progressive": Evaluator("figure", progressive_lib.progressive, _needs_bound),
+    "fid": Evaluator("metric", fid_lib.fid, _needs_images),
+    "is": Evaluator("metric", fid_lib.inception_score_metric, _needs_images),
+}
+
+
+def _names(kind: str) -> tuple[str, ...]:
+    return tuple(n for n, e in EVALUATORS.items() if e.kind == kind)
+
+
+def wanted(config: ml_collections.ConfigDict) -> list[str]:
+    """The evaluators ``config.eval`` asks for, in the order they run."""
+    e = config.eval
+    asked = {"metric": set(e.metrics), "figure": set(e.figures), "splits": set()}
+    if e.bpd_splits:
+        asked["splits"].add("bpd_splits")
+    return [n for n, ev in EVALUATORS.items() if n in asked[ev.kind]]
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raise ValueError for a bad key of ``config.eval``; compiles and reads nothing."""
+    e = config.eval
+    for key, kind in (("metrics", "metric"), ("figures", "figure")):
+        bad = [n for n in e[key] if n not in _names(kind)]
+        if isinstance(e[key], str) or bad:
+            raise ValueError(f"config.eval.{key} has {bad or e[key]!r}; allowed: {_names(kind)}.")
+    if isinstance(e.bpd_splits, str) or not all(isinstance(s, str) for s in e.bpd_splits):
+        raise ValueError(
+            f"config.eval.bpd_splits must be a tuple of split names, got {e.bpd_splits!r}."
+        )
+    if "fid" in e.metrics or "is" in e.metrics:
+        sharding.check_batch_size(e.fid_batch_size, "eval.fid_batch_size")
+        sha = e.inception_sha256
+        if sha and not re.fullmatch(r"[0-9a-fA-F]{64}", sha.strip()):
+            raise ValueError(f"config.eval.inception_sha256={sha!r} is not 64 hex digits.")
+        for key in ("fid_chunk_size", "fid_num_samples"):
+            if e[key] <= 0:
+                raise ValueError(f"config.eval.{key} must be positive, got {e[key]}.")
+        if e.fid_num_samples < e.is_num_splits:
+            raise ValueError(
+                f"config.eval.fid_num_samples={e.fid_num_samples} must be >= "
+                f"eval.is_num_splits={e.is_num_splits}."
+            )
+
+
+def prepare(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config with its defaults filled in, checked whole (``config.validate`` and the
+    evaluators' keys): what every mode starts from."""
+    config = config_lib.with_defaults(config)
+    config_lib.validate(config)
+    check_config(config)
+    return config
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or "(no message)"
+    return f"{type(e).__name__}: {text}"
+
+
+def run_evaluators(ctx: EvalContext) -> dict[str, Any]:
+    """Run the wanted evaluators over ``ctx`` (a checked config), rewriting metrics.json after
+    each; raise EvaluationError at the end if any failed."""
+    path = os.path.join(ctx.eval_dir, "metrics.json")
+    failed: dict[str, str] = {}
+    for name in wanted(ctx.config):
+        evaluator = EVALUATORS[name]
+        reason = evaluator.skip(ctx)
+        if reason:
+            logging.warning("eval %s: skipped, it %s.", name, reason)
+            continue
+        try:
+            out = evaluator.run(ctx)
+        except (ImportError, OSError, ValueError) as e:  # expected: one line, no traceback
+            failed[name] = _one_line(e)
+            logging.error("eval %s failed: %s", name, failed[name])
+            continue
+        except Exception as e:  # a bug: its traceback goes to the log
+            failed[name] = _one_line(e)
+            logging.exception("eval %s failed: %s", name, failed[name])
+            continue
+        ctx.metrics.update(out)
+        reporting.write_json(path, _with_failures(ctx.metrics, failed))
+    reporting.write_json(path, _with_failures(ctx.metrics, failed))
+    logging.info("Wrote %s.", path)
+    if failed:
+        raise EvaluationError(
+            f"{len(failed)} evaluation step(s) failed: "
+            + "; ".join(f"{n} ({r})" for n, r in failed.items())
+            + f". Every number computed is in {path}."
+        )
+    return ctx.metrics
+
+
+def _with_failures(metrics: dict[str, Any], failed: dict[str, str]) -> dict[str, Any]:
+    return {**metrics, "failed": dict(failed)} if failed else dict(metrics)
+
+
+def load_ema_params(workdir: str, mesh: jax.sharding.Mesh) -> Any:
+    """The newest checkpoint's EMA parameters, replicated over the mesh."""
+    params = checkpoints.load_params(workdir, ema=True)
+    return jax.device_put(params, sharding.replicated(mesh))
+
+
+def evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    params: Any = None,
+    model=None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> dict[str, Any]:
+    """``--mode eval``: the metrics and figures of ``config.eval`` for the run in ``workdir``
+    (its newest checkpoint's EMA parameters unless ``params`` are given) -> eval/metrics.json."""
+    config = prepare(config)
+    model = model or models.get_model(config)
+    mesh = mesh or sharding.make_mesh()
+    if params is None:
+        params = load_ema_params(workdir, mesh)
+    return run_evaluators(EvalContext(config, model, params, mesh, workdir))
+
+
+def sample(config: ml_collections.ConfigDict, workdir: str) -> np.ndarray:
+    """``--mode sample``: samples of the newest checkpoint's EMA parameters -> samples/."""
+    config = prepare(config)
+    model = models.get_model(config)
+    mesh = sharding.make_mesh()
+    params = load_ema_params(workdir, mesh)
+    sampler = sampling.make_sample_fn(config, model, mesh)
+    return sampling.sample_and_save(config, sampler, params, workdir)

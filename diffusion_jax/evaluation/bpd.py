@@ -1,0 +1,97 @@
+"""Bits/dim: the full variational bound L_0 + Σ_t L_t + L_T of a split (Ho et al. 2020, eq. 5),
+with its standard error over examples, the split of the terms and the per-t curves."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging
+
+from diffusion_jax.evaluation import plots
+from diffusion_jax.evaluation.context import EvalContext
+
+
+def bpd_of_split(ctx: EvalContext, split: str, num_examples: int) -> dict[str, Any]:
+    """Bits/dim of the first ``num_examples`` of ``split`` (0: all) from ``ctx.bound_sums``."""
+    total = ctx.bound_sums(split, num_examples)
+    n = float(total["count"])
+    bpd = float(total["bpd"]) / n
+    var = max(float(total["bpd_sq"]) / n - bpd**2, 0.0)
+    out = {
+        "bpd": bpd,
+        "bpd_stderr": (var / max(n - 1, 1)) ** 0.5,
+        "bpd_terms": {
+            "decoder_L0": float(total["decoder_bpd"]) / n,
+            "sum_Lt": float(total["kl_bpd"]) / n,
+            "prior_LT": float(total["prior_bpd"]) / n,
+        },
+        "num_examples": int(n),
+        "split": split,
+        "terms_bpd_per_t": (total["terms_bpd"] / n).tolist(),
+        "mse_per_t": (total["mse"] / n).tolist(),
+    }
+    t = out["bpd_terms"]
+    logging.info(
+        "bits/dim %.4f ± %.4f on %d %s examples (L_0 %.3g, sum L_t %.4f, L_T %.3g)",
+        bpd,
+        out["bpd_stderr"],
+        n,
+        split,
+        t["decoder_L0"],
+        t["sum_Lt"],
+        t["prior_LT"],
+    )
+    return out
+
+
+def bpd(ctx: EvalContext) -> dict[str, Any]:
+    """``bpd`` of ``eval.split`` (its first ``eval.num_examples``), and the keys beside it."""
+    return bpd_of_split(ctx, ctx.config.eval.split, ctx.config.eval.num_examples)
+
+
+def bpd_splits(ctx: EvalContext) -> dict[str, Any]:
+    """``bpd_by_split``: bits/dim of each split of ``eval.bpd_splits`` (and of ``eval.split``
+    when its ``bpd`` is known), on ``eval.bpd_splits_num_examples`` examples (-1: as
+    ``eval.num_examples``)."""
+    e = ctx.config.eval
+    n = e.num_examples if e.bpd_splits_num_examples < 0 else e.bpd_splits_num_examples
+    keys = ("bpd", "bpd_stderr", "bpd_terms", "num_examples", "split")
+    out = {}
+    for split in e.bpd_splits:
+        if split != ctx.metrics.get("split"):
+            out[split] = {k: v for k, v in bpd_of_split(ctx, split, n).items() if k in keys}
+    if "bpd" in ctx.metrics:  # the main split too, so the table is in one place
+        out[ctx.metrics["split"]] = {k: ctx.metrics[k] for k in keys if k in ctx.metrics}
+    return {"bpd_by_split": out}
+
+
+def evaluate_bpd(
+    config: ml_collections.ConfigDict,
+    model,
+    params: Any,
+    mesh: jax.sharding.Mesh,
+    split: str,
+    num_examples: int | None = None,
+) -> dict[str, Any]:
+    """Bits/dim of ``split`` (its first ``num_examples``, default ``eval.num_examples``; 0: all)
+    for a model and parameters in hand, e.g. in a notebook; writes nothing."""
+    ctx = EvalContext(config, model, params, mesh, workdir="")
+    n = config.eval.num_examples if num_examples is None else num_examples
+    return bpd_of_split(ctx, split, n)
+
+
+def lt_curve(ctx: EvalContext) -> dict[str, Any]:
+    """The figure of L_t and the ε-MSE against t, from the ``bpd`` evaluator's terms."""
+    m = ctx.metrics
+    path = ctx.figure_path("lt_curve")
+    if jax.process_index() == 0:
+        plots.plot_lt_curve(
+            m["terms_bpd_per_t"],
+            path,
+            m.get("mse_per_t"),
+            title=f"L_t on {m['num_examples']} {m['split']} examples, "
+            f"sum {m['bpd_terms']['sum_Lt']:.4f} bits/dim",
+        )
+    return {"figures": {**m.get("figures", {}), "lt_curve": path}}

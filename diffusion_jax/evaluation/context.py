@@ -1,0 +1,107 @@
+"""What every evaluator reads: the run (config, model, EMA parameters, mesh, workdir), the
+metrics of the evaluators before it, and the one masked-sum pass of the bound over a split."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from diffusion_jax import diffusion as diffusion_lib
+from diffusion_jax import input_pipeline, models, objectives, reporting, sampling, sharding
+
+
+@dataclasses.dataclass
+class EvalContext:
+    config: ml_collections.ConfigDict
+    model: nn.Module
+    params: Any  # the EMA parameters, replicated over ``mesh``
+    mesh: jax.sharding.Mesh
+    workdir: str
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)  # results so far
+    cache: dict[Any, Any] = dataclasses.field(default_factory=dict)  # shared, never written
+
+    @property
+    def eval_dir(self) -> str:
+        return os.path.join(self.workdir, "eval")
+
+    def figure_path(self, name: str) -> str:
+        return os.path.join(self.eval_dir, "figures", f"{name}.png")
+
+    @functools.cached_property
+    def diffusion(self) -> diffusion_lib.GaussianDiffusion:
+        return objectives.make_diffusion(self.config)
+
+    def bound_sums(self, split: str, num_examples: int) -> dict[str, np.ndarray]:
+        """Σ over the first ``num_examples`` of ``split`` (0: all) of every term of the bound,
+        per example and per t, and the distortion of x0_hat (``diffusion.bound_terms``).
+
+        Batches of ``eval.batch_size`` (padded and masked), batch i with key
+        fold_in(run eval key, i); each batch's T terms run ``sampling.steps_per_call(T)`` at a
+        time under a progress bar. Cached per (split, num_examples) for later evaluators.
+        """
+        cache_key = ("bound", split, num_examples)
+        if cache_key in self.cache:
+            return self.cache[cache_key]
+        config, d, mesh = self.config, self.diffusion, self.mesh
+        num_t, num_bins = d.num_timesteps, config.data.num_bins
+        per_call = sampling.steps_per_call(num_t)
+        repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
+
+        def terms(params, batch, key, t_start):
+            x0 = input_pipeline.to_model_space(batch, num_bins)  # [B, ...]
+            net = models.model_fn(self.model, params)
+            return diffusion_lib.bound_terms(
+                d, net, x0, key, t_start, per_call, num_bins=num_bins
+            )  # each [B, per_call]
+
+        def reduce(parts, batch, mask):
+            out = {k: jnp.concatenate([p[k] for p in parts], axis=1)[:, :num_t] for k in parts[0]}
+            prior = diffusion_lib.prior_bpd(d, input_pipeline.to_model_space(batch, num_bins))
+            tb = out["terms_bpd"]  # [B, T]
+            total = tb.sum(axis=1) + prior  # [B]
+            m = mask[:, None]  # [B, 1]
+            return dict(
+                bpd=jnp.sum(total * mask),
+                bpd_sq=jnp.sum(total**2 * mask),
+                decoder_bpd=jnp.sum(tb[:, 0] * mask),  # L_0
+                kl_bpd=jnp.sum(tb[:, 1:].sum(axis=1) * mask),  # sum over t >= 1 of L_t
+                prior_bpd=jnp.sum(prior * mask),  # L_T
+                terms_bpd=jnp.sum(tb * m, axis=0),  # [T]
+                mse=jnp.sum(out["mse"] * m, axis=0),  # [T]
+                x0_sq_err=jnp.sum(out["x0_sq_err"] * m, axis=0),  # [T]
+                x0_rmse=jnp.sum(jnp.sqrt(out["x0_sq_err"]) * m, axis=0),  # [T]
+                count=jnp.sum(mask),
+            )
+
+        terms_fn = jax.jit(terms, in_shardings=(repl, data, repl, repl), out_shardings=data)
+        reduce_fn = jax.jit(reduce, out_shardings=repl)
+        source = input_pipeline.load_split(config, split)
+        n = source.num_examples if num_examples <= 0 else min(num_examples, source.num_examples)
+        batches = input_pipeline.eval_batches(
+            source, config.eval.batch_size, n, jax.process_index(), jax.process_count()
+        )
+        key = objectives.run_keys(config.seed)["eval"]
+        num_batches = -(-n // config.eval.batch_size)
+        total = None
+        with reporting.progress_bar(num_batches * num_t, f"bound ({split})", unit="t") as bar:
+            for i, (batch, mask) in enumerate(batches):
+                batch = sharding.global_batch(mesh, batch)
+                mask = sharding.global_batch(mesh, mask)
+                batch_key = jax.random.fold_in(key, i)
+                parts = []
+                for t_start in range(0, num_t, per_call):
+                    parts.append(terms_fn(self.params, batch, batch_key, t_start))
+                    jax.block_until_ready(parts[-1])  # the bar counts finished work
+                    bar.update(min(per_call, num_t - t_start))
+                sums = reduce_fn(parts, batch, mask)
+                total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+        self.cache[cache_key] = jax.tree.map(np.asarray, jax.device_get(total))
+        return self.cache[cache_key]

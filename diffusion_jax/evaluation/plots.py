@@ -1,0 +1,77 @@
+"""The evaluation's figures as PNG files (matplotlib, Agg): the only module that plots."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+
+def _pyplot():
+    # Imported where a figure is drawn, so that a broken matplotlib fails that figure's step
+    # (with one line naming it) and never the numbers computed before it.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str) -> None:
+    """Lay out, write (creating the folder) and close a matplotlib figure."""
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path)
+    _pyplot().close(fig)
+
+
+def plot_lt_curve(
+    terms_bpd_per_t: list[float] | np.ndarray,
+    path: str,
+    mse_per_t: list[float] | np.ndarray | None = None,
+    title: str = "",
+) -> None:
+    """PNG of L_t (bits/dim, log scale) against t; with ``mse_per_t`` a second panel of
+    E||eps_hat - eps||^2 / D against t."""
+    plt = _pyplot()
+    terms = np.asarray(terms_bpd_per_t, np.float64)  # [T]
+    t = np.arange(len(terms))
+    panels = 1 if mse_per_t is None else 2
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.2), dpi=100, squeeze=False)
+    ax = axes[0, 0]
+    ax.semilogy(t, np.maximum(terms, 1e-12), lw=1)
+    ax.set_xlabel("t (0 = the decoder term L_0)")
+    ax.set_ylabel("L_t (bits/dim)")
+    ax.set_title(title or f"L_t, sum {terms.sum():.4f} bits/dim", fontsize=9)
+    ax.grid(alpha=0.3)
+    if mse_per_t is not None:
+        ax = axes[0, 1]
+        ax.semilogy(t, np.asarray(mse_per_t), lw=1, color="C1")
+        ax.set_xlabel("t")
+        ax.set_ylabel("eps MSE per dim")
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_rate_distortion(rd: dict[str, Any], path: str) -> None:
+    """Two panels: rate (bits/dim) against t, and distortion (RMSE, [0, 255]) against rate."""
+    plt = _pyplot()
+    t = np.asarray(rd["t"])
+    rate = np.asarray(rd["rate_bpd"])
+    dist = np.asarray(rd["distortion_rmse"])
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8.4, 3.3), dpi=100)
+    a.plot(t, rate, lw=1.2)
+    a.invert_xaxis()  # the reverse process runs from t = T-1 to 0
+    a.set_xlabel("t (reverse process: T-1 → 0)")
+    a.set_ylabel("rate (bits/dim)")
+    a.set_title(f"cumulative rate; lossless {rd['lossless_bpd']:.3f} bits/dim", fontsize=9)
+    a.grid(alpha=0.3)
+    b.plot(rate, dist, lw=1.2, color="C3")
+    b.plot([rd["lossless_bpd"]], [0.0], "o", color="C3", ms=3)
+    b.set_xlabel("rate (bits/dim)")
+    b.set_ylabel("distortion (RMSE, [0, 255])")
+    b.set_title(f"rate-distortion, {rd.get('num_examples', '?')} examples", fontsize=9)
+    b.grid(alpha=0.3)
+    _save(fig, path)

@@ -1,0 +1,117 @@
+"""Training objectives by name, and the maths objects a config asks for.
+
+``OBJECTIVES[config.training.objective]`` gives the per-example loss of the objective, the
+sampler its models draw with by default, and whether it has a likelihood bound (bits/dim).
+A new objective is one new entry here plus its loss builder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+
+from diffusion_jax import diffusion as diffusion_lib
+from diffusion_jax import models, schedules
+from diffusion_jax import score as score_lib
+
+# loss_fn(params, x0, key) -> {"loss": [B], ...}: per-example losses of a training batch.
+LossFn = Callable[[Any, jax.Array, jax.Array], dict[str, jax.Array]]
+
+
+def make_diffusion(config: ml_collections.ConfigDict) -> diffusion_lib.GaussianDiffusion:
+    """The Gaussian diffusion of ``config.diffusion`` (schedule, mean and variance types)."""
+    c = config.diffusion
+    kw = {}
+    if c.beta_schedule in ("linear", "quadratic"):
+        kw = dict(beta_start=c.beta_start, beta_end=c.beta_end)
+    elif c.beta_schedule == "const":
+        kw = dict(beta=c.beta_end)
+    betas = schedules.get_beta_schedule(c.beta_schedule, c.num_timesteps, **kw)
+    return diffusion_lib.GaussianDiffusion.create(betas, mean_type=c.mean_type, var_type=c.var_type)
+
+
+def make_sigmas(config: ml_collections.ConfigDict) -> jax.Array:
+    """The NCSN noise levels σ_1 > … > σ_L of ``config.ncsn``."""
+    c = config.ncsn
+    return score_lib.ncsn_sigmas(c.sigma_max, c.sigma_min, c.num_levels)
+
+
+def run_keys(seed: int) -> dict[str, jax.Array]:
+    """The run's root keys, one per purpose, all derived from ``seed``."""
+    names = ("init", "train", "sample", "eval")
+    return dict(zip(names, jax.random.split(jax.random.key(seed), len(names)), strict=True))
+
+
+def _ddpm_loss(config: ml_collections.ConfigDict, model) -> LossFn:
+    d = make_diffusion(config)
+
+    def loss_fn(params, x0, key):
+        dropout_key, loss_key = jax.random.split(key)
+        net = models.model_fn(model, params, train=True, dropout_key=dropout_key)
+        return diffusion_lib.training_losses(
+            d,
+            net,
+            x0,
+            loss_key,
+            loss_type=config.diffusion.loss_type,
+            num_bins=config.data.num_bins,
+        )
+
+    return loss_fn
+
+
+def _ncsn_loss(config: ml_collections.ConfigDict, model) -> LossFn:
+    sigmas = make_sigmas(config)
+
+    def loss_fn(params, x0, key):
+        dropout_key, loss_key = jax.random.split(key)
+        net = models.model_fn(model, params, train=True, dropout_key=dropout_key)
+        score_fn = score_lib.ncsn_score_fn(net, sigmas)
+        return {"loss": score_lib.ncsn_loss(score_fn, x0, sigmas, loss_key)}
+
+    return loss_fn
+
+
+def _check_ddpm(config: ml_collections.ConfigDict) -> None:
+    make_diffusion(config)  # schedule arguments (T >= 1, betas in (0, 1)), mean and variance types
+    loss_type = config.diffusion.loss_type
+    if loss_type not in diffusion_lib.LOSS_TYPES:
+        raise ValueError(
+            f"config.diffusion.loss_type={loss_type!r} is not one of {diffusion_lib.LOSS_TYPES}."
+        )
+
+
+def _check_ncsn(config: ml_collections.ConfigDict) -> None:
+    make_sigmas(config)  # 0 < sigma_min < sigma_max, num_levels >= 2
+    if config.ncsn.n_steps_each < 1 or config.ncsn.step_lr <= 0:
+        raise ValueError(
+            f"config.ncsn.n_steps_each={config.ncsn.n_steps_each} must be >= 1 and "
+            f"config.ncsn.step_lr={config.ncsn.step_lr} must be > 0."
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a training objective brings to a run."""
+
+    make_loss_fn: Callable[[ml_collections.ConfigDict, Any], LossFn]
+    default_sampler: str  # the sampling.method its models draw with unless told otherwise
+    has_bound: bool  # a likelihood bound in bits/dim exists (the bpd evaluators)
+    check_config: Callable[[ml_collections.ConfigDict], None]  # raises ValueError
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "ddpm": Objective(_ddpm_loss, "ancestral", True, _check_ddpm),
+    "ncsn": Objective(_ncsn_loss, "langevin", False, _check_ncsn),
+}
+
+
+def get_objective(config: ml_collections.ConfigDict) -> Objective:
+    name = config.training.objective
+    if name not in OBJECTIVES:
+        raise ValueError(f"config.training.objective={name!r} is not one of {tuple(OBJECTIVES)}.")
+    return OBJECTIVES[name]

@@ -1,0 +1,197 @@
+"""Samplers by name, run over the device mesh in compiled segments with a progress bar.
+
+``SAMPLERS[config.sampling.method]`` builds a ``Chain`` for a config: how to draw the initial
+state and how to run a segment of its steps. ``make_sample_fn`` runs chains of
+``sampling.batch_size`` samples, ``STEPS_PER_CALL`` steps per compiled call (one compilation:
+the segment's first step is an argument), so the progress bar moves while a long chain runs and
+the result equals the one-scan loops of the math core (``diffusion.p_sample_loop`` etc.).
+
+A new sampler is one new entry in SAMPLERS: the objectives it applies to and a builder
+``(config, model) -> Chain``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from diffusion_jax import diffusion as diffusion_lib
+from diffusion_jax import input_pipeline, models, objectives, reporting, sharding
+from diffusion_jax import score as score_lib
+
+STEPS_PER_CALL = 50  # chain steps per compiled call: a few seconds each for the digits model
+
+
+@dataclasses.dataclass(frozen=True)
+class Chain:
+    """A sampler bound to a config. ``init(key, shape) -> (x, key)`` draws the initial state and
+    the key of the steps; ``run(params, x, key, done, count) -> x`` runs steps done, ...,
+    done + count - 1 (those < num_steps); ``finish(params, x) -> x`` ends the chain."""
+
+    num_steps: int
+    calls_per_step: int  # network calls per step (for the progress bar)
+    init: Callable[[jax.Array, tuple[int, ...]], tuple[jax.Array, jax.Array]]
+    run: Callable[[Any, jax.Array, jax.Array, jax.Array, int], jax.Array]
+    finish: Callable[[Any, jax.Array], jax.Array] = lambda params, x: x
+
+
+def _gaussian_init(key: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """x_T ~ N(0, I) and the steps' key, as ``p_sample_loop(x_T=...)`` splits them."""
+    noise_key, key = jax.random.split(key)
+    _, key_steps = diffusion_lib.chain_keys(key)
+    return jax.random.normal(noise_key, shape), key_steps
+
+
+def _reverse_chain(config: ml_collections.ConfigDict, model, steps_fn: Callable) -> Chain:
+    d = objectives.make_diffusion(config)
+    d = diffusion_lib.maybe_respace(d, config.sampling.num_steps or None)
+    k = d.num_timesteps
+
+    def run(params, x, key_steps, done, count):
+        return steps_fn(d, models.model_fn(model, params), x, key_steps, k - done, count)
+
+    return Chain(k, 1, _gaussian_init, run)
+
+
+def _ancestral(config: ml_collections.ConfigDict, model) -> Chain:
+    clip = config.sampling.clip_denoised
+    return _reverse_chain(
+        config,
+        model,
+        lambda d, net, x, key, start, count: diffusion_lib.p_sample_steps(
+            d, net, x, key, start, count, clip
+        ),
+    )
+
+
+def _ddim(config: ml_collections.ConfigDict, model) -> Chain:
+    s = config.sampling
+    return _reverse_chain(
+        config,
+        model,
+        lambda d, net, x, key, start, count: diffusion_lib.ddim_sample_steps(
+            d, net, x, key, start, count, s.eta, s.clip_denoised
+        ),
+    )
+
+
+def _langevin(config: ml_collections.ConfigDict, model) -> Chain:
+    sigmas = objectives.make_sigmas(config)
+    c = config.ncsn
+
+    def init(key, shape):
+        init_key, key = jax.random.split(key)
+        return jax.random.uniform(init_key, shape, minval=-1.0, maxval=1.0), key
+
+    def run(params, x, key, done, count):
+        score_fn = score_lib.ncsn_score_fn(models.model_fn(model, params), sigmas)
+        return score_lib.annealed_langevin_levels(
+            score_fn, x, sigmas, key, c.n_steps_each, c.step_lr, done, count
+        )
+
+    return Chain(int(sigmas.shape[0]), c.n_steps_each, init, run)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    objectives: tuple[str, ...]  # the training objectives whose models it samples
+    build: Callable[[ml_collections.ConfigDict, Any], Chain]
+
+
+SAMPLERS: dict[str, Sampler] = {
+    "ancestral": Sampler(("ddpm",), _ancestral),
+    "ddim": Sampler(("ddpm",), _ddim),
+    "langevin": Sampler(("ncsn",), _langevin),
+}
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raise ValueError for a sampler that does not exist or does not fit the objective."""
+    method, objective = config.sampling.method, config.training.objective
+    if method not in SAMPLERS:
+        raise ValueError(f"config.sampling.method={method!r} is not one of {tuple(SAMPLERS)}.")
+    if objective not in SAMPLERS[method].objectives:
+        fits = tuple(n for n, s in SAMPLERS.items() if objective in s.objectives)
+        raise ValueError(
+            f"config.sampling.method={method!r} does not sample a training.objective="
+            f"{objective!r} model; allowed: {fits}."
+        )
+    s = config.sampling
+    num_t = config.diffusion.num_timesteps
+    if objective == "ddpm" and not 0 <= s.num_steps <= num_t:
+        raise ValueError(f"config.sampling.num_steps={s.num_steps} must be in [0, {num_t}].")
+    sharding.check_batch_size(s.batch_size, "sampling.batch_size")
+
+
+def steps_per_call(num_steps: int, calls_per_step: int = 1) -> int:
+    """Steps per compiled call: about STEPS_PER_CALL network calls, equal segments."""
+    want = max(1, STEPS_PER_CALL // calls_per_step)
+    return -(-num_steps // -(-num_steps // want))
+
+
+def make_sample_fn(
+    config: ml_collections.ConfigDict, model, mesh: jax.sharding.Mesh, desc: str = "sample"
+) -> Callable[[Any, jax.Array], np.ndarray]:
+    """``sample(params, key) -> [sampling.num_samples, ...]`` in model space, on the host.
+
+    Chunks of ``sampling.batch_size`` come from fold_in(key, i), split over the devices; each
+    chain runs in segments of ``steps_per_call`` steps, with a progress bar on process 0.
+    """
+    s = config.sampling
+    chain = SAMPLERS[s.method].build(config, model)
+    shape = (s.batch_size, *input_pipeline.example_shape(config))
+    data, repl = sharding.data_sharded(mesh), sharding.replicated(mesh)
+    per_call = steps_per_call(chain.num_steps, chain.calls_per_step)
+    init = jax.jit(lambda key: chain.init(key, shape), out_shardings=(data, repl))
+    run = jax.jit(lambda p, x, k, done: chain.run(p, x, k, done, per_call), out_shardings=data)
+    finish = jax.jit(chain.finish, out_shardings=data)
+
+    def sample(params, key):
+        num_chunks = -(-s.num_samples // s.batch_size)
+        chunks = []
+        total = num_chunks * chain.num_steps * chain.calls_per_step
+        with reporting.progress_bar(total, desc, unit="call") as bar:
+            for i in range(num_chunks):
+                x, key_steps = init(jax.random.fold_in(key, i))
+                for done in range(0, chain.num_steps, per_call):
+                    x = run(params, x, key_steps, done).block_until_ready()  # then the bar
+                    count = min(per_call, chain.num_steps - done)
+                    bar.update(count * chain.calls_per_step)
+                chunks.append(to_host(finish(params, x)))
+        return np.concatenate(chunks)[: s.num_samples]
+
+    return sample
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole of a (possibly multi-host sharded) array as NumPy, on every process."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def sample_and_save(
+    config: ml_collections.ConfigDict, sampler, params, workdir: str, writer=None
+) -> np.ndarray:
+    """Draw ``sampling.num_samples`` samples; write samples.npz (and a PNG grid for images)."""
+    samples = sampler(params, objectives.run_keys(config.seed)["sample"])
+    out = os.path.join(workdir, "samples")
+    if jax.process_index() == 0:
+        os.makedirs(out, exist_ok=True)
+        np.savez(os.path.join(out, "samples.npz"), samples=samples)
+        if config.data.image_size:
+            grid = reporting.save_sample_grid(
+                os.path.join(out, "samples.png"), samples, config.data.num_bins
+            )
+            if writer is not None:
+                writer.image(0, "final_samples", grid)
+        logging.info("Wrote %d samples to %s.", len(samples), out)
+    return samples

@@ -1,0 +1,138 @@
+"""The evaluation package on a tiny untrained digits model (T = 20, 2 CPU devices): every
+evaluator end to end, metrics.json rewritten after each, and a failing step that keeps the
+numbers before it."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import tiny_config
+
+from diffusion_jax import diffusion as dl
+from diffusion_jax import evaluation, models, objectives, reporting, sharding
+from diffusion_jax.evaluation import plots
+
+
+@pytest.fixture(scope="module")
+def run():
+    config = evaluation.prepare(tiny_config())
+    model = models.get_model(config)
+    x, t = jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)
+    params = model.init(jax.random.key(0), x, t, train=False)["params"]
+    mesh = sharding.make_mesh()
+    return config, model, jax.device_put(params, sharding.replicated(mesh)), mesh
+
+
+def context(run, workdir, **eval_keys):
+    config, model, params, mesh = run
+    config = config.copy_and_resolve_references()
+    for key, value in eval_keys.items():
+        config.eval[key] = value
+    return evaluation.EvalContext(config, model, params, mesh, str(workdir))
+
+
+def test_bound_sums_equal_calc_bpd_loop(run, tmp_path):
+    """Batches of 8 (2 devices), T in segments: the same terms as the one-scan bound."""
+    ctx = context(run, tmp_path)
+    config, model, params, _ = run
+    out = evaluation.evaluate_bpd(config, model, params, ctx.mesh, "test", num_examples=10)
+    assert out["num_examples"] == 10 and len(out["terms_bpd_per_t"]) == 20
+    from diffusion_jax import input_pipeline
+
+    images = input_pipeline.load_split(config, "test").images[:10]
+    x0 = input_pipeline.to_model_space(jnp.asarray(images), config.data.num_bins)
+    d, net = objectives.make_diffusion(config), models.model_fn(model, params)
+    key = objectives.run_keys(config.seed)["eval"]
+    ref = [dl.calc_bpd_loop(d, net, x0[:8], jax.random.fold_in(key, 0), num_bins=17)]
+    ref.append(dl.calc_bpd_loop(d, net, x0[8:], jax.random.fold_in(key, 1), num_bins=17))
+    total = np.concatenate([r["total_bpd"] for r in ref])
+    assert out["bpd"] == pytest.approx(float(total.mean()), rel=1e-5)
+    terms = np.concatenate([r["terms_bpd"] for r in ref]).mean(0)
+    np.testing.assert_allclose(out["terms_bpd_per_t"], terms, rtol=1e-4, atol=1e-7)
+    assert out["bpd_stderr"] == pytest.approx(float(total.std(ddof=1) / np.sqrt(10)), rel=1e-3)
+
+
+def test_every_evaluator_end_to_end(run, tmp_path):
+    """Another split's bpd, L_t plot, rate-distortion, progressive strip; FID requested without
+    weights -> skipped with a reason, no number."""
+    ctx = context(
+        run,
+        tmp_path,
+        metrics=("bpd", "fid", "is"),
+        figures=("lt_curve", "rate_distortion", "progressive"),
+        bpd_splits=("train",),
+        rd_num_examples=8,
+        progressive_num_samples=2,
+        progressive_num_frames=4,
+    )
+    assert evaluation.wanted(ctx.config) == list(evaluation.EVALUATORS)
+    out = evaluation.run_evaluators(ctx)
+    assert json.load(open(tmp_path / "eval" / "metrics.json"))["bpd"] == out["bpd"]
+    train = out["bpd_by_split"]["train"]
+    assert train["split"] == "train" and train["num_examples"] == 16
+    assert out["bpd_by_split"]["test"]["bpd"] == out["bpd"]
+    rd = json.load(open(out["rate_distortion"]["path"]))
+    assert rd["num_examples"] == 8 and len(rd["rate_bpd"]) == 20
+    assert np.all(np.diff(rd["rate_bpd"]) <= 1e-7)
+    assert out["progressive"]["t_of_columns"] == [15, 10, 5, 0]
+    assert tuple(out["progressive"]["shape"]) == (2 * 9 + 1, 4 * 9 + 1, 1)
+    for name in ("lt_curve", "rate_distortion", "progressive"):
+        assert 0 < os.path.getsize(out["figures"][name]) < 200_000
+    assert "fid" not in out and "inception_score" not in out
+    assert "No Inception weights configured" in out["fid_skipped"]
+
+
+def test_a_failing_step_keeps_the_numbers_before_it(run, tmp_path, monkeypatch):
+    """matplotlib missing: the bound is on disk, both plots are named as failed in one line,
+    the progressive strip (no matplotlib) is still drawn, and evaluate raises at the end."""
+
+    def no_matplotlib():
+        raise ModuleNotFoundError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(plots, "_pyplot", no_matplotlib)
+    writes = []
+    real_write = reporting.write_json
+    monkeypatch.setattr(
+        reporting, "write_json", lambda path, obj: (writes.append(dict(obj)), real_write(path, obj))
+    )
+    ctx = context(run, tmp_path, figures=("lt_curve", "rate_distortion", "progressive"))
+    with pytest.raises(evaluation.EvaluationError) as e:
+        evaluation.run_evaluators(ctx)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("2 evaluation step(s) failed: lt_curve (")
+    assert "rate_distortion (ModuleNotFoundError: No module named 'matplotlib')" in message
+    assert "bpd" in writes[0] and "progressive" not in writes[0]  # written as soon as known
+    saved = json.load(open(tmp_path / "eval" / "metrics.json"))
+    assert np.isfinite(saved["bpd"]) and "progressive" in saved
+    assert set(saved["failed"]) == {"lt_curve", "rate_distortion"}
+    assert os.path.exists(saved["figures"]["progressive"])
+
+
+def test_the_eval_config_is_checked():
+    evaluation.check_config(evaluation.prepare(tiny_config()))
+    config = evaluation.prepare(tiny_config())
+    config.eval.figures = ("rate_distortion", "fig7")
+    with pytest.raises(ValueError, match=r"\['fig7'\]; allowed: \('lt_curve', 'rate_distortion'"):
+        evaluation.check_config(config)
+    config = evaluation.prepare(tiny_config())
+    config.eval.metrics = ("bpd", "fid")
+    config.eval.inception_sha256 = "abc"
+    with pytest.raises(ValueError, match="64 hex digits"):
+        evaluation.check_config(config)
+    config.eval.inception_sha256 = ""
+    config.eval.fid_batch_size = 3  # 2 devices
+    with pytest.raises(ValueError, match="eval.fid_batch_size=3"):
+        evaluation.check_config(config)
+
+
+def test_a_config_without_the_eval_keys_gets_their_defaults():
+    config = tiny_config()
+    with config.unlocked():
+        for key in ("figures", "bpd_splits", "rd_num_examples", "fid_batch_size"):
+            del config.eval[key]
+    prepared = evaluation.prepare(config)
+    assert prepared.eval.figures == ("lt_curve", "rate_distortion", "progressive")
+    assert evaluation.wanted(prepared) == ["bpd", "lt_curve", "rate_distortion", "progressive"]

@@ -1,0 +1,117 @@
+"""The import graph of ``diffusion_jax``: no cycle (function-level imports included) and every
+import pointing down the layers of shared/DESIGN.md."""
+
+import ast
+import os
+
+import pytest
+
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "diffusion_jax")
+
+# Lower layers never import higher ones; a module may import its own layer (no cycle).
+LAYERS = {
+    "math core": ("schedules", "likelihood", "diffusion", "score", "toy_data"),
+    "infrastructure": (
+        "sharding",
+        "reporting",
+        "input_pipeline",
+        "checkpoints",
+        "runtime",
+        "distributed",
+    ),
+    "models": ("models",),
+    "recipes": ("objectives", "optim", "sampling"),
+    "system": ("config", "evaluation", "train"),
+    "entry points": ("main", "benchmark"),
+}
+RANK = {name: rank for rank, names in enumerate(LAYERS.values()) for name in names}
+
+
+def module_names() -> dict[str, str]:
+    """dotted name (without the package) -> file path, for every module of the package."""
+    out = {}
+    for folder, _, files in os.walk(PACKAGE):
+        for f in files:
+            if f.endswith(".py"):
+                rel = os.path.relpath(os.path.join(folder, f), PACKAGE)[:-3].split(os.sep)
+                if rel[-1] == "__init__":
+                    rel = rel[:-1]
+                out[".".join(rel) or "__init__"] = os.path.join(folder, f)
+    return out
+
+
+def imports_of(path: str, modules: dict[str, str]) -> set[str]:
+    """The package's modules that a file imports anywhere in it (top level or in functions):
+    ``from diffusion_jax.a import b`` counts as a.b where that is a module, else as a."""
+
+    def resolve(name: str) -> str | None:
+        name = name.removeprefix("diffusion_jax.")
+        while name and name not in modules:  # models.unet.UNet -> models.unet
+            name = name.rpartition(".")[0]
+        return name or None
+
+    found = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        found |= {resolve(n) for n in names if n.startswith("diffusion_jax.")} - {None}
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    modules = module_names()
+    return {m: imports_of(p, modules) - {m} for m, p in modules.items()}
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(edges):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_the_package_has_no_import_cycle():
+    edges = graph()
+    assert edges["evaluation"] >= {"evaluation.bpd", "config"}  # the parser sees imports
+    assert find_cycle(edges) is None, find_cycle(edges)
+
+
+def layer_of(module: str) -> int:
+    top = module.split(".")[0]
+    if top not in RANK:
+        pytest.fail(f"diffusion_jax.{module} is in no layer of LAYERS: add it to one.")
+    return RANK[top]
+
+
+def test_imports_point_down_the_layers():
+    bad = [
+        f"{m} ({layer_of(m)}) imports {i} ({layer_of(i)})"
+        for m, targets in graph().items()
+        if m != "__init__"
+        for i in targets
+        if layer_of(i) > layer_of(m)
+    ]
+    assert not bad, bad

@@ -1,0 +1,102 @@
+"""Samplers by name: the chains that ``make_sample_fn`` runs in compiled segments give the
+math core's one-scan loops, and the registry refuses what does not fit."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import tiny_config
+
+from diffusion_jax import diffusion as dl
+from diffusion_jax import models, objectives, sampling, schedules, sharding
+from diffusion_jax import score as score_lib
+
+SHAPE = (4, 3)
+D = dl.GaussianDiffusion.create(schedules.get_beta_schedule("linear", 37))
+
+
+def toy_eps(x, t):
+    return 0.3 * x * jnp.cos(t.astype(jnp.float32)[:, None] / 7.0)
+
+
+@pytest.mark.parametrize("num_steps", [None, 10])
+@pytest.mark.parametrize("count", [1, 5, 16, 37])
+def test_segments_of_the_chain_give_the_whole_loop(num_steps, count):
+    key = jax.random.key(3)
+    x_T = jax.random.normal(jax.random.key(4), SHAPE)
+    whole = dl.p_sample_loop(D, toy_eps, SHAPE, key, x_T=x_T, num_steps=num_steps)
+    whole_ddim = dl.ddim_sample_loop(D, toy_eps, SHAPE, key, num_steps or 37, 0.5, x_T=x_T)
+    d = dl.maybe_respace(D, num_steps)
+    _, key_steps = dl.chain_keys(key)
+    k = d.num_timesteps
+    steps = jax.jit(lambda x, start: dl.p_sample_steps(d, toy_eps, x, key_steps, start, count))
+    ddim = jax.jit(
+        lambda x, start: dl.ddim_sample_steps(d, toy_eps, x, key_steps, start, count, 0.5)
+    )
+    x, y = x_T, x_T
+    for done in range(0, k, count):  # the last segment runs past step 0: those steps are skipped
+        x, y = steps(x, k - done), ddim(y, k - done)
+    np.testing.assert_allclose(x, whole, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y, whole_ddim, rtol=1e-5, atol=1e-6)
+
+
+def test_langevin_levels_in_segments_give_annealed_langevin():
+    sigmas = score_lib.ncsn_sigmas(1.0, 0.05, 7)
+    score_fn = lambda x, i: -x / (1.0 + sigmas[i][:, None] ** 2)
+    x0 = jax.random.uniform(jax.random.key(0), SHAPE)
+    key = jax.random.key(1)
+    whole = score_lib.annealed_langevin(score_fn, x0, sigmas, key, 3, 0.01)
+    x = x0
+    for start in range(0, 7, 3):
+        x = score_lib.annealed_langevin_levels(score_fn, x, sigmas, key, 3, 0.01, start, 3)
+    np.testing.assert_allclose(x, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_steps_per_call_splits_evenly():
+    assert sampling.steps_per_call(1000) == 50
+    assert sampling.steps_per_call(20) == 20
+    assert sampling.steps_per_call(101) == 34  # 3 calls of <= 34, not 50 + 50 + 1
+    assert sampling.steps_per_call(10, calls_per_step=100) == 1
+
+
+def test_make_sample_fn_equals_the_one_scan_chain():
+    """The product's sampler (segments of 2 steps, 2 devices) against ``p_sample_loop``."""
+    config = tiny_config(**{"sampling.num_samples": 6, "sampling.batch_size": 4})
+    model = models.get_model(config)
+    params = model.init(
+        jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32), train=False
+    )["params"]
+    mesh = sharding.make_mesh()
+    old = sampling.STEPS_PER_CALL
+    sampling.STEPS_PER_CALL = 3  # 20 steps in 7 calls, the last one partly past t = 0
+    try:
+        samples = sampling.make_sample_fn(config, model, mesh)(params, jax.random.key(5))
+    finally:
+        sampling.STEPS_PER_CALL = old
+    assert samples.shape == (6, 8, 8, 1)
+    d = objectives.make_diffusion(config)
+    net = models.model_fn(model, params)
+    for i in range(2):  # chunk i from fold_in(key, i): noise key, then the chain's key
+        noise_key, key = jax.random.split(jax.random.fold_in(jax.random.key(5), i))
+        x_T = jax.random.normal(noise_key, (4, 8, 8, 1))
+        ref = dl.p_sample_loop(d, net, (4, 8, 8, 1), key, x_T=x_T)
+        np.testing.assert_allclose(
+            samples[4 * i : 4 * i + 4], ref[: len(samples) - 4 * i], atol=2e-5
+        )
+
+
+def test_the_registry_refuses_what_does_not_fit():
+    config = tiny_config(**{"sampling.method": "euler"})
+    with pytest.raises(
+        ValueError, match=r"'euler' is not one of \('ancestral', 'ddim', 'langevin'\)"
+    ):
+        sampling.check_config(config)
+    config = tiny_config(**{"sampling.method": "langevin"})
+    with pytest.raises(ValueError, match=r"does not sample a training.objective='ddpm'.*'ddim'"):
+        sampling.check_config(config)
+    config = tiny_config(**{"training.objective": "ncsn"})
+    with pytest.raises(ValueError, match=r"allowed: \('langevin',\)"):
+        sampling.check_config(config)
+    config = tiny_config(**{"sampling.num_steps": 21})
+    with pytest.raises(ValueError, match=r"num_steps=21 must be in \[0, 20\]"):
+        sampling.check_config(config)
