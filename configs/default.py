@@ -78,7 +78,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.split = "test"
     config.eval.num_examples = 10_000  # 0: the whole split
     config.eval.batch_size = 256
-    config.eval.metrics = ("bpd",)  # evaluation.EVALUATORS of kind "metric": bpd | fid | is
+    # evaluation.EVALUATORS of kind "metric": bpd | bpd_ode | fid | is | fd_classifier |
+    # is_classifier
+    config.eval.metrics = ("bpd",)
     config.eval.figures = ("lt_curve", "rate_distortion", "progressive")
     config.eval.bpd_splits = ()  # more splits for bits/dim besides eval.split, e.g. ("train",)
     config.eval.bpd_splits_num_examples = -1  # -1: eval.num_examples; 0: the whole split
@@ -95,10 +97,27 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.fid_batch_size = 200  # a multiple of the device count
     config.eval.fid_chunk_size = 1000
     config.eval.is_num_splits = 10
+    # bpd_ode: bits/dim by the probability-flow ODE (Dopri5, Hutchinson trace, uniform
+    # dequantization) on the first ode_num_examples of eval.split (0: all).
+    config.eval.ode_num_examples = 1000
+    config.eval.ode_rtol = 1e-5
+    config.eval.ode_atol = 1e-5
+    # Offline sample quality (fd_classifier, is_classifier; labelled image data only): a small CNN
+    # trained on the training split's labels, cached in WORKDIR/eval/classifier, judges
+    # classifier_num_samples samples of the config's sampler against classifier_split.
+    config.eval.classifier_num_samples = 1000
+    config.eval.classifier_split = ""  # the reference split; "" = eval.split
+    config.eval.classifier_train_steps = 1000
+    config.eval.classifier_batch_size = 128
+    config.eval.classifier_learning_rate = 2e-3  # Adam, cosine-decayed to 0
+    config.eval.classifier_width = 32  # channels of the first stage (x2, x4 after each pooling)
+    config.eval.classifier_feature_dim = 64  # penultimate features: the Frechet distance's space
+    config.eval.classifier_num_bootstrap = 50  # resamplings of the samples for the stderr
 
     config.sampling = ml_collections.ConfigDict()
-    config.sampling.method = "ancestral"  # sampling.SAMPLERS: ancestral | ddim; langevin (NCSN)
-    config.sampling.num_steps = 0  # 0: all T steps; fewer respaces the chain
+    # sampling.SAMPLERS: ancestral | ddim | dpmpp_2m | heun (DDPM); langevin (NCSN)
+    config.sampling.method = "ancestral"
+    config.sampling.num_steps = 0  # network calls; 0: all T. Fewer respaces ancestral/DDIM
     config.sampling.eta = 0.0  # ddim only
     config.sampling.num_samples = 64
     config.sampling.batch_size = 64

@@ -12,6 +12,11 @@ through a new seeded permutation every epoch, plus seeded random flips. So
 
 Images stay uint8 until they reach the device: ``to_model_space`` maps level k of ``num_bins`` to
 ``2k/(num_bins-1) - 1`` inside the compiled step (a quarter of the host-to-device bytes).
+
+Labels come with the data where it has them (``DataSource.labels``, int32 [N], row i the class of
+image i): scikit-learn digits' targets, a tfds data set's ``label`` feature (mnist, cifar10; none
+for celeb_a, lsun), ``labels`` in a user's ``.npz``, the sorted sub-folder names of a folder whose
+images all sit in sub-folders. Toy data has none. The batches carry images only.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from diffusion_jax import toy_data
 
@@ -40,15 +46,26 @@ class DataSource:
     """A whole split in host memory.
 
     ``images`` is uint8 [N, H, W, C] for image data and float32 [N, D] for vector data, or None for
-    toy data drawn fresh each step (then ``toy_name`` names the distribution).
+    toy data drawn fresh each step (then ``toy_name`` names the distribution). ``labels`` is int32
+    [N], the class index of each example, or None for a data set without labels; ``class_names``
+    names the classes where the data does (digits, tfds, sub-folders).
     """
 
     images: np.ndarray | None
     toy_name: str | None = None
+    labels: np.ndarray | None = None  # int32 [N]
+    class_names: tuple[str, ...] = ()
 
     @property
     def num_examples(self) -> int:
         return 0 if self.images is None else len(self.images)
+
+    @property
+    def num_classes(self) -> int:
+        """The number of classes: the named ones, at least max(label) + 1; 0 without labels."""
+        if self.labels is None:
+            return 0
+        return max(len(self.class_names), int(self.labels.max(initial=-1)) + 1)
 
 
 def dataset_kind(name: str) -> str:
@@ -111,56 +128,154 @@ def load_split(config: ml_collections.ConfigDict, split: str) -> DataSource:
         key = jax.random.fold_in(jax.random.key(config.seed), _split_id(split))
         return DataSource(np.asarray(toy_data.sample(name, key, n), np.float32))
     if kind == "digits":
-        images = _load_digits(split)
+        images, labels, names = _load_digits(split)
     elif kind == "files":
-        images = _load_files(name, config.data.image_size, split)
+        images, labels, names = _load_files(name, config.data.image_size, split)
     else:
-        images = _load_tfds(config, split)
+        images, labels, names = _load_tfds(config, split)
     _check_images(images, config, split)
-    return DataSource(images)
+    return DataSource(images, labels=labels, class_names=names)
+
+
+def unlabelled_reason(config: ml_collections.ConfigDict) -> str | None:
+    """Why ``config.data.dataset`` has no labels (a sentence), or None when it has them.
+
+    Cheap: reads a .npz's index, lists a folder, or reads a tfds builder's feature description;
+    loads no images. Agrees with what ``load_split`` returns for the training split.
+    """
+    name = config.data.dataset
+    kind = dataset_kind(name)
+    if kind == "toy":
+        return f"data.dataset={name!r} is a toy data set, which has no labels"
+    if kind == "digits":
+        return None
+    if kind == "files" and name.endswith(".npz"):
+        with np.load(name) as f:
+            _, label_key = _npz_keys(f.files, config.data.train_split)
+        return None if label_key else f"{name} holds no 'labels' array"
+    if kind == "files":
+        if _folder_classes(name, _folder_files(name))[0] is not None:
+            return None
+        return f"the images of {name} are not sorted into class sub-folders"
+    import tensorflow_datasets as tfds  # heavy: imported only for tfds data sets
+
+    info = tfds.builder(name, data_dir=config.data.data_dir).info
+    if _tfds_label_feature(info) is None:
+        return f"the tensorflow-datasets set {name!r} has no 'label' feature"
+    return None
 
 
 def _split_id(split: str) -> int:
     return {"train": 0, "test": 1, "validation": 2}.get(split, 3)
 
 
-def _load_digits(split: str) -> np.ndarray:
-    """scikit-learn's 1,797 handwritten digits: 8x8, levels 0..16; 1,500 train, 297 test."""
+_Loaded = tuple[np.ndarray, np.ndarray | None, tuple[str, ...]]  # images, labels, class names
+
+
+def _load_digits(split: str) -> _Loaded:
+    """scikit-learn's 1,797 handwritten digits: 8x8, levels 0..16; 1,500 train, 297 test; the
+    labels are the digits' ``target`` (0..9) of the same rows."""
     from sklearn.datasets import load_digits
 
-    images = load_digits().images.astype(np.uint8)  # [1797, 8, 8], levels 0..16
+    digits = load_digits()
+    images = digits.images.astype(np.uint8)  # [1797, 8, 8], levels 0..16
     order = np.random.default_rng(0).permutation(len(images))  # fixed split, whatever the seed
     images = images[order][..., None]  # [1797, 8, 8, 1]
-    if split == "train":
-        return images[:1500]
-    if split == "test":
-        return images[1500:]
-    if split == "all":
-        return images
-    raise DatasetError(f"digits has splits 'train', 'test' and 'all', not {split!r}.")
+    labels = digits.target[order].astype(np.int32)  # [1797]
+    rows = {"train": slice(0, 1500), "test": slice(1500, None), "all": slice(None)}
+    if split not in rows:
+        raise DatasetError(f"digits has splits 'train', 'test' and 'all', not {split!r}.")
+    return images[rows[split]], labels[rows[split]], tuple(str(k) for k in range(10))
 
 
-def _load_files(path: str, image_size: int, split: str) -> np.ndarray:
-    """A .npz (key ``split``, else ``images``, else its first array) or a folder of images."""
+def _load_files(path: str, image_size: int, split: str) -> _Loaded:
+    """A .npz (key ``split``, else ``images``, else its first array) or a folder of images.
+
+    Labels: in a .npz the array ``{split}_labels`` when the images came from key ``split``, else
+    ``labels``; in a folder the sorted names of the sub-folders, when every image sits in one.
+    """
     if path.endswith(".npz"):
         with np.load(path) as f:
-            key = split if split in f.files else ("images" if "images" in f.files else f.files[0])
-            return np.asarray(f[key])
+            key, label_key = _npz_keys(f.files, split)
+            images = np.asarray(f[key])
+            labels = None if label_key is None else np.asarray(f[label_key])
+        if labels is not None:
+            labels = _checked_labels(labels, len(images), f"{path} (array {label_key!r})")
+        return images, labels, ()
     from PIL import Image
 
-    files = sorted(
-        os.path.join(root, f)
-        for root, _, names in os.walk(path)
-        for f in names
-        if f.lower().endswith(_IMAGE_SUFFIXES)
-    )
+    files = _folder_files(path)
     if not files:
         raise DatasetError(f"data.dataset={path!r}: the folder holds no {_IMAGE_SUFFIXES} files.")
     images = []
     for f in files:
         with Image.open(f) as im:
             images.append(np.asarray(_center_crop_resize(im.convert("RGB"), image_size)))
-    return np.stack(images)
+    labels, names = _folder_classes(path, files)
+    return np.stack(images), labels, names
+
+
+def _is_label_key(key: str) -> bool:
+    return key == "labels" or key.endswith("_labels")
+
+
+def _npz_keys(keys: list[str], split: str) -> tuple[str, str | None]:
+    """(the key of the images, the key of their labels or None) among a .npz's arrays."""
+    arrays = [k for k in keys if not _is_label_key(k)] or keys
+    key = split if split in keys else ("images" if "images" in keys else arrays[0])
+    for label_key in (f"{key}_labels", "labels"):
+        if label_key in keys and label_key != key:
+            return key, label_key
+    return key, None
+
+
+def _checked_labels(labels: np.ndarray, num_images: int, where: str) -> np.ndarray:
+    """``labels`` as int32 [N], or a DatasetError naming ``where``, the labels and the rule."""
+    ok = (
+        labels.ndim == 1
+        and len(labels) == num_images
+        and np.issubdtype(labels.dtype, np.integer)
+        and labels.min(initial=0) >= 0
+        and labels.max(initial=0) < 2**31
+    )
+    if not ok:
+        got = f"dtype {labels.dtype}, shape {labels.shape}"
+        if labels.ndim == 1 and labels.size and np.issubdtype(labels.dtype, np.number):
+            got += f", values {labels.min()}..{labels.max()}"
+        raise DatasetError(
+            f"{where}: labels must be integer class indices >= 0 of shape ({num_images},), one "
+            f"per image; got {got}."
+        )
+    return labels.astype(np.int32)
+
+
+def _folder_files(path: str) -> list[str]:
+    """The image files under ``path``, at any depth, sorted by their full path."""
+    return sorted(
+        os.path.join(root, f)
+        for root, _, names in os.walk(path)
+        for f in names
+        if f.lower().endswith(_IMAGE_SUFFIXES)
+    )
+
+
+def _folder_classes(path: str, files: list[str]) -> tuple[np.ndarray | None, tuple[str, ...]]:
+    """(int32 [N] class of each file, the sorted class names) where every file sits in a
+    sub-folder of ``path`` (its first-level sub-folder names its class); (None, ()) otherwise."""
+    top = [os.path.relpath(f, path).split(os.sep)[0] for f in files]
+    at_top = sum(os.sep not in os.path.relpath(f, path) for f in files)
+    if not files or at_top:
+        if 0 < at_top < len(files):
+            logging.warning(
+                "%s: %d of %d images sit at the top level, the rest in sub-folders: no labels.",
+                path,
+                at_top,
+                len(files),
+            )
+        return None, ()
+    names = tuple(sorted(set(top)))
+    index = {n: i for i, n in enumerate(names)}
+    return np.array([index[t] for t in top], np.int32), names
 
 
 def _center_crop_resize(im, size: int):
@@ -172,7 +287,17 @@ def _center_crop_resize(im, size: int):
     return im.resize((size, size), Image.BICUBIC) if s != size else im
 
 
-def _load_tfds(config: ml_collections.ConfigDict, split: str) -> np.ndarray:
+def _tfds_label_feature(info):
+    """The tfds ``label`` feature (a scalar ClassLabel) of a data set's info, else None."""
+    import tensorflow_datasets as tfds
+
+    feature = info.features["label"] if "label" in info.features else None
+    if isinstance(feature, tfds.features.ClassLabel) and tuple(feature.shape) == ():
+        return feature
+    return None
+
+
+def _load_tfds(config: ml_collections.ConfigDict, split: str) -> _Loaded:
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")  # TensorFlow only reads data; JAX owns the GPUs
@@ -180,7 +305,9 @@ def _load_tfds(config: ml_collections.ConfigDict, split: str) -> np.ndarray:
 
     name, size = config.data.dataset, config.data.image_size
     try:
-        ds = tfds.load(name, split=split, data_dir=config.data.data_dir, shuffle_files=False)
+        ds, info = tfds.load(
+            name, split=split, data_dir=config.data.data_dir, shuffle_files=False, with_info=True
+        )
     except Exception as e:  # tfds fails offline with unrelated-looking errors
         raise DatasetError(
             f"Could not load tensorflow-datasets {name!r} (split {split!r}, data_dir="
@@ -190,6 +317,8 @@ def _load_tfds(config: ml_collections.ConfigDict, split: str) -> np.ndarray:
             f"data set: {', '.join(OFFLINE_DATASETS)}, a toy set, a folder or a .npz."
         ) from e
 
+    label_feature = _tfds_label_feature(info)
+
     def prepare(example):
         image = example["image"]  # [h, w, c] uint8
         h, w = tf.shape(image)[0], tf.shape(image)[1]
@@ -198,10 +327,15 @@ def _load_tfds(config: ml_collections.ConfigDict, split: str) -> np.ndarray:
             image = image[(h - s) // 2 : (h + s) // 2, (w - s) // 2 : (w + s) // 2]
             image = tf.image.resize(image, (size, size), antialias=True)
             image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-        return image
+        return image if label_feature is None else (image, example["label"])
 
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(1024)
-    return np.concatenate(list(tfds.as_numpy(ds)))
+    batches = list(tfds.as_numpy(ds))
+    if label_feature is None:
+        return np.concatenate(batches), None, ()
+    images = np.concatenate([b[0] for b in batches])  # [N, size, size, C]
+    labels = _checked_labels(np.concatenate([b[1] for b in batches]), len(images), name)
+    return images, labels, tuple(label_feature.names)
 
 
 def _check_images(images: np.ndarray, config: ml_collections.ConfigDict, split: str) -> None:

@@ -24,7 +24,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import input_pipeline, models, objectives, reporting, sharding
+from diffusion_jax import input_pipeline, models, objectives, ode, reporting, sharding
 from diffusion_jax import score as score_lib
 
 STEPS_PER_CALL = 50  # chain steps per compiled call: a few seconds each for the digits model
@@ -32,9 +32,10 @@ STEPS_PER_CALL = 50  # chain steps per compiled call: a few seconds each for the
 
 @dataclasses.dataclass(frozen=True)
 class Chain:
-    """A sampler bound to a config. ``init(key, shape) -> (x, key)`` draws the initial state and
-    the key of the steps; ``run(params, x, key, done, count) -> x`` runs steps done, ...,
-    done + count - 1 (those < num_steps); ``finish(params, x) -> x`` ends the chain."""
+    """A sampler bound to a config. ``init(key, shape) -> (state, key)`` draws the initial state
+    (x, or a pytree of [B, ...] arrays holding it) and the key of the steps;
+    ``run(params, state, key, done, count) -> state`` runs steps done, ..., done + count - 1
+    (those < num_steps); ``finish(params, state) -> x`` ends the chain."""
 
     num_steps: int
     calls_per_step: int  # network calls per step (for the progress bar)
@@ -100,6 +101,30 @@ def _langevin(config: ml_collections.ConfigDict, model) -> Chain:
     return Chain(int(sigmas.shape[0]), c.n_steps_each, init, run)
 
 
+def _ode_chain(config: ml_collections.ConfigDict, model, method: str) -> Chain:
+    """A probability-flow ODE solver of ``ode`` (``dpmpp_2m`` or ``heun``), ``sampling.num_steps``
+    network calls (0: T); the network is called at fractional t between the integer steps."""
+    d = objectives.make_diffusion(config)
+    calls = config.sampling.num_steps or d.num_timesteps
+    clip = config.sampling.clip_denoised
+    init_fn, steps_fn = (
+        (ode.dpmpp_2m_init, ode.dpmpp_2m_steps)
+        if method == "dpmpp_2m"
+        else (ode.heun_init, ode.heun_steps)
+    )
+    num_steps, per_step = (calls, 1) if method == "dpmpp_2m" else (ode.heun_num_steps(calls), 2)
+
+    def init(key, shape):
+        x_T, key = _gaussian_init(key, shape)
+        return init_fn(d, x_T, calls), key
+
+    def run(params, state, key, done, count):
+        net = models.model_fn(model, params)
+        return steps_fn(d, net, state, done, count, calls, clip_denoised=clip)
+
+    return Chain(num_steps, per_step, init, run, finish=lambda params, state: state["x"])
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampler:
     objectives: tuple[str, ...]  # the training objectives whose models it samples
@@ -109,6 +134,8 @@ class Sampler:
 SAMPLERS: dict[str, Sampler] = {
     "ancestral": Sampler(("ddpm",), _ancestral),
     "ddim": Sampler(("ddpm",), _ddim),
+    "dpmpp_2m": Sampler(("ddpm",), lambda config, model: _ode_chain(config, model, "dpmpp_2m")),
+    "heun": Sampler(("ddpm",), lambda config, model: _ode_chain(config, model, "heun")),
     "langevin": Sampler(("ncsn",), _langevin),
 }
 
@@ -151,7 +178,7 @@ def make_sample_fn(
     data, repl = sharding.data_sharded(mesh), sharding.replicated(mesh)
     per_call = steps_per_call(chain.num_steps, chain.calls_per_step)
     init = jax.jit(lambda key: chain.init(key, shape), out_shardings=(data, repl))
-    run = jax.jit(lambda p, x, k, done: chain.run(p, x, k, done, per_call), out_shardings=data)
+    run = jax.jit(lambda p, s, k, done: chain.run(p, s, k, done, per_call), out_shardings=data)
     finish = jax.jit(chain.finish, out_shardings=data)
 
     def sample(params, key):
@@ -160,12 +187,14 @@ def make_sample_fn(
         total = num_chunks * chain.num_steps * chain.calls_per_step
         with reporting.progress_bar(total, desc, unit="call") as bar:
             for i in range(num_chunks):
-                x, key_steps = init(jax.random.fold_in(key, i))
+                state, key_steps = init(jax.random.fold_in(key, i))
                 for done in range(0, chain.num_steps, per_call):
-                    x = run(params, x, key_steps, done).block_until_ready()  # then the bar
+                    state = jax.block_until_ready(
+                        run(params, state, key_steps, done)
+                    )  # then the bar
                     count = min(per_call, chain.num_steps - done)
                     bar.update(count * chain.calls_per_step)
-                chunks.append(to_host(finish(params, x)))
+                chunks.append(to_host(finish(params, state)))
         return np.concatenate(chunks)[: s.num_samples]
 
     return sample

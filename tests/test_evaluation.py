@@ -68,7 +68,15 @@ def test_every_evaluator_end_to_end(run, tmp_path):
         progressive_num_samples=2,
         progressive_num_frames=4,
     )
-    assert evaluation.wanted(ctx.config) == list(evaluation.EVALUATORS)
+    assert evaluation.wanted(ctx.config) == [
+        "bpd",
+        "bpd_splits",
+        "lt_curve",
+        "rate_distortion",
+        "progressive",
+        "fid",
+        "is",
+    ]
     out = evaluation.run_evaluators(ctx)
     assert json.load(open(tmp_path / "eval" / "metrics.json"))["bpd"] == out["bpd"]
     train = out["bpd_by_split"]["train"]
@@ -136,3 +144,27 @@ def test_a_config_without_the_eval_keys_gets_their_defaults():
     prepared = evaluation.prepare(config)
     assert prepared.eval.figures == ("lt_curve", "rate_distortion", "progressive")
     assert evaluation.wanted(prepared) == ["bpd", "lt_curve", "rate_distortion", "progressive"]
+
+
+def test_bpd_ode_is_the_mean_of_ode_bpd_over_the_examples(run, tmp_path):
+    """The evaluator (batches of 8, the last padded, 2 devices) against ``ode.ode_bpd`` called
+    here batch by batch with the evaluator's keys."""
+    from diffusion_jax import input_pipeline, ode
+
+    ctx = context(run, tmp_path, ode_num_examples=10, ode_rtol=1e-3, ode_atol=1e-3)
+    out = evaluation.EVALUATORS["bpd_ode"].run(ctx)
+    config, model, params, _ = run
+    images = input_pipeline.load_split(config, "test").images[:16]
+    x0 = input_pipeline.to_model_space(jnp.asarray(images), config.data.num_bins)
+    x0 = jnp.concatenate([x0[:10], jnp.repeat(x0[:1], 6, axis=0)])  # eval_batches' padding
+    key = jax.random.fold_in(objectives.run_keys(config.seed)["eval"], 0x0DE)
+    d, net = objectives.make_diffusion(config), models.model_fn(model, params)
+    ref = [
+        ode.ode_bpd(d, net, x0[8 * i : 8 * i + 8], jax.random.fold_in(key, i), 17, 1e-3, 1e-3)
+        for i in range(2)
+    ]
+    values = np.concatenate([ref[0]["bpd"], ref[1]["bpd"][:2]])
+    assert out["bpd_ode_num_examples"] == 10
+    assert out["bpd_ode"] == pytest.approx(float(values.mean()), rel=1e-4)
+    assert out["bpd_ode_stderr"] == pytest.approx(float(values.std(ddof=1) / np.sqrt(10)), rel=1e-3)
+    assert out["bpd_ode_nfe_per_batch"] == [int(r["nfe"]) for r in ref]

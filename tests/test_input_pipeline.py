@@ -1,4 +1,5 @@
 import os
+import re
 
 import numpy as np
 import pytest
@@ -136,3 +137,150 @@ def test_tfds_offline_gives_a_clear_message(tmp_path):
     ):
         ip.load_split(config, "train")
     assert not os.path.exists(tmp_path / "mnist" / "3.0.1" / "dataset_info.json")
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def test_digits_labels_are_sklearns_targets_of_the_same_rows():
+    from sklearn.datasets import load_digits
+
+    config = digits.get_config()
+    reference = load_digits()
+    # Each row's label is the target of the sklearn image it shows (found by its bytes).
+    target_of = {}
+    for image, target in zip(reference.images.astype(np.uint8), reference.target, strict=True):
+        target_of.setdefault(image.tobytes(), set()).add(int(target))
+    for split, n in (("train", 1500), ("test", 297)):
+        source = ip.load_split(config, split)
+        assert source.labels.dtype == np.int32 and source.labels.shape == (n,)
+        assert source.num_classes == 10 and source.class_names == tuple("0123456789")
+        for image, label in zip(source.images[..., 0], source.labels, strict=True):
+            assert int(label) in target_of[image.tobytes()]
+    # The images (and so every batch) are those of before the labels: the fixed permutation.
+    order = np.random.default_rng(0).permutation(1797)
+    np.testing.assert_array_equal(
+        ip.load_split(config, "test").images[..., 0],
+        reference.images.astype(np.uint8)[order][1500:],
+    )
+    np.testing.assert_array_equal(
+        ip.load_split(config, "test").labels, reference.target[order][1500:]
+    )
+    assert ip.unlabelled_reason(config) is None
+
+
+def test_toy_data_has_no_labels():
+    from configs import toy_moons
+
+    config = toy_moons.get_config()
+    source = ip.load_split(config, "test")
+    assert source.labels is None and source.num_classes == 0
+    assert "toy data set" in ip.unlabelled_reason(config)
+
+
+def test_npz_with_and_without_labels(tmp_path):
+    config = default.get_config()
+    config.data.image_size, config.data.num_channels = 4, 1
+    images = np.random.default_rng(0).integers(0, 256, (6, 4, 4, 1), dtype=np.uint8)
+    labels = np.array([3, 0, 1, 3, 2, 0], np.int64)
+
+    np.savez(tmp_path / "plain.npz", images=images)
+    config.data.dataset = str(tmp_path / "plain.npz")
+    source = ip.load_split(config, "train")
+    assert source.labels is None and source.num_classes == 0
+    assert "holds no 'labels' array" in ip.unlabelled_reason(config)
+
+    np.savez(tmp_path / "labelled.npz", labels=labels, images=images)  # labels first: still images
+    config.data.dataset = str(tmp_path / "labelled.npz")
+    source = ip.load_split(config, "train")
+    np.testing.assert_array_equal(source.images, images)
+    np.testing.assert_array_equal(source.labels, labels)
+    assert source.labels.dtype == np.int32 and source.num_classes == 4
+    assert ip.unlabelled_reason(config) is None
+
+    # Per-split arrays: the labels of each split are its own.
+    np.savez(
+        tmp_path / "splits.npz",
+        train=images[:4],
+        train_labels=labels[:4],
+        test=images[4:],
+        test_labels=labels[4:],
+    )
+    config.data.dataset = str(tmp_path / "splits.npz")
+    np.testing.assert_array_equal(ip.load_split(config, "test").labels, labels[4:])
+    np.testing.assert_array_equal(ip.load_split(config, "train").labels, labels[:4])
+
+
+@pytest.mark.parametrize(
+    "bad, shown",
+    [
+        (np.array([0, 1, 2]), r"shape \(3,\)"),  # one short
+        (np.zeros((6, 1), np.int32), r"shape \(6, 1\)"),
+        (np.array([0.0, 1, 2, 0, 1, 2]), "dtype float64"),
+        (np.array([0, 1, -1, 0, 1, 2]), r"values -1\.\.2"),
+    ],
+)
+def test_a_bad_labels_array_is_refused_naming_the_file(tmp_path, bad, shown):
+    config = default.get_config()
+    config.data.image_size, config.data.num_channels = 4, 1
+    path = tmp_path / "mine.npz"
+    np.savez(path, images=np.zeros((6, 4, 4, 1), np.uint8), labels=bad)
+    config.data.dataset = str(path)
+    with pytest.raises(ip.DatasetError) as e:
+        ip.load_split(config, "train")
+    message = str(e.value)
+    assert "\n" not in message and str(path) in message and "labels" in message
+    assert re.search(shown, message), message
+    assert r"shape (6,)" in message  # what is allowed
+
+
+def test_a_folder_with_sub_folders_gives_labels_by_sorted_folder_name(tmp_path):
+    from PIL import Image
+
+    config = default.get_config()
+    config.data.image_size, config.data.num_channels = 4, 3
+    rng = np.random.default_rng(1)
+    # Classes named so that the sorted order differs from the order of creation.
+    layout = {"zebra": ["a.png", "b.png"], "apple": ["c.png"], "mango": ["d.png", "e/f.png"]}
+    for cls, files in layout.items():
+        for name in files:
+            path = tmp_path / "pics" / cls / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(path)
+    config.data.dataset = str(tmp_path / "pics")
+    source = ip.load_split(config, "train")
+    assert source.class_names == ("apple", "mango", "zebra") and source.num_classes == 3
+    # Sorted paths: apple/c, mango/d, mango/e/f (deeper: still mango), zebra/a, zebra/b.
+    np.testing.assert_array_equal(source.labels, [0, 1, 1, 2, 2])
+    expected = np.asarray(Image.open(tmp_path / "pics" / "mango" / "e" / "f.png").convert("RGB"))
+    np.testing.assert_array_equal(source.images[2], expected)
+    assert ip.unlabelled_reason(config) is None
+    # The same images in the same order for every split.
+    np.testing.assert_array_equal(ip.load_split(config, "test").images, source.images)
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(flat / f"{i}.png")
+    config.data.dataset = str(flat)
+    assert ip.load_split(config, "train").labels is None
+    assert "not sorted into class sub-folders" in ip.unlabelled_reason(config)
+
+
+def test_tfds_labels_with_mock_data():
+    import tensorflow_datasets as tfds
+
+    config = default.get_config()
+    config.data.dataset, config.data.image_size, config.data.num_channels = "mnist", 28, 1
+    with tfds.testing.mock_data(num_examples=9):
+        source = ip.load_split(config, "test")
+        reference = [int(e["label"]) for e in tfds.as_numpy(tfds.load("mnist", split="test"))]
+    assert source.labels.dtype == np.int32 and source.labels.shape == (9,)
+    np.testing.assert_array_equal(source.labels, reference)
+    assert source.num_classes == 10
+    assert ip.unlabelled_reason(config) is None
+    config.data.dataset, config.data.image_size, config.data.num_channels = "celeb_a", 8, 3
+    with tfds.testing.mock_data(num_examples=2):
+        source = ip.load_split(config, "train")
+    assert source.labels is None and source.num_classes == 0 and source.images.shape[0] == 2
+    assert "has no 'label' feature" in ip.unlabelled_reason(config)

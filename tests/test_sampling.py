@@ -8,7 +8,7 @@ import pytest
 from helpers import tiny_config
 
 from diffusion_jax import diffusion as dl
-from diffusion_jax import models, objectives, sampling, schedules, sharding
+from diffusion_jax import models, objectives, ode, sampling, schedules, sharding
 from diffusion_jax import score as score_lib
 
 SHAPE = (4, 3)
@@ -87,12 +87,11 @@ def test_make_sample_fn_equals_the_one_scan_chain():
 
 def test_the_registry_refuses_what_does_not_fit():
     config = tiny_config(**{"sampling.method": "euler"})
-    with pytest.raises(
-        ValueError, match=r"'euler' is not one of \('ancestral', 'ddim', 'langevin'\)"
-    ):
+    allowed = r"\('ancestral', 'ddim', 'dpmpp_2m', 'heun', 'langevin'\)"
+    with pytest.raises(ValueError, match=r"'euler' is not one of " + allowed):
         sampling.check_config(config)
     config = tiny_config(**{"sampling.method": "langevin"})
-    with pytest.raises(ValueError, match=r"does not sample a training.objective='ddpm'.*'ddim'"):
+    with pytest.raises(ValueError, match=r"objective='ddpm'.*'ddim', 'dpmpp_2m', 'heun'\)"):
         sampling.check_config(config)
     config = tiny_config(**{"training.objective": "ncsn"})
     with pytest.raises(ValueError, match=r"allowed: \('langevin',\)"):
@@ -100,3 +99,30 @@ def test_the_registry_refuses_what_does_not_fit():
     config = tiny_config(**{"sampling.num_steps": 21})
     with pytest.raises(ValueError, match=r"num_steps=21 must be in \[0, 20\]"):
         sampling.check_config(config)
+
+
+@pytest.mark.parametrize("method, calls", [("dpmpp_2m", 7), ("heun", 9)])
+def test_ode_samplers_in_segments_equal_their_one_scan_solvers(method, calls):
+    """The registry's ODE chains (segments of 2 steps, 2 devices) against ``ode.*_sample``."""
+    config = tiny_config(
+        **{"sampling.method": method, "sampling.num_steps": calls, "sampling.batch_size": 4}
+    )
+    model = models.get_model(config)
+    params = model.init(
+        jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32), train=False
+    )["params"]
+    old = sampling.STEPS_PER_CALL
+    sampling.STEPS_PER_CALL = 2 if method == "dpmpp_2m" else 4  # 2 steps of 2 calls per call
+    try:
+        samples = sampling.make_sample_fn(config, model, sharding.make_mesh())(
+            params, jax.random.key(5)
+        )
+    finally:
+        sampling.STEPS_PER_CALL = old
+    d, net = objectives.make_diffusion(config), models.model_fn(model, params)
+    noise_key, _ = jax.random.split(jax.random.fold_in(jax.random.key(5), 0))
+    x_T = jax.random.normal(noise_key, (4, 8, 8, 1))
+    solver = ode.dpmpp_2m_sample if method == "dpmpp_2m" else ode.heun_sample
+    ref = solver(d, net, x_T, calls)
+    np.testing.assert_allclose(samples, ref, atol=2e-5)
+    assert np.abs(np.asarray(ref)).max() <= 1.0  # clip_denoised: the last x0_hat is clipped

@@ -28,6 +28,7 @@ from absl import logging
 from diffusion_jax import checkpoints, models, objectives, reporting, sampling, sharding
 from diffusion_jax import config as config_lib
 from diffusion_jax.evaluation import bpd as bpd_lib
+from diffusion_jax.evaluation import classifier as classifier_lib
 from diffusion_jax.evaluation import fid as fid_lib
 from diffusion_jax.evaluation import progressive as progressive_lib
 from diffusion_jax.evaluation import rate_distortion as rd_lib
@@ -75,11 +76,14 @@ class Evaluator:
 EVALUATORS: dict[str, Evaluator] = {
     "bpd": Evaluator("metric", bpd_lib.bpd, _needs_bound),
     "bpd_splits": Evaluator("splits", bpd_lib.bpd_splits, _needs_bound),
+    "bpd_ode": Evaluator("metric", bpd_lib.bpd_ode, _needs_bound),
     "lt_curve": Evaluator("figure", bpd_lib.lt_curve, _needs_bpd),
     "rate_distortion": Evaluator("figure", rd_lib.rate_distortion, _needs_bound),
     "progressive": Evaluator("figure", progressive_lib.progressive, _needs_bound),
     "fid": Evaluator("metric", fid_lib.fid, _needs_images),
     "is": Evaluator("metric", fid_lib.inception_score_metric, _needs_images),
+    "fd_classifier": Evaluator("metric", classifier_lib.fd_classifier, classifier_lib.needs_labels),
+    "is_classifier": Evaluator("metric", classifier_lib.is_classifier, classifier_lib.needs_labels),
 }
 
 
@@ -107,6 +111,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.eval.bpd_splits must be a tuple of split names, got {e.bpd_splits!r}."
         )
+    if {"fd_classifier", "is_classifier"} & set(e.metrics):
+        classifier_lib.check_config(config)
     if "fid" in e.metrics or "is" in e.metrics:
         sharding.check_batch_size(e.fid_batch_size, "eval.fid_batch_size")
         sha = e.inception_sha256

@@ -1,0 +1,563 @@
+"""Sample quality with no download: a small classifier trained on the data set's own labels.
+
+FID needs Inception weights that an offline machine cannot fetch; for a labelled data set this
+module trains its own judge instead (``models.classifier.Classifier``, a few conv layers and two
+dense ones) and reports, for a set of samples,
+
+- ``fd_classifier``: the Fréchet distance (``fid.frechet_distance``) between the Gaussians fitted
+  (``fid.FeatureStats``) to the classifier's penultimate features of the samples and of the
+  reference split (``eval.classifier_split``, "" = ``eval.split``);
+- ``is_classifier``: exp(E_x KL(p(y | x) || p(y))), p(y) the mean of p(y | x) over the samples:
+  ``fid.inception_score`` over one split, so between 1 and the number of classes K;
+
+each with, for scale, the same statistic of as many real training images as samples (``_real``:
+FD real train vs the reference split; IS of those real images), and a bootstrap standard error
+(``_stderr``): the standard deviation (ddof 1) of the statistic over
+``eval.classifier_num_bootstrap`` resamplings of the samples with replacement (the reference
+statistics held fixed), rows from key fold_in(fold_in(key(seed), 0xB007), N). It measures the
+spread due to the finite sample set only; a resampled set repeats rows, so the bootstrap FDs sit a
+little above the FD itself.
+
+The classifier is trained once per (data set, image size, levels, seed, settings) and cached in
+``WORKDIR/eval/classifier/``: ``classifier.msgpack`` (flax.serialization) and ``classifier.json``
+(test accuracy, steps, the fingerprint of what it was trained on, the parameters' SHA-256); a
+cache whose fingerprint or checksum differs is trained again. The reference split's statistics
+and the real-vs-real values are cached beside it, so ``classifier_metrics`` called for sample set
+after sample set (one per sampler, say) costs one forward pass of the samples and the bootstrap.
+
+Training: ``eval.classifier_train_steps`` Adam steps (cosine-decayed ``classifier_learning_rate``)
+on batches of ``classifier_batch_size`` drawn with replacement from the training split, batch s
+from fold_in(data key, s); init and data keys split from fold_in(key(seed), 0xC1A5). Images go
+through ``input_pipeline.to_model_space`` exactly as they reach the diffusion model; samples are
+first rounded to the data's levels (``input_pipeline.to_uint8_levels``), so samples and data are
+judged on the same footing.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import serialization
+
+from diffusion_jax import input_pipeline, objectives, reporting, sampling
+from diffusion_jax.evaluation import fid as fid_lib
+from diffusion_jax.evaluation.context import EvalContext
+from diffusion_jax.models.classifier import Classifier
+
+CACHE_VERSION = 1  # part of the fingerprint: bump when the architecture or training changes
+_TRAIN_TAG = 0xC1A5  # fold_in(key(seed), ·): the classifier's init and batches
+_SAMPLE_TAG = 0xC15A  # fold_in(run sample key, ·): the samples judged
+_REAL_TAG = 0x5EA1  # fold_in(key(seed), ·): the real training images of the real-vs-real values
+_BOOTSTRAP_TAG = 0xB007  # fold_in(key(seed), ·): the bootstrap resamplings
+_LOG_STEPS = 100  # training steps between progress-bar updates
+_EVAL_BATCH = 500  # images per forward pass when judging
+
+FD_KEYS = (
+    "fd_classifier",
+    "fd_classifier_stderr",
+    "fd_classifier_real",
+    "classifier_test_accuracy",
+    "classifier_num_samples",
+    "classifier_num_real",
+    "classifier_reference",
+)
+IS_KEYS = (
+    "is_classifier",
+    "is_classifier_stderr",
+    "is_classifier_real",
+    "classifier_test_accuracy",
+    "classifier_num_samples",
+    "classifier_num_real",
+)
+
+
+def classifier_dir(workdir: str) -> str:
+    """Where a run's classifier and its statistics are cached: ``WORKDIR/eval/classifier``."""
+    return os.path.join(workdir, "eval", "classifier")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raise ValueError naming a bad ``eval.classifier_*`` key, its value and what is allowed."""
+    e = config.eval
+    minimum = {
+        "classifier_num_samples": 2,
+        "classifier_train_steps": 1,
+        "classifier_batch_size": 1,
+        "classifier_width": 1,
+        "classifier_feature_dim": 1,
+        "classifier_num_bootstrap": 2,
+    }
+    for key, low in minimum.items():
+        if not isinstance(e[key], int) or e[key] < low:
+            raise ValueError(f"config.eval.{key}={e[key]!r}; allowed: an integer >= {low}.")
+    if not e.classifier_learning_rate > 0:
+        raise ValueError(
+            f"config.eval.classifier_learning_rate={e.classifier_learning_rate!r}; "
+            "allowed: a number > 0."
+        )
+
+
+def reference_split(config: ml_collections.ConfigDict) -> str:
+    """The split the samples are compared with: ``eval.classifier_split``, "" = ``eval.split``."""
+    return config.eval.classifier_split or config.eval.split
+
+
+def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What the cached classifier was trained and tested on; another value retrains it."""
+    d, e = config.data, config.eval
+    return dict(
+        version=CACHE_VERSION,
+        dataset=d.dataset,
+        train_split=d.train_split,
+        test_split=reference_split(config),
+        image_size=d.image_size,
+        num_channels=d.num_channels,
+        num_bins=d.num_bins,
+        seed=config.seed,
+        train_steps=e.classifier_train_steps,
+        batch_size=e.classifier_batch_size,
+        learning_rate=e.classifier_learning_rate,
+        width=e.classifier_width,
+        feature_dim=e.classifier_feature_dim,
+    )
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def build_classifier(config: ml_collections.ConfigDict, num_classes: int) -> Classifier:
+    e = config.eval
+    return Classifier(num_classes, width=e.classifier_width, feature_dim=e.classifier_feature_dim)
+
+
+def _labelled_split(config: ml_collections.ConfigDict, split: str) -> input_pipeline.DataSource:
+    source = input_pipeline.load_split(config, split)
+    if source.labels is None or source.images is None:
+        reason = input_pipeline.unlabelled_reason(config) or "it has no labels"
+        raise ValueError(
+            f"The classifier metrics need labelled images; data.dataset="
+            f"{config.data.dataset!r} split {split!r} has none: {reason}."
+        )
+    return source
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_classifier(
+    config: ml_collections.ConfigDict, train: input_pipeline.DataSource
+) -> tuple[Classifier, Any]:
+    """(model, params) trained on ``train``'s images and labels; a pure function of the config
+    and the data (see the module docstring for the keys)."""
+    e = config.eval
+    model = build_classifier(config, train.num_classes)
+    key = jax.random.fold_in(jax.random.key(config.seed), _TRAIN_TAG)
+    init_key, data_key = jax.random.split(key)
+    example = jnp.zeros((1, *train.images.shape[1:]), jnp.float32)  # [1, H, W, C]
+    params = model.init(init_key, example)["params"]
+    opt_state = _ADAM.init(params)
+    total = e.classifier_train_steps
+    schedule = optax.cosine_decay_schedule(e.classifier_learning_rate, total)
+    rates = np.asarray(schedule(np.arange(total)), np.float32)  # [steps]
+    images, labels = jnp.asarray(train.images), jnp.asarray(train.labels)  # on one device
+    static = (model, e.classifier_batch_size, config.data.num_bins)
+    with reporting.progress_bar(total, "classifier", unit="step") as bar:
+        for s in range(total):
+            params, opt_state, loss = _train_step(
+                *static, params, opt_state, images, labels, data_key, s, rates[s]
+            )
+            if (s + 1) % _LOG_STEPS == 0 or s + 1 == total:
+                bar.update((s + 1) - bar.n)
+                bar.set_postfix(loss=f"{float(loss):.4f}")
+    return model, jax.device_get(params)
+
+
+_ADAM = optax.scale_by_adam()
+
+
+# One compiled step per call, not a lax.scan: XLA:CPU runs the convolutions of a loop body far
+# slower than top-level ones. Module-level with the model static, so that every training of the
+# same network in a process reuses one compilation.
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3, 4))
+def _train_step(
+    model: Classifier,
+    batch_size: int,
+    num_bins: int,
+    params: Any,
+    opt_state: Any,
+    images: jax.Array,  # [N, H, W, C] uint8 levels
+    labels: jax.Array,  # [N] int32
+    data_key: jax.Array,
+    step: jax.Array,
+    rate: jax.Array,
+):
+    """Adam on the mean cross-entropy of a batch drawn with replacement (key fold_in(data_key,
+    step)), at learning rate ``rate``."""
+    idx = jax.random.randint(jax.random.fold_in(data_key, step), (batch_size,), 0, len(labels))
+    x = input_pipeline.to_model_space(images[idx], num_bins)  # [B, H, W, C]
+
+    def loss_fn(p):
+        logits, _ = model.apply({"params": p}, x)  # [B, K]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels[idx]).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = _ADAM.update(grads, opt_state, params)
+    params = jax.tree.map(lambda p, u: p - rate * u, params, updates)
+    return params, opt_state, loss
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _apply(model: Classifier, params: Any, images: jax.Array, num_bins: int):
+    return model.apply({"params": params}, input_pipeline.to_model_space(images, num_bins))
+
+
+def predict(
+    model: Classifier, params: Any, images: np.ndarray, num_bins: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(logits [N, K], features [N, F]) of uint8 levels [N, H, W, C], float32 on the host."""
+    logits, features = [], []
+    for start in range(0, len(images), _EVAL_BATCH):
+        part = images[start : start + _EVAL_BATCH]
+        n = len(part)
+        if n < _EVAL_BATCH and len(images) > _EVAL_BATCH:  # one shape: one compilation
+            part = np.concatenate([part, np.zeros((_EVAL_BATCH - n, *part.shape[1:]), part.dtype)])
+        lo, fe = _apply(model, params, jnp.asarray(part), num_bins)
+        logits.append(np.asarray(lo)[:n])
+        features.append(np.asarray(fe)[:n])
+    return np.concatenate(logits), np.concatenate(features)
+
+
+def _params_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_or_train(
+    config: ml_collections.ConfigDict, cache_dir: str
+) -> tuple[Classifier, Any, dict[str, Any]]:
+    """(model, params, info) of the classifier cached in ``cache_dir``, trained there first when
+    the cache is missing or its fingerprint or checksum differs from ``config``'s.
+
+    ``info`` is the cache's json: ``test_accuracy`` on the reference split, ``num_classes``,
+    ``train_steps``, ``fingerprint``, ``params_sha256``, ``train_seconds``, ``cache_dir``.
+    """
+    check_config(config)
+    fp = fingerprint(config)
+    params_path = os.path.join(cache_dir, "classifier.msgpack")
+    info_path = os.path.join(cache_dir, "classifier.json")
+    cached = _read_cache(params_path, info_path, fp)
+    if cached is not None:
+        info, params = cached
+        model = build_classifier(config, info["num_classes"])
+        logging.info(
+            "Classifier from the cache %s: test accuracy %.2f %% on %d %s examples.",
+            cache_dir,
+            100 * info["test_accuracy"],
+            info["num_test_examples"],
+            info["test_split"],
+        )
+        return model, params, info
+    train = _labelled_split(config, config.data.train_split)
+    test = _labelled_split(config, reference_split(config))
+    start = time.perf_counter()
+    model, params = train_classifier(config, train)
+    seconds = time.perf_counter() - start
+    logits, _ = predict(model, params, test.images, config.data.num_bins)
+    accuracy = float(np.mean(np.argmax(logits, axis=1) == test.labels))
+    data = serialization.to_bytes(params)
+    info = dict(
+        fingerprint=fp,
+        test_accuracy=accuracy,
+        test_split=reference_split(config),
+        num_test_examples=test.num_examples,
+        num_train_examples=train.num_examples,
+        num_classes=train.num_classes,
+        train_steps=config.eval.classifier_train_steps,
+        train_seconds=seconds,
+        params_sha256=_params_sha256(data),
+        cache_dir=cache_dir,
+    )
+    if jax.process_index() == 0:
+        os.makedirs(cache_dir, exist_ok=True)
+        with open(params_path + ".tmp", "wb") as f:
+            f.write(data)
+        os.replace(params_path + ".tmp", params_path)
+        reporting.write_json(info_path, info)  # last: a json names complete parameters
+    logging.info(
+        "Classifier trained (%d steps, %.1f s): test accuracy %.2f %% on %d %s examples; "
+        "cached in %s.",
+        info["train_steps"],
+        seconds,
+        100 * accuracy,
+        test.num_examples,
+        info["test_split"],
+        cache_dir,
+    )
+    return model, params, info
+
+
+def _read_cache(params_path: str, info_path: str, fp: dict) -> tuple[dict, Any] | None:
+    if not (os.path.exists(params_path) and os.path.exists(info_path)):
+        return None
+    try:
+        with open(info_path) as f:
+            info = json.load(f)
+        with open(params_path, "rb") as f:
+            data = f.read()
+    except (OSError, ValueError) as e:
+        logging.warning("Classifier cache unreadable (%s); training again.", e)
+        return None
+    if info.get("fingerprint") != json.loads(json.dumps(fp)):
+        logging.info("Classifier cache %s is for other settings; training again.", info_path)
+        return None
+    if info.get("params_sha256") != _params_sha256(data):
+        logging.warning(
+            "Classifier cache %s: parameters fail their checksum; training again.", info_path
+        )
+        return None
+    return info, serialization.msgpack_restore(data)
+
+
+def get_classifier(ctx: EvalContext) -> tuple[Classifier, Any, dict[str, Any]]:
+    """The run's classifier: ``load_or_train`` in ``WORKDIR/eval/classifier``."""
+    return load_or_train(ctx.config, classifier_dir(ctx.workdir))
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def _cache_tag(info: dict) -> str:
+    """Names the statistics of one classifier (its parameters) on one data set and split."""
+    return _digest([info["fingerprint"], info["params_sha256"]])[:16]
+
+
+def _stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    stats = fid_lib.FeatureStats(features.shape[1])
+    stats.update(features)
+    return stats.mean, stats.covariance()
+
+
+def _reference(
+    config: ml_collections.ConfigDict, model: Classifier, params: Any, info: dict, cache_dir: str
+) -> dict[str, np.ndarray]:
+    """mu [F], sigma [F, F] of the reference split's features, cached beside the classifier."""
+    path = os.path.join(cache_dir, f"reference_{_cache_tag(info)}.npz")
+    if os.path.exists(path):
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    test = _labelled_split(config, reference_split(config))
+    _, features = predict(model, params, test.images, config.data.num_bins)
+    mu, sigma = _stats(features)
+    out = dict(mu=mu, sigma=sigma, num_examples=np.int64(len(features)))
+    _save_npz(path, out)
+    return out
+
+
+def _real_values(
+    config: ml_collections.ConfigDict,
+    model: Classifier,
+    params: Any,
+    info: dict,
+    reference: dict[str, np.ndarray],
+    num: int,
+    cache_dir: str,
+) -> dict[str, Any]:
+    """The statistics of min(num, N) real training images (a seeded subset, no repeats), cached
+    per ``num``: what ``num`` perfect samples would score."""
+    path = os.path.join(cache_dir, f"real_{num}_{_cache_tag(info)}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    train = _labelled_split(config, config.data.train_split)
+    key = jax.random.fold_in(jax.random.key(config.seed), _REAL_TAG)
+    rows = np.asarray(jax.random.permutation(key, train.num_examples))[:num]
+    logits, features = predict(model, params, train.images[rows], config.data.num_bins)
+    mu, sigma = _stats(features)
+    out = dict(
+        fd_classifier_real=fid_lib.frechet_distance(mu, sigma, reference["mu"], reference["sigma"]),
+        is_classifier_real=fid_lib.inception_score(_softmax(logits), 1)[0],
+        classifier_num_real=len(rows),
+    )
+    reporting.write_json(path, out)
+    return out
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, np.float64)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)  # [N, K]
+
+
+def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+    if jax.process_index() != 0:
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _check_samples(config: ml_collections.ConfigDict, samples: np.ndarray) -> None:
+    shape = input_pipeline.example_shape(config)
+    if (
+        not isinstance(samples, np.ndarray)
+        or samples.dtype != np.uint8
+        or samples.shape[1:] != shape
+        or len(samples) < 2
+        or samples.max(initial=0) >= config.data.num_bins
+    ):
+        got = (
+            f"{samples.dtype} {samples.shape}, max {samples.max(initial=0)}"
+            if isinstance(samples, np.ndarray)
+            else type(samples).__name__
+        )
+        raise ValueError(
+            f"samples must be uint8 levels below data.num_bins={config.data.num_bins} of shape "
+            f"[N >= 2, {', '.join(map(str, shape))}] (input_pipeline.to_uint8_levels of model "
+            f"space); got {got}."
+        )
+
+
+def classifier_metrics(
+    config: ml_collections.ConfigDict, samples: np.ndarray, workdir: str
+) -> dict[str, Any]:
+    """Every number of the classifier metrics for ``samples`` (uint8 levels [N, H, W, C], e.g.
+    ``input_pipeline.to_uint8_levels(x, num_bins)``), no run context needed.
+
+    ``workdir``: a run's workdir or any folder; the classifier, the reference statistics and the
+    real-vs-real values are cached in ``workdir/eval/classifier`` (trained and computed on the
+    first call, read by every later one). Returns the keys of FD_KEYS and IS_KEYS.
+    """
+    _check_samples(config, samples)
+    cache_dir = classifier_dir(workdir)
+    model, params, info = load_or_train(config, cache_dir)
+    reference = _reference(config, model, params, info, cache_dir)
+    real = _real_values(config, model, params, info, reference, len(samples), cache_dir)
+    logits, features = predict(model, params, samples, config.data.num_bins)
+    probs = _softmax(logits)  # [N, K]
+    mu, sigma = _stats(features)
+    fd = fid_lib.frechet_distance(mu, sigma, reference["mu"], reference["sigma"])
+    score = fid_lib.inception_score(probs, 1)[0]
+
+    num_boot = config.eval.classifier_num_bootstrap
+    key = jax.random.fold_in(jax.random.key(config.seed), _BOOTSTRAP_TAG)
+    n = len(samples)
+    rows = np.asarray(jax.random.randint(jax.random.fold_in(key, n), (num_boot, n), 0, n))
+    fds, scores = [], []
+    for r in rows:  # [N] indices with repeats
+        m, s = _stats(features[r])
+        fds.append(fid_lib.frechet_distance(m, s, reference["mu"], reference["sigma"]))
+        scores.append(fid_lib.inception_score(probs[r], 1)[0])
+    out = dict(
+        fd_classifier=fd,
+        fd_classifier_stderr=float(np.std(fds, ddof=1)),
+        fd_classifier_real=float(real["fd_classifier_real"]),
+        is_classifier=score,
+        is_classifier_stderr=float(np.std(scores, ddof=1)),
+        is_classifier_real=float(real["is_classifier_real"]),
+        classifier_test_accuracy=float(info["test_accuracy"]),
+        classifier_num_samples=len(samples),
+        classifier_num_real=int(real["classifier_num_real"]),
+        classifier_reference=dict(
+            split=info["test_split"], num_examples=int(reference["num_examples"])
+        ),
+    )
+    logging.info(
+        "Classifier metrics of %d samples vs %d %s examples: FD %.4g ± %.2g (real %.4g), "
+        "IS %.4g ± %.2g (real %.4g).",
+        len(samples),
+        int(reference["num_examples"]),
+        info["test_split"],
+        fd,
+        out["fd_classifier_stderr"],
+        out["fd_classifier_real"],
+        score,
+        out["is_classifier_stderr"],
+        out["is_classifier_real"],
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- evaluators
+
+
+def needs_labels(ctx: EvalContext) -> str | None:
+    """Why the classifier metrics do not apply to the run's data, or None."""
+    try:
+        reason = input_pipeline.unlabelled_reason(ctx.config)
+    except Exception:  # then the evaluator itself fails, naming the reason in one line
+        reason = None
+    if reason is None and not ctx.config.data.image_size:
+        reason = "data.image_size=0: vector data"
+    return None if reason is None else f"needs labelled images ({reason})"
+
+
+def classifier_samples(ctx: EvalContext) -> np.ndarray:
+    """uint8 levels [eval.classifier_num_samples, H, W, C] drawn with the config's sampler.
+
+    Key fold_in(run sample key, 0xC15A); cached in ``WORKDIR/eval/classifier/samples_TAG.npz``,
+    TAG hashing the parameters (``fid.params_fingerprint``), the sampler's and the diffusion's
+    settings, the seed and the number of samples.
+    """
+    config = ctx.config
+    num = config.eval.classifier_num_samples
+    run_tag = dict(
+        params=fid_lib.params_fingerprint(ctx.params),
+        seed=config.seed,
+        num_samples=num,
+        num_bins=config.data.num_bins,
+        sampling={k: v for k, v in config.sampling.to_dict().items() if k != "num_samples"},
+        diffusion=config.diffusion.to_dict(),
+    )
+    path = os.path.join(classifier_dir(ctx.workdir), f"samples_{_digest(run_tag)[:16]}.npz")
+    if os.path.exists(path):
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                images = f["images"]
+            if images.dtype == np.uint8 and len(images) == num:
+                logging.info("Classifier samples from the cache %s.", path)
+                return images
+        except (OSError, ValueError, KeyError) as e:
+            logging.warning("Classifier samples %s unreadable (%s); drawing them again.", path, e)
+    cfg = copy.deepcopy(config)
+    with cfg.unlocked():
+        cfg.sampling.num_samples = num
+    sampler = sampling.make_sample_fn(cfg, ctx.model, ctx.mesh, desc="classifier samples")
+    key = jax.random.fold_in(objectives.run_keys(config.seed)["sample"], _SAMPLE_TAG)
+    x = sampler(ctx.params, key)  # [N, H, W, C] model space
+    images = input_pipeline.to_uint8_levels(x, config.data.num_bins)
+    _save_npz(path, dict(images=images))
+    return images
+
+
+def _metrics(ctx: EvalContext) -> dict[str, Any]:
+    """Every classifier number of the run's samples; computed once for both evaluators."""
+    if "classifier_metrics" not in ctx.cache:
+        get_classifier(ctx)  # first: a data set it cannot learn fails before any sampling
+        samples = classifier_samples(ctx)
+        ctx.cache["classifier_metrics"] = classifier_metrics(ctx.config, samples, ctx.workdir)
+    return ctx.cache["classifier_metrics"]
+
+
+def fd_classifier(ctx: EvalContext) -> dict[str, Any]:
+    """``fd_classifier`` (± ``_stderr``, ``_real`` for scale) and the classifier's accuracy."""
+    m = _metrics(ctx)
+    return {k: m[k] for k in FD_KEYS}
+
+
+def is_classifier(ctx: EvalContext) -> dict[str, Any]:
+    """``is_classifier`` (± ``_stderr``, ``_real`` for scale) and the classifier's accuracy."""
+    m = _metrics(ctx)
+    return {k: m[k] for k in IS_KEYS}
