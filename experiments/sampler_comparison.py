@@ -22,6 +22,18 @@ the same distance from 5 other fresh data sets to that reference (mean ± std): 
 smaller than its std are noise. Every sampler starts from the same x_T (or initial points).
 
     python experiments/sampler_comparison.py [--steps 6000] [--workdir /tmp/dj_runs]
+
+With ``--digits_workdir DIR`` (a run of ``configs/digits.py``, e.g. the README's first command's
+``runs/digits``) it compares instead the product's samplers (``sampling.SAMPLERS`` through
+``sampling.make_sample_fn``, EMA parameters) on the digits model per number of network calls:
+ancestral (respaced to K steps; K = T = 1000 is the full chain), DDIM η = 0, DPM-Solver++(2M) and
+Heun (K calls buy (K + 1) // 2 steps), each from the same keys, judged by the classifier metric
+(``evaluation.classifier.classifier_metrics``: Fréchet distance of a small classifier's features
+and its IS-like score, against the training digits, with bootstrap standard errors and the
+real-vs-real value), and writes ``digits.md`` / ``digits.json``, ``digits.png`` and a grid of
+each sampler at 20 calls:
+
+    python experiments/sampler_comparison.py --digits_workdir runs/digits [--num_samples 500]
 """
 
 from __future__ import annotations
@@ -46,6 +58,10 @@ SAMPLERS = ("ancestral", "DDIM η=0", "DDIM η=1", "annealed Langevin")
 def add_args(parser) -> None:
     parser.add_argument("--workdir", default=None, help="keep/reuse the runs here")
     parser.add_argument("--num_samples", type=int, default=5000)
+    parser.add_argument("--digits_workdir", default=None, help="compare samplers on this run")
+    parser.add_argument("--budgets", default="10,20,50,100,1000", help="digits: network calls")
+    parser.add_argument("--samplers", default="ancestral,ddim,dpmpp_2m,heun", help="digits")
+    parser.add_argument("--tag", default="digits", help="digits: the output files' name")
 
 
 def langevin_step_lr(sigma_min: float, n_steps_each: int) -> float:
@@ -85,8 +101,96 @@ def make_samplers(d, eps_fns, score_fns, sigmas, n: int) -> dict:
     return out
 
 
+def digits_comparison(args) -> None:
+    """The product's samplers on a trained digits run, judged by the classifier metric."""
+    import time
+
+    from configs import digits
+    from diffusion_jax import (
+        checkpoints,
+        evaluation,
+        input_pipeline,
+        models,
+        reporting,
+        sampling,
+        sharding,
+    )
+    from diffusion_jax.evaluation import classifier
+
+    config = evaluation.prepare(digits.get_config())
+    config.eval.classifier_split = "train"  # judged against the 1,500 training digits
+    mesh = sharding.make_mesh()
+    model = models.get_model(config)
+    params = evaluation.load_ema_params(args.digits_workdir, mesh)
+    step = checkpoints.make_manager(args.digits_workdir, 1).latest_step()
+    key = jax.random.fold_in(jax.random.key(args.seed), 0x5A)  # the same keys for every sampler
+    n = 16 if args.quick else args.num_samples
+    budgets = [int(b) for b in args.budgets.split(",")][: 1 if args.quick else None]
+    names = {"ancestral": "ancestral", "ddim": "DDIM η=0", "dpmpp_2m": "DPM-Solver++(2M)"}
+    names["heun"] = "Heun (Karras ρ=7)"
+    rows, grids = [], {}
+    for method in args.samplers.split(","):
+        for calls in budgets:
+            cfg = config.copy_and_resolve_references()
+            cfg.sampling.method, cfg.sampling.num_steps = method, calls
+            cfg.sampling.num_samples, cfg.sampling.batch_size = n, min(n, 500)
+            cfg.sampling.eta = 0.0
+            sampler = sampling.make_sample_fn(cfg, model, mesh, desc=f"{method} {calls}")
+            start = time.perf_counter()
+            x = sampler(params, key)  # [n, 8, 8, 1] model space
+            seconds = time.perf_counter() - start
+            levels = input_pipeline.to_uint8_levels(x, config.data.num_bins)
+            m = classifier.classifier_metrics(config, levels, args.digits_workdir)
+            rows.append(
+                {
+                    "sampler": names[method],
+                    "network calls": calls,
+                    "classifier FD": m["fd_classifier"],
+                    "FD stderr": m["fd_classifier_stderr"],
+                    "classifier IS": m["is_classifier"],
+                    "IS stderr": m["is_classifier_stderr"],
+                    "seconds (incl. compile)": seconds,
+                }
+            )
+            if calls == 20:
+                grids[method] = x[:64]
+    real = m
+    note = (
+        f"{n} samples per row from the EMA parameters of {args.digits_workdir} (step {step}), "
+        f"the same keys for every sampler, judged against the {real['classifier_reference']} "
+        f"digits by a classifier of test accuracy {real['classifier_test_accuracy']:.4f}. "
+        f"Real vs real ({real['classifier_num_real']} other training digits): FD "
+        f"{real['fd_classifier_real']:.3f}, IS {real['is_classifier_real']:.3f}. Stderr: "
+        f"bootstrap over the samples ({config.eval.classifier_num_bootstrap} resamplings)."
+    )
+    common.write_table(args.outdir, args.tag, rows, note)
+    for method, x in grids.items():
+        reporting.save_sample_grid(
+            os.path.join(args.outdir, f"{args.tag}_{method}_20calls.png"), x, config.data.num_bins
+        )
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for method in args.samplers.split(","):
+        pts = [(r["network calls"], r["classifier FD"], r["FD stderr"]) for r in rows]
+        pts = [p for p, r in zip(pts, rows, strict=True) if r["sampler"] == names[method]]
+        if pts:
+            c, fd, err = map(np.asarray, zip(*pts, strict=True))
+            ax.errorbar(c, fd, yerr=err, marker="o", capsize=2, label=names[method])
+    ax.axhline(real["fd_classifier_real"], color="grey", ls=":", label="real vs real")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("network calls")
+    ax.set_ylabel("classifier Fréchet distance")
+    ax.set_title(f"digits, {n} samples per point", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.outdir, f"{args.tag}.png"), dpi=110)
+
+
 def main(argv=None) -> None:
     args = common.parse_args("sampler_comparison", __doc__, steps=6000, argv=argv, extra=add_args)
+    if args.digits_workdir:
+        return digits_comparison(args)
     dist = common.toy_dist()
     key = jax.random.key(args.seed)
     n = 200 if args.quick else args.num_samples

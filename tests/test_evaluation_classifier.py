@@ -241,3 +241,21 @@ def test_bad_classifier_keys_are_named():
     config = digits_config(classifier_learning_rate=0.0)
     with pytest.raises(ValueError, match=r"classifier_learning_rate=0.0; allowed: a number > 0"):
         clf.check_config(config)
+
+
+def test_against_the_training_split_the_real_values_come_from_held_out_digits(tmp_path):
+    """With eval.classifier_split = the training split, the real-vs-real value is that of the
+    test digits (all 297: fewer than asked), never of training digits inside the reference."""
+    config = digits_config(classifier_split="train")
+    samples = input_pipeline.load_split(config, "test").images[:50]
+    out = clf.classifier_metrics(config, samples, str(tmp_path))
+    assert out["classifier_reference"] == {"split": "train", "num_examples": 1500}
+    assert out["classifier_num_real"] == 50
+    # the first 50 test digits scored as samples, and a seeded 50 of them as the real set:
+    # both are test digits, so their distances to the training digits are of one size
+    assert out["fd_classifier_real"] == pytest.approx(out["fd_classifier"], rel=0.5)
+    config = digits_config(classifier_split="train", classifier_num_samples=400)
+    many = clf.classifier_metrics(
+        config, input_pipeline.load_split(config, "train").images[:400], str(tmp_path)
+    )
+    assert many["classifier_num_real"] == 297  # the whole test split

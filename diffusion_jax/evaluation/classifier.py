@@ -374,13 +374,17 @@ def _real_values(
     num: int,
     cache_dir: str,
 ) -> dict[str, Any]:
-    """The statistics of min(num, N) real training images (a seeded subset, no repeats), cached
-    per ``num``: what ``num`` perfect samples would score."""
+    """The statistics of min(num, N) real images held out from the reference (a seeded subset,
+    no repeats), cached per ``num``: what ``num`` perfect samples would score. They are training
+    images, or the ``eval.split`` images when the reference is the training split itself."""
     path = os.path.join(cache_dir, f"real_{num}_{_cache_tag(info)}.json")
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-    train = _labelled_split(config, config.data.train_split)
+    real_split = config.data.train_split
+    if reference_split(config) == real_split:
+        real_split = config.eval.split
+    train = _labelled_split(config, real_split)
     key = jax.random.fold_in(jax.random.key(config.seed), _REAL_TAG)
     rows = np.asarray(jax.random.permutation(key, train.num_examples))[:num]
     logits, features = predict(model, params, train.images[rows], config.data.num_bins)
