@@ -69,6 +69,43 @@ def test_script_quick(script, tmp_path):
 
 
 @pytest.mark.system
+def test_digits_sampler_comparison_and_inversion_quick(tmp_path):
+    """sampler_comparison.py --digits_workdir on a 2-step digits run: every sampler at 10 calls,
+    judged by the classifier metric, and the DDIM round trip of 8 test digits."""
+    from helpers import run_main
+
+    workdir = str(tmp_path / "digits")
+    run_main(
+        workdir,
+        **{
+            "training.num_train_steps": 2,
+            "training.checkpoint_every": 2,
+            "training.eval_at_end": False,
+            "model.ch": 32,
+            "model.num_res_blocks": 2,
+            "diffusion.num_timesteps": 1000,
+        },
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    script = os.path.join(EXPERIMENTS, "sampler_comparison.py")
+    for extra in ([], ["--inversion"]):
+        cmd = [sys.executable, script, "--quick", "--digits_workdir", workdir, *extra]
+        cmd += ["--outdir", str(tmp_path / "out")]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.load(open(tmp_path / "out" / "digits.json"))
+    assert [r["sampler"] for r in rows] == [
+        "ancestral",
+        "DDIM η=0",
+        "DPM-Solver++(2M)",
+        "Heun (Karras ρ=7)",
+    ]
+    assert all(r["network calls"] == 10 and r["classifier FD"] > 0 for r in rows)
+    (inv,) = json.load(open(tmp_path / "out" / "digits_inversion.json"))
+    assert inv["steps K"] == 10 and math.isfinite(inv["RMSE"])
+
+
+@pytest.mark.system
 def test_profile_step_accounts_for_the_step():
     """experiments/perf/profile_step.py on the digits model: the traced kinds and the convolutions'
     share by difference add up to the step's CPU time, each kind non-negative."""
