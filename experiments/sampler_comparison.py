@@ -162,7 +162,7 @@ def digits_comparison(args) -> None:
         f"{n} samples per row from the EMA parameters of {args.digits_workdir} (step {step}), "
         f"the same keys for every sampler, judged against the {real['classifier_reference']} "
         f"digits by a classifier of test accuracy {real['classifier_test_accuracy']:.4f}. "
-        f"Real vs real ({real['classifier_num_real']} other training digits): FD "
+        f"Real vs real ({real['classifier_num_real']} held-out test digits): FD "
         f"{real['fd_classifier_real']:.3f}, IS {real['is_classifier_real']:.3f}. Stderr: "
         f"bootstrap over the samples ({config.eval.classifier_num_bootstrap} resamplings)."
     )

@@ -8,7 +8,7 @@ their dimension labels), dots, transposes/copies, YNNPACK fusions of other ops, 
 elementwise/reduction fusions (forward or backward, by the op name XLA keeps from JAX). Times
 are summed over the executor's threads (CPU time, not wall time). Eigen convolutions run
 asynchronously on the intra-op pool, so their trace events end before their work does: with
-``cpu_conv_library = "eigen"`` the convolutions' share is the step's process CPU time minus
+``--cpu_conv_library eigen`` the convolutions' share is the step's process CPU time minus
 everything else (``conv_by_difference_ms``).
 """
 
