@@ -50,7 +50,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffusion_jax import runtime
+from diffusion_jax import cli, runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Train batch (default: training.batch_size).")
@@ -445,4 +445,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -9,6 +9,8 @@ and leaves the workdir untouched. The evaluators' own keys are checked by
 from __future__ import annotations
 
 import copy
+import json
+import os
 from typing import Any
 
 import ml_collections
@@ -30,6 +32,10 @@ RESUMABLE_KEYS = (
     "eval.",
     "sampling.",
 )
+
+# Keys that may also differ when a run is only evaluated or sampled (``--mode eval`` / ``sample``):
+# they shape neither the network nor the data it models.
+EVAL_FREE_KEYS = ("optim.", "seed", "training.batch_size")
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -78,27 +84,55 @@ def validate(config: ml_collections.ConfigDict) -> None:
     sampling.check_config(c)
 
 
-def config_differences(old: dict, new: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+def config_differences(
+    old: dict, new: ml_collections.ConfigDict, prefix: str = "", ignore: tuple[str, ...] = ()
+) -> list[str]:
     """Dotted keys whose values differ between a saved config (dict) and ``new``, ignoring
-    RESUMABLE_KEYS. A key missing from ``old`` (a run of an earlier version) counts as equal
-    when ``new`` holds its default."""
+    RESUMABLE_KEYS and ``ignore`` (keys, or sections as ``"name."``). A key missing from ``old``
+    (a run of an earlier version) counts as equal when ``new`` holds its default."""
     new = new.to_dict() if isinstance(new, ml_collections.ConfigDict) else new
-    return _differences(old, new, defaults().to_dict(), prefix)
+    return _differences(old, new, defaults().to_dict(), prefix, RESUMABLE_KEYS + tuple(ignore))
 
 
-def _differences(old: dict, new: dict, default: dict, prefix: str) -> list[str]:
+def check_workdir(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -> None:
+    """Refuse a workdir holding a run of a different config (nothing is overwritten): one line
+    per differing key. ``mode`` ``"eval"``/``"sample"`` also lets EVAL_FREE_KEYS differ. A
+    workdir without ``config.json`` (new, or a run of a version that wrote none) is accepted."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    ignore = () if mode == "train" else EVAL_FREE_KEYS
+    diffs = config_differences(old, config, ignore=ignore)
+    if diffs:
+        advice = (
+            "Use another --workdir, or the same config to resume."
+            if mode == "train"
+            else f"Use the run's config (its {path}) for --mode {mode}."
+        )
+        raise ValueError(
+            f"{workdir} holds a run of a different config ({path}); differing keys:\n  "
+            + "\n  ".join(diffs)
+            + "\n"
+            + advice
+        )
+
+
+def _differences(
+    old: dict, new: dict, default: dict, prefix: str, ignore: tuple[str, ...]
+) -> list[str]:
     out = []
     for key in sorted(set(old) | set(new)):
         dotted = prefix + key
-        if any(dotted == r or (r.endswith(".") and dotted.startswith(r)) for r in RESUMABLE_KEYS):
+        if any(dotted == r or (r.endswith(".") and dotted.startswith(r)) for r in ignore):
             continue
         b = new.get(key)
         a = old.get(key, default.get(key) if isinstance(default, dict) else None)
         sub_default = default.get(key, {}) if isinstance(default, dict) else {}
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(
-                a, b, sub_default if isinstance(sub_default, dict) else {}, dotted + "."
-            )
+            sub_default = sub_default if isinstance(sub_default, dict) else {}
+            out += _differences(a, b, sub_default, dotted + ".", ignore)
         elif _normalise(a) != _normalise(b):
             out.append(f"{dotted}: {a!r} -> {b!r}")
     return out

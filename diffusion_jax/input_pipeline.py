@@ -151,7 +151,7 @@ def unlabelled_reason(config: ml_collections.ConfigDict) -> str | None:
         return None
     if kind == "files" and name.endswith(".npz"):
         with np.load(name) as f:
-            _, label_key = _npz_keys(f.files, config.data.train_split)
+            _, label_key = _npz_keys(f.files, config.data.train_split, name)
         return None if label_key else f"{name} holds no 'labels' array"
     if kind == "files":
         if _folder_classes(name, _folder_files(name))[0] is not None:
@@ -189,16 +189,17 @@ def _load_digits(split: str) -> _Loaded:
 
 
 def _load_files(path: str, image_size: int, split: str) -> _Loaded:
-    """A .npz (key ``split``, else ``images``, else its first array) or a folder of images.
+    """A .npz (key ``split``, else ``images``; neither: a DatasetError naming the keys it has) or
+    a folder of images.
 
     Labels: in a .npz the array ``{split}_labels`` when the images came from key ``split``, else
     ``labels``; in a folder the sorted names of the sub-folders, when every image sits in one.
     """
     if path.endswith(".npz"):
         with np.load(path) as f:
-            key, label_key = _npz_keys(f.files, split)
-            images = np.asarray(f[key])
-            labels = None if label_key is None else np.asarray(f[label_key])
+            key, label_key = _npz_keys(f.files, split, path)
+            images = _npz_array(f, key, path)
+            labels = None if label_key is None else _npz_array(f, label_key, path)
         if labels is not None:
             labels = _checked_labels(labels, len(images), f"{path} (array {label_key!r})")
         return images, labels, ()
@@ -215,18 +216,35 @@ def _load_files(path: str, image_size: int, split: str) -> _Loaded:
     return np.stack(images), labels, names
 
 
-def _is_label_key(key: str) -> bool:
-    return key == "labels" or key.endswith("_labels")
-
-
-def _npz_keys(keys: list[str], split: str) -> tuple[str, str | None]:
-    """(the key of the images, the key of their labels or None) among a .npz's arrays."""
-    arrays = [k for k in keys if not _is_label_key(k)] or keys
-    key = split if split in keys else ("images" if "images" in keys else arrays[0])
+def _npz_keys(keys: list[str], split: str, path: str) -> tuple[str, str | None]:
+    """(the key of the images, the key of their labels or None) among a .npz's arrays: the
+    images are the array ``split``, else ``images``; neither: a DatasetError naming the keys."""
+    if split in keys:
+        key = split
+    elif "images" in keys:
+        key = "images"
+    else:
+        raise DatasetError(
+            f"{path} holds no {split!r} or 'images' array (the images of split {split!r}); its "
+            f"arrays: {', '.join(map(repr, keys)) or 'none'}."
+        )
     for label_key in (f"{key}_labels", "labels"):
         if label_key in keys and label_key != key:
             return key, label_key
     return key, None
+
+
+def _npz_array(f, key: str, path: str) -> np.ndarray:
+    """The array ``key`` of an open .npz; an object (pickled) array: a DatasetError naming both."""
+    try:
+        return np.asarray(f[key])
+    except ValueError as e:
+        if "allow_pickle" not in str(e):
+            raise
+        raise DatasetError(
+            f"{path}: array {key!r} holds Python objects (a pickled object array), which are not "
+            "loaded; save it as a numeric array (e.g. uint8 images)."
+        ) from None
 
 
 def _checked_labels(labels: np.ndarray, num_images: int, where: str) -> np.ndarray:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import signal
 import time
@@ -141,24 +140,14 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Program
 # ----------------------------------------------------------------------------- the run
 
 
-def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Refuse a workdir holding a run of a different config (nothing is overwritten)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        old = json.load(f)
-    diffs = config_lib.config_differences(old, config)
-    if diffs:
-        raise ValueError(
-            f"{workdir} holds a run of a different config ({path}); differing keys:\n  "
-            + "\n  ".join(diffs)
-            + "\nUse another --workdir, or the same config to resume."
-        )
-
-
 class _Interrupted(Exception):
     pass
+
+
+def _label(e: BaseException) -> str:
+    """What stopped the run: the signal's name (``SIGTERM``), or ``Ctrl-C`` for a
+    KeyboardInterrupt (whose str() is empty, though the exception itself is truthy)."""
+    return str(e) or "Ctrl-C"
 
 
 def _raise_interrupted(signum, frame):
@@ -184,7 +173,7 @@ def _signals_deferred(signums):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Train (resuming from the newest checkpoint), then sample and evaluate as configured."""
     config = evaluation.prepare(config)
-    check_workdir(config, workdir)
+    config_lib.check_workdir(config, workdir)
     process0 = jax.process_index() == 0
     mesh = sharding.make_mesh()
     program = build(config, mesh)
@@ -273,7 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             logging.warning("Interrupted (Ctrl-C) at step %d: several processes, not saving.", step)
             raise
         _summarise(pending, step, manager)  # raises rather than save a non-finite state
-        logging.warning("Interrupted (%s) at step %d: saving a checkpoint.", e or "Ctrl-C", step)
+        logging.warning("Interrupted (%s) at step %d: saving a checkpoint.", _label(e), step)
         save(step)
         manager.wait_until_finished()
         raise KeyboardInterrupt from e

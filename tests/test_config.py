@@ -1,6 +1,9 @@
 """The run's config: defaults for keys an older config lacks, validation from the registries,
 and the comparison with a saved config.json."""
 
+import json
+import re
+
 import ml_collections
 import pytest
 from helpers import tiny_config
@@ -47,3 +50,49 @@ def test_validate_names_the_key_the_value_and_the_allowed_ones(key, value, allow
 def test_defaults_are_the_default_config():
     assert isinstance(config_lib.defaults(), ml_collections.ConfigDict)
     config_lib.validate(config_lib.with_defaults(tiny_config()))
+
+
+def _saved_run(tmp_path, **overrides):
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config(**overrides).to_dict()))
+    return str(tmp_path)
+
+
+def test_check_workdir_names_each_differing_key_on_its_own_line(tmp_path):
+    workdir = _saved_run(tmp_path)
+    config = tiny_config(**{"model.ch": 16, "optim.learning_rate": 0.5})
+    with pytest.raises(ValueError) as e:
+        config_lib.check_workdir(config, workdir)
+    lines = str(e.value).splitlines()
+    assert "  model.ch: 32 -> 16" in lines and "  optim.learning_rate: 0.001 -> 0.5" in lines
+    assert "same config to resume" in lines[-1]
+
+
+@pytest.mark.parametrize("mode", ["eval", "sample"])
+def test_check_workdir_for_eval_and_sample_compares_only_the_network_and_data(tmp_path, mode):
+    workdir = _saved_run(tmp_path)
+    # Optimiser, seed, batch size, sampling and eval keys shape no parameter: accepted.
+    free = {
+        "optim.learning_rate": 0.5,
+        "training.batch_size": 16,
+        "training.num_train_steps": 99,
+        "sampling.method": "ddim",
+        "eval.batch_size": 16,
+    }
+    config = tiny_config(**free)
+    config.seed = 3
+    config_lib.check_workdir(config, workdir, mode=mode)
+    for key, value in {
+        "model.ch": 16,
+        "diffusion.num_timesteps": 10,
+        "data.image_size": 16,
+        "training.objective": "ncsn",
+    }.items():
+        with pytest.raises(ValueError, match=rf"(?s)different config.*\n  {re.escape(key)}: "):
+            config_lib.check_workdir(tiny_config(**{key: value}), workdir, mode=mode)
+    with pytest.raises(ValueError, match=f"--mode {mode}"):
+        config_lib.check_workdir(tiny_config(**{"model.ch": 16}), workdir, mode=mode)
+
+
+def test_check_workdir_accepts_a_workdir_without_config_json(tmp_path):
+    config_lib.check_workdir(tiny_config(**{"model.ch": 16}), str(tmp_path), mode="sample")
+    config_lib.check_workdir(tiny_config(**{"model.ch": 16}), str(tmp_path))

@@ -22,7 +22,7 @@ LAYERS = {
     "models": ("models",),
     "recipes": ("objectives", "optim", "sampling"),
     "system": ("config", "evaluation", "train"),
-    "entry points": ("main", "benchmark"),
+    "entry points": ("main", "benchmark", "cli"),
 }
 RANK = {name: rank for rank, names in enumerate(LAYERS.values()) for name in names}
 

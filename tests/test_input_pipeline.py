@@ -284,3 +284,38 @@ def test_tfds_labels_with_mock_data():
         source = ip.load_split(config, "train")
     assert source.labels is None and source.num_classes == 0 and source.images.shape[0] == 2
     assert "has no 'label' feature" in ip.unlabelled_reason(config)
+
+
+def test_an_npz_without_the_split_or_images_is_refused_naming_its_arrays(tmp_path):
+    config = default.get_config()
+    config.data.image_size, config.data.num_channels = 4, 1
+    path = tmp_path / "mine.npz"
+    np.savez(path, pics=np.zeros((6, 4, 4, 1), np.uint8), labels=np.zeros(6, np.int32))
+    config.data.dataset = str(path)
+    with pytest.raises(ip.DatasetError) as e:
+        ip.load_split(config, "train")
+    message = str(e.value)
+    assert "\n" not in message and str(path) in message, message
+    assert "'train' or 'images'" in message and "'pics', 'labels'" in message, message
+    with pytest.raises(ip.DatasetError, match="'pics'"):
+        ip.unlabelled_reason(config)
+    # A split of its own is not stood in for by another split's array.
+    np.savez(path, train=np.zeros((6, 4, 4, 1), np.uint8))
+    ip.load_split(config, "train")
+    with pytest.raises(ip.DatasetError, match=r"no 'test' or 'images' array.*'train'"):
+        ip.load_split(config, "test")
+
+
+def test_an_object_npz_is_refused_naming_the_file_and_the_array(tmp_path):
+    config = default.get_config()
+    config.data.image_size, config.data.num_channels = 4, 1
+    path = tmp_path / "mine.npz"
+    labels = np.empty(6, object)
+    labels[:] = list(range(6))
+    np.savez(path, images=np.zeros((6, 4, 4, 1), np.uint8), labels=labels)
+    config.data.dataset = str(path)
+    with pytest.raises(ip.DatasetError) as e:
+        ip.load_split(config, "train")
+    message = str(e.value)
+    assert "\n" not in message and str(path) in message and "'labels'" in message, message
+    assert "object" in message, message

@@ -163,3 +163,9 @@ def test_workdir_of_a_different_config_is_refused(full_run):
         )
         == []
     )
+
+
+def test_an_interrupt_is_labelled_by_what_sent_it():
+    # KeyboardInterrupt() is truthy but prints empty: the log line said "Interrupted ()".
+    assert train._label(KeyboardInterrupt()) == "Ctrl-C"
+    assert train._label(train._Interrupted("SIGTERM")) == "SIGTERM"

@@ -199,6 +199,7 @@ def evaluate(
     model = model or models.get_model(config)
     mesh = mesh or sharding.make_mesh()
     if params is None:
+        config_lib.check_workdir(config, workdir, mode="eval")  # before a mismatched restore
         params = load_ema_params(workdir, mesh)
     return run_evaluators(EvalContext(config, model, params, mesh, workdir))
 
@@ -206,6 +207,7 @@ def evaluate(
 def sample(config: ml_collections.ConfigDict, workdir: str) -> np.ndarray:
     """``--mode sample``: samples of the newest checkpoint's EMA parameters -> samples/."""
     config = prepare(config)
+    config_lib.check_workdir(config, workdir, mode="sample")  # before a mismatched restore
     model = models.get_model(config)
     mesh = sharding.make_mesh()
     params = load_ema_params(workdir, mesh)

@@ -1,0 +1,126 @@
+"""Command-line parsing shared by the entry points (``main``, ``benchmark``).
+
+``--config.X.Y=V`` overrides are applied by ml_collections while absl parses the flags; an
+unknown key there ends in a long traceback. ``parse_flags`` (pass it as ``app.run``'s
+``flags_parser``) turns that into one line naming the key and the closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from collections.abc import Sequence
+
+from absl import flags
+
+
+def dotted_keys(config, prefix: str = "") -> list[str]:
+    """Every dotted key of a (nested) ConfigDict or dict: sections and their leaves."""
+    out = []
+    for key, value in config.items():
+        out.append(prefix + key)
+        if hasattr(value, "items"):
+            out += dotted_keys(value, prefix + key + ".")
+    return out
+
+
+def _initials(name: str) -> str:
+    return "".join(part[0] for part in name.split("_") if part)
+
+
+def closest_key(key: str, keys: Sequence[str]) -> str | None:
+    """The valid key a mistyped ``key`` most likely meant: in the same section, one whose
+    initials or start it is (``optim.lr`` -> ``optim.learning_rate``), else the closest by
+    ``difflib.get_close_matches`` over all ``keys`` (but ``key``'s own sections); None when
+    nothing is close."""
+    section, _, leaf = key.rpartition(".")
+    for k in keys:
+        parent, _, name = k.rpartition(".")
+        if parent == section and (
+            _initials(name) == leaf or (len(leaf) >= 2 and name.startswith(leaf))
+        ):
+            return k
+    candidates = [k for k in keys if not key.startswith(k + ".")]
+    matches = difflib.get_close_matches(key, candidates, n=1)
+    return matches[0] if matches else None
+
+
+def unknown_key_message(key: str, keys: Sequence[str]) -> str:
+    """``unknown config key optim.lr; did you mean optim.learning_rate?``; with nothing close,
+    the valid keys of its section."""
+    guess = closest_key(key, keys)
+    if guess:
+        return f"unknown config key {key}; did you mean {guess}?"
+    section = key.rpartition(".")[0]
+    siblings = [k for k in keys if k.rpartition(".")[0] == section]
+    where = f"in {section}" if section else "at the top level"
+    return f"unknown config key {key}; valid keys {where}: {', '.join(siblings)}"
+
+
+def _config_argument(argv: Sequence[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        m = re.match(rf"^--?{name}(=(.*))?$", arg)
+        if m:
+            if m.group(1) is not None:
+                return m.group(2)
+            return argv[i + 1] if i + 1 < len(argv) else None
+    return None
+
+
+def _overrides(argv: Sequence[str], name: str) -> list[str]:
+    out = []
+    for arg in argv:
+        m = re.match(rf"^--?(?:no)?{name}\.([^=]+)", arg)
+        if m:
+            out.append(m.group(1))
+    return out
+
+
+def _unknown_override_message(path: str, config, keys: Sequence[str]) -> str | None:
+    """The message for a dotted override ``path`` that names no key of ``config``; None when it
+    is a key."""
+    node = config
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if not hasattr(node, "items"):
+            leaf = ".".join(parts[:i])
+            return f"unknown config key {path}; {leaf} is a value, not a section"
+        if part not in node:
+            return unknown_key_message(".".join(parts[: i + 1]), keys)
+        node = node[part]
+    return None
+
+
+def parse_flags(argv: list[str], config_flag: str = "config") -> list[str]:
+    """``flags.FLAGS(argv)``; an unknown ``--config.KEY`` override: one line on stderr, exit 1.
+
+    Other flag errors (a bad value, an unknown flag): their one line, exit 1, as absl's own
+    parser does (without its second line of help)."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError):
+        message = _unknown_override(argv, config_flag)
+        if message is None:
+            raise
+    except flags.Error as e:
+        message = str(e)
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _unknown_override(argv: Sequence[str], config_flag: str) -> str | None:
+    """The message for the first override of ``argv`` that names no key of the loaded config."""
+    path = _config_argument(argv, config_flag)
+    if path is None:
+        return None
+    try:
+        config = flags.FLAGS[config_flag].parser.parse(path)
+    except Exception:  # the config itself does not load: leave the error to absl
+        return None
+    keys = dotted_keys(config)
+    for override in _overrides(argv, config_flag):
+        message = _unknown_override_message(override, config, keys)
+        if message is not None:
+            return message
+    return None
