@@ -221,7 +221,7 @@ def digits_inversion(args) -> None:
             {
                 "steps K": k,
                 "network calls": 2 * k,
-                "max |x - x0|": float(err.max()),
+                "max abs error": float(err.max()),
                 "RMSE": float(np.sqrt(np.mean(err**2))),
                 "pixels off by a level": float(np.mean(levels != images)),
                 "x_T std": float(x_T.std()),
