@@ -13,6 +13,7 @@ A new sampler is one new entry in SAMPLERS: the objectives it applies to and a b
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -101,18 +102,20 @@ def _langevin(config: ml_collections.ConfigDict, model) -> Chain:
     return Chain(int(sigmas.shape[0]), c.n_steps_each, init, run)
 
 
-def _ode_chain(config: ml_collections.ConfigDict, model, method: str) -> Chain:
-    """A probability-flow ODE solver of ``ode`` (``dpmpp_2m`` or ``heun``), ``sampling.num_steps``
-    network calls (0: T); the network is called at fractional t between the integer steps."""
+def _ode_chain(
+    config: ml_collections.ConfigDict,
+    model,
+    init_fn: Callable,
+    steps_fn: Callable,
+    num_steps_of: Callable[[int], int],
+    calls_per_step: int,
+) -> Chain:
+    """A probability-flow ODE solver of ``ode`` (its ``*_init`` and ``*_steps``), spending
+    ``sampling.num_steps`` network calls (0: T) in ``num_steps_of(calls)`` steps; the network is
+    called at fractional t between the integer steps."""
     d = objectives.make_diffusion(config)
     calls = config.sampling.num_steps or d.num_timesteps
     clip = config.sampling.clip_denoised
-    init_fn, steps_fn = (
-        (ode.dpmpp_2m_init, ode.dpmpp_2m_steps)
-        if method == "dpmpp_2m"
-        else (ode.heun_init, ode.heun_steps)
-    )
-    num_steps, per_step = (calls, 1) if method == "dpmpp_2m" else (ode.heun_num_steps(calls), 2)
 
     def init(key, shape):
         x_T, key = _gaussian_init(key, shape)
@@ -122,7 +125,7 @@ def _ode_chain(config: ml_collections.ConfigDict, model, method: str) -> Chain:
         net = models.model_fn(model, params)
         return steps_fn(d, net, state, done, count, calls, clip_denoised=clip)
 
-    return Chain(num_steps, per_step, init, run, finish=lambda params, state: state["x"])
+    return Chain(num_steps_of(calls), calls_per_step, init, run, lambda params, s: s["x"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,8 +137,26 @@ class Sampler:
 SAMPLERS: dict[str, Sampler] = {
     "ancestral": Sampler(("ddpm",), _ancestral),
     "ddim": Sampler(("ddpm",), _ddim),
-    "dpmpp_2m": Sampler(("ddpm",), lambda config, model: _ode_chain(config, model, "dpmpp_2m")),
-    "heun": Sampler(("ddpm",), lambda config, model: _ode_chain(config, model, "heun")),
+    "dpmpp_2m": Sampler(
+        ("ddpm",),
+        functools.partial(
+            _ode_chain,
+            init_fn=ode.dpmpp_2m_init,
+            steps_fn=ode.dpmpp_2m_steps,
+            num_steps_of=lambda calls: calls,
+            calls_per_step=1,
+        ),
+    ),
+    "heun": Sampler(
+        ("ddpm",),
+        functools.partial(
+            _ode_chain,
+            init_fn=ode.heun_init,
+            steps_fn=ode.heun_steps,
+            num_steps_of=ode.heun_num_steps,
+            calls_per_step=2,
+        ),
+    ),
     "langevin": Sampler(("ncsn",), _langevin),
 }
 

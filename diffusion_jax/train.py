@@ -51,9 +51,6 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the run stopped without saving that state."""
 
 
-make_optimizer = optim.make_optimizer  # (optimizer, learning-rate schedule) of a config
-
-
 def init_state(
     config: ml_collections.ConfigDict, model, optimizer: optax.GradientTransformation
 ) -> Callable[[jax.Array], TrainState]:
@@ -122,7 +119,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Program
     data axis; and the state's initialiser with the same shardings. ``config`` is checked."""
     repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
     model = models.get_model(config)
-    optimizer, schedule = make_optimizer(config)
+    optimizer, schedule = optim.make_optimizer(config)
     init = init_state(config, model, optimizer)
     abstract = jax.eval_shape(init, objectives.run_keys(config.seed)["init"])
     abstract = jax.tree.map(
