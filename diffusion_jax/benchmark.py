@@ -20,8 +20,9 @@ Measured, on synthetic data of the config's shape (the data pipeline is not time
   ``sampling.num_steps`` steps or all T, in compiled segments), timed on its second
   call; ``chain_first_call_s`` includes compilation. E.g. the paper's 256 samples x 1000 steps:
   ``--chain --sample_batch_size 256``.
-- ``fwd_gflops_per_image``: XLA's cost analysis of the jitted forward pass (train=False) / batch;
-  ``train_gflops_per_image``: of the whole compiled train step / batch.
+- ``fwd_gflops_per_image``: XLA's cost analysis of the lowered forward pass (train=False) / batch;
+  ``train_gflops_per_image``: of the whole train step / batch (before compilation, so the
+  same count on every backend).
 - ``train_gflops`` = train-step FLOPs / median step time; ``frac_of_peak`` = that / ``peak_gflops``.
 - ``contention``: CPU-seconds per wall-second used by this process (``own_cores``) and by every
   other process on the machine (``other_cores``) during the timed train steps; on a shared machine
@@ -126,13 +127,15 @@ def _contention(a, b) -> dict[str, float]:
     )
 
 
-def _flops(compiled, num_devices: int = 1) -> float | None:
-    """FLOPs of a compiled program over all its devices: XLA's cost analysis counts the program
-    one device runs, which for a batch split over ``num_devices`` devices is 1/num_devices of it."""
-    cost = compiled.cost_analysis()
+def _flops(lowered) -> float | None:
+    """FLOPs of a lowered (not yet compiled) program, all devices together: XLA's cost analysis of
+    the HLO before any backend rewrites it. A compiled program's count depends on the backend
+    (on GPUs the cuDNN convolutions are custom calls that it does not count) and, split over
+    devices, is one device's share."""
+    cost = lowered.cost_analysis()
     if isinstance(cost, list | tuple):
         cost = cost[0] if cost else None
-    return float(cost["flops"]) * num_devices if cost and "flops" in cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
 
 
 def _peak_gflops(device, dtype_name: str, cpu_peak_gflops: float | None) -> float | None:
@@ -189,8 +192,8 @@ def _run_peer(mode: str, batch: int, steps: int) -> dict:
 def compile_train_step(config, batch_size: int) -> dict:
     """The train step of ``train.build`` (state donated and replicated over the device mesh,
     batch split over it), compiled, with its initial state and a synthetic batch of the config's
-    shape, for a copy of ``config`` at ``batch_size``. Returns dict(compiled, compile_s, state,
-    batch, keys, mesh, model, config)."""
+    shape, for a copy of ``config`` at ``batch_size``. Returns dict(lowered, compiled, compile_s,
+    state, batch, keys, mesh, model, config)."""
     import jax
     import numpy as np
 
@@ -199,7 +202,7 @@ def compile_train_step(config, batch_size: int) -> dict:
     config = config.copy_and_resolve_references()
     with config.unlocked():
         config.training.batch_size = batch_size
-    config = evaluation.prepare(config)
+    config = evaluation.prepare(config, check_data=False)  # random images
     mesh = sharding.make_mesh()
     program = train.build(config, mesh)
     keys = objectives.run_keys(config.seed)
@@ -212,9 +215,11 @@ def compile_train_step(config, batch_size: int) -> dict:
         host_batch = rng.standard_normal((batch_size, *shape), dtype=np.float32)
     batch = jax.device_put(host_batch, sharding.data_sharded(mesh))
     t0 = time.perf_counter()
-    compiled = program.step.lower(state, batch, keys["train"]).compile()
+    lowered = program.step.lower(state, batch, keys["train"])
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     return dict(
+        lowered=lowered,
         compiled=compiled,
         compile_s=compile_s,
         state=state,
@@ -287,13 +292,13 @@ def benchmark(
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     shape = input_pipeline.example_shape(config)
     rng = np.random.default_rng(0)
-    train_flops = _flops(compiled, len(mesh.devices.flat))
+    train_flops = _flops(built["lowered"])
 
     # Forward-pass FLOPs (train=False), from XLA's cost analysis of the jitted model.
     x = jnp.zeros((batch_size, *shape), jnp.float32)
     t = jnp.zeros((batch_size,), jnp.int32)
     fwd = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, train=False))
-    fwd_flops = _flops(fwd.lower(state.params, x, t).compile())
+    fwd_flops = _flops(fwd.lower(state.params, x, t))
 
     holder = {"state": state}
 
@@ -366,9 +371,10 @@ def benchmark(
         ts = jax.device_put(np.full((sample_batch,), d.num_timesteps - 1, np.int32), data_sharding)
         key = keys["sample"]
         t0 = time.perf_counter()
-        sample_compiled = sample_fn.lower(params, xs, ts, key).compile()
+        sample_lowered = sample_fn.lower(params, xs, ts, key)
+        sample_compiled = sample_lowered.compile()
         sample_compile_s = time.perf_counter() - t0
-        sample_flops = _flops(sample_compiled, len(mesh.devices.flat))
+        sample_flops = _flops(sample_lowered)
         cur = {"x": xs, "i": 0}
 
         def one_sample():

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterator
+from types import ModuleType
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +88,19 @@ def example_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     return (d.num_channels,)
 
 
+def _import_tfds(name: str) -> ModuleType:
+    """tensorflow_datasets (heavy: imported only for tfds data sets), or DatasetError saying how
+    to install it."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise DatasetError(
+            f"data.dataset={name!r} is read through tensorflow-datasets, which cannot be imported "
+            f"({e}): pip install tensorflow-datasets tensorflow-cpu (or tensorflow)."
+        ) from None
+    return tfds
+
+
 def validate_dataset(config: ml_collections.ConfigDict) -> None:
     """Raise DatasetError for a data set name that is not offline, not a path and not in tfds."""
     name = config.data.dataset
@@ -100,7 +114,7 @@ def validate_dataset(config: ml_collections.ConfigDict) -> None:
         )
     if kind != "tfds":
         return
-    import tensorflow_datasets as tfds  # heavy: imported only for tfds data sets
+    tfds = _import_tfds(name)
 
     if name.split("/")[0].split(":")[0] not in tfds.list_builders():
         raise DatasetError(
@@ -157,8 +171,7 @@ def unlabelled_reason(config: ml_collections.ConfigDict) -> str | None:
         if _folder_classes(name, _folder_files(name))[0] is not None:
             return None
         return f"the images of {name} are not sorted into class sub-folders"
-    import tensorflow_datasets as tfds  # heavy: imported only for tfds data sets
-
+    tfds = _import_tfds(name)
     info = tfds.builder(name, data_dir=config.data.data_dir).info
     if _tfds_label_feature(info) is None:
         return f"the tensorflow-datasets set {name!r} has no 'label' feature"

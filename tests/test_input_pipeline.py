@@ -1,10 +1,12 @@
 import os
 import re
+import sys
 
 import numpy as np
 import pytest
 
 from configs import default, digits
+from diffusion_jax import config as config_lib
 from diffusion_jax import input_pipeline as ip
 
 
@@ -319,3 +321,14 @@ def test_an_object_npz_is_refused_naming_the_file_and_the_array(tmp_path):
     message = str(e.value)
     assert "\n" not in message and str(path) in message and "'labels'" in message, message
     assert "object" in message, message
+
+
+def test_tfds_name_without_tensorflow_datasets_is_one_clear_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import raises ImportError
+    config = default.get_config()
+    config.data.dataset = "cifar10"
+    with pytest.raises(ip.DatasetError, match="pip install tensorflow-datasets"):
+        ip.validate_dataset(config)
+    config_lib.validate(
+        config_lib.with_defaults(config), check_data=False
+    )  # the benchmark's check needs no data set

@@ -128,11 +128,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             )
 
 
-def prepare(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def prepare(
+    config: ml_collections.ConfigDict, check_data: bool = True
+) -> ml_collections.ConfigDict:
     """The config with its defaults filled in, checked whole (``config.validate`` and the
-    evaluators' keys): what every mode starts from."""
+    evaluators' keys): what every mode starts from. ``check_data=False``: see ``validate``."""
     config = config_lib.with_defaults(config)
-    config_lib.validate(config)
+    config_lib.validate(config, check_data)
     check_config(config)
     return config
 
