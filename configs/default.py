@@ -39,6 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
     config.model.remat = False  # rematerialise ResNet blocks (saves memory on big models)
     config.model.conv_impl = "xla"  # models.layers.CONV_IMPLS: "xla" | "fast" (CPU training)
+    # Fourier features of x_t as extra input channels: exponents n of sin/cos(2^n pi x_t) (VDM).
+    # () = none. For L grey levels, 2^n = (L - 1) / 2 is periodic in the grid (configs/digits.py).
+    config.model.fourier_features = ()
     config.model.hidden_dim = 256  # mlp only
     config.model.num_layers = 4  # mlp only: residual blocks
 
@@ -51,6 +54,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion.mean_type = "eps"  # eps | x0 | v
     config.diffusion.var_type = "fixedlarge"  # fixedlarge | fixedsmall | learned_range
     config.diffusion.loss_type = "simple"  # simple | vlb | hybrid | kl
+    # How training draws t: uniform, or loss_aware (Improved DDPM 3.3: p_t ~ sqrt(E[loss_t^2])
+    # over the last 10 losses of each t, kept in the train state; the loss reweighted by 1/(T p_t)).
+    config.diffusion.t_sampler = "uniform"
 
     # Optimiser (optax): Adam with linear warmup and global-norm clipping; EMA of the parameters.
     config.optim = ml_collections.ConfigDict()
@@ -78,6 +84,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.split = "test"
     config.eval.num_examples = 10_000  # 0: the whole split
     config.eval.batch_size = 256
+    # The bound's x0_hat clipped to [-1, 1] in the mean of p(x_{t-1} | x_t), as in Ho et al.'s
+    # evaluation (False: the unclipped mean, what runs before this key was added reported).
+    config.eval.clip_denoised = True
     # evaluation.EVALUATORS of kind "metric": bpd | bpd_ode | fid | is | fd_classifier |
     # is_classifier
     config.eval.metrics = ("bpd",)

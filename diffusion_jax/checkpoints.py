@@ -6,11 +6,14 @@ middle of a save leaves no folder that ``latest_step`` would take for a finished
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 from diffusion_jax import sharding
 
@@ -26,7 +29,15 @@ def make_manager(
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=enable_async
     )
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+    return ocp.CheckpointManager(
+        checkpoint_dir(workdir), options=options, item_handlers=_handlers()
+    )
+
+
+def _handlers() -> dict[str, ocp.CheckpointHandler]:
+    """The items of a checkpoint: registered up front so that a step's metadata can be read
+    before anything is restored."""
+    return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
@@ -36,21 +47,37 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> N
 
 
 def restore(
-    manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None
+    manager: ocp.CheckpointManager,
+    abstract_state: Any,
+    step: int | None = None,
+    fill: Callable[[], Any] | None = None,
 ) -> tuple[Any, dict] | None:
     """(state, meta) of ``step`` (default: the newest complete one), or None without any.
 
     ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` (with shardings) that fixes the
-    structure, dtypes and placement of the restored arrays.
+    structure, dtypes and placement of the restored arrays. When it is a dataclass with fields
+    that the checkpoint lacks (one written by an earlier version), those fields are taken from
+    ``fill()`` (a fresh state); without ``fill`` that is an error.
     """
     step = manager.latest_step() if step is None else step
     if step is None:
         return None
-    args = ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-    )
+    target, missing = abstract_state, []
+    if dataclasses.is_dataclass(abstract_state) and fill is not None:
+        on_disk = manager.item_metadata(step)["state"]
+        on_disk = getattr(on_disk, "tree", on_disk)
+        names = [f.name for f in dataclasses.fields(abstract_state)]
+        missing = [n for n in names if n not in on_disk]
+        if missing:
+            target = {n: getattr(abstract_state, n) for n in names if n not in missing}
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
     restored = manager.restore(step, args=args)
-    return restored.state, restored.meta
+    state = restored.state
+    if missing:
+        fresh = fill()
+        state = dataclasses.replace(fresh, **state)
+        logging.info("Checkpoint %d has no %s: filled from a fresh state.", step, missing)
+    return state, restored.meta
 
 
 def load_params(workdir: str, step: int | None = None, ema: bool = True) -> Any:
@@ -62,9 +89,8 @@ def load_params(workdir: str, step: int | None = None, ema: bool = True) -> Any:
         model.apply({"params": params}, x_t, t, train=False)
     """
     options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
-    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     directory = checkpoint_dir(workdir)
-    manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+    manager = ocp.CheckpointManager(directory, options=options, item_handlers=_handlers())
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"No checkpoint in {checkpoint_dir(workdir)}.")

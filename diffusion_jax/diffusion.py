@@ -23,6 +23,7 @@ ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 MEAN_TYPES = ("eps", "x0", "v")
 VAR_TYPES = ("fixedlarge", "fixedsmall", "learned_range")
 LOSS_TYPES = ("simple", "vlb", "hybrid", "kl")
+T_SAMPLERS = ("uniform", "loss_aware")  # how training draws t (``sample_t_importance``)
 HYBRID_LAMBDA = 0.001  # Improved DDPM's lambda in L_hybrid = L_simple + lambda L_vlb
 
 

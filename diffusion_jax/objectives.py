@@ -19,7 +19,9 @@ from diffusion_jax import models, schedules
 from diffusion_jax import score as score_lib
 
 # loss_fn(params, x0, key) -> {"loss": [B], ...}: per-example losses of a training batch.
-LossFn = Callable[[Any, jax.Array, jax.Array], dict[str, jax.Array]]
+# loss_fn(params, x0, key) -> per-example losses [B]; the ddpm one also takes t=[B] (drawn by
+# the train step for diffusion.t_sampler='loss_aware').
+LossFn = Callable[..., dict[str, jax.Array]]
 
 
 def make_diffusion(config: ml_collections.ConfigDict) -> diffusion_lib.GaussianDiffusion:
@@ -49,7 +51,7 @@ def run_keys(seed: int) -> dict[str, jax.Array]:
 def _ddpm_loss(config: ml_collections.ConfigDict, model) -> LossFn:
     d = make_diffusion(config)
 
-    def loss_fn(params, x0, key):
+    def loss_fn(params, x0, key, t=None):
         dropout_key, loss_key = jax.random.split(key)
         net = models.model_fn(model, params, train=True, dropout_key=dropout_key)
         return diffusion_lib.training_losses(
@@ -58,6 +60,7 @@ def _ddpm_loss(config: ml_collections.ConfigDict, model) -> LossFn:
             x0,
             loss_key,
             loss_type=config.diffusion.loss_type,
+            t=t,
             num_bins=config.data.num_bins,
         )
 
@@ -83,10 +86,20 @@ def _check_ddpm(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.diffusion.loss_type={loss_type!r} is not one of {diffusion_lib.LOSS_TYPES}."
         )
+    sampler = config.diffusion.t_sampler
+    if sampler not in diffusion_lib.T_SAMPLERS:
+        raise ValueError(
+            f"config.diffusion.t_sampler={sampler!r} is not one of {diffusion_lib.T_SAMPLERS}."
+        )
 
 
 def _check_ncsn(config: ml_collections.ConfigDict) -> None:
     make_sigmas(config)  # 0 < sigma_min < sigma_max, num_levels >= 2
+    if config.diffusion.t_sampler != "uniform":
+        raise ValueError(
+            f"config.diffusion.t_sampler={config.diffusion.t_sampler!r} is for the ddpm "
+            "objective; the ncsn objective draws its noise levels uniformly ('uniform')."
+        )
     if config.ncsn.n_steps_each < 1 or config.ncsn.step_lr <= 0:
         raise ValueError(
             f"config.ncsn.n_steps_each={config.ncsn.n_steps_each} must be >= 1 and "

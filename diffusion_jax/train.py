@@ -37,6 +37,7 @@ from diffusion_jax import (
     sharding,
 )
 from diffusion_jax import config as config_lib
+from diffusion_jax import diffusion as diffusion_lib
 
 
 @flax.struct.dataclass
@@ -45,6 +46,9 @@ class TrainState:
     params: Any
     ema_params: Any
     opt_state: Any
+    # [T, 10] the last losses of each t for diffusion.t_sampler="loss_aware", else None. A
+    # checkpoint written before this field existed restores with it filled (checkpoints.restore).
+    loss_history: Any = None
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -66,18 +70,28 @@ def init_state(
             params=params,
             ema_params=params,
             opt_state=optimizer.init(params),
+            loss_history=(
+                diffusion_lib.init_loss_history(config.diffusion.num_timesteps)
+                if config.diffusion.t_sampler == "loss_aware"
+                else None
+            ),
         )
 
     return init
 
 
 def make_loss_fn(config: ml_collections.ConfigDict, model) -> Callable:
-    """``loss_fn(params, x0, key) -> (mean loss, metrics)`` of ``training.objective``."""
+    """``loss_fn(params, x0, key, t=None, weights=None) -> (loss, (metrics, losses))`` of
+    ``training.objective``: the mean of the per-example losses [B] (times ``weights`` when t was
+    importance-sampled), the batch means of every per-example term, and the losses themselves."""
     per_example = objectives.get_objective(config).make_loss_fn(config, model)
 
-    def loss_fn(params, x0, key):
-        metrics = {k: jnp.mean(v) for k, v in per_example(params, x0, key).items()}
-        return metrics["loss"], metrics
+    def loss_fn(params, x0, key, t=None, weights=None):
+        terms = per_example(params, x0, key) if t is None else per_example(params, x0, key, t=t)
+        losses = terms["loss"]  # [B]
+        metrics = {k: jnp.mean(v) for k, v in terms.items()}
+        loss = metrics["loss"] if weights is None else jnp.mean(weights * losses)
+        return loss, (metrics, losses)
 
     return loss_fn
 
@@ -85,19 +99,34 @@ def make_loss_fn(config: ml_collections.ConfigDict, model) -> Callable:
 def make_train_step(
     config: ml_collections.ConfigDict, model, optimizer: optax.GradientTransformation, schedule
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]:
-    """The pure update: loss, gradient, optax update, EMA; randomness from fold_in(key, step)."""
+    """The pure update: loss, gradient, optax update, EMA; randomness from fold_in(key, step).
+
+    With ``diffusion.t_sampler="loss_aware"`` t is drawn from the state's loss history
+    (``diffusion.sample_t_importance``, its own key split off the step's), the loss reweighted
+    to stay unbiased, and the history updated with the step's per-example losses."""
     loss_fn = make_loss_fn(config, model)
     decay = config.optim.ema_decay
 
     def train_step(state: TrainState, batch: jax.Array, base_key: jax.Array):
         key = jax.random.fold_in(base_key, state.step)
         x0 = input_pipeline.to_model_space(batch, config.data.num_bins)  # [B, ...] in [-1, 1]
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, x0, key)
+        t = weights = None
+        if state.loss_history is not None:
+            key, t_key = jax.random.split(key)
+            t, weights = diffusion_lib.sample_t_importance(
+                t_key, state.loss_history, x0.shape[0]
+            )  # [B], [B]
+        grads, (metrics, losses) = jax.grad(loss_fn, has_aux=True)(
+            state.params, x0, key, t, weights
+        )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema_params = optax.incremental_update(params, state.ema_params, 1.0 - decay)
         metrics |= {"grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
-        new_state = TrainState(state.step + 1, params, ema_params, opt_state)
+        history = state.loss_history
+        if history is not None:
+            history = diffusion_lib.update_loss_history(history, t, losses)
+        new_state = TrainState(state.step + 1, params, ema_params, opt_state, history)
         return new_state, metrics
 
     return train_step
@@ -179,7 +208,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     source = input_pipeline.load_split(config, config.data.train_split)
     manager = checkpoints.make_manager(workdir, config.training.keep_checkpoints)
-    restored = checkpoints.restore(manager, program.abstract_state)
+    # A checkpoint of an earlier version lacks the newer fields: filled from a fresh state.
+    restored = checkpoints.restore(
+        manager, program.abstract_state, fill=lambda: program.init(keys["init"])
+    )
     if restored is None:
         state = program.init(keys["init"])
         logging.info("Starting a new run in %s.", workdir)

@@ -429,3 +429,42 @@ def test_bad_dtype_conv_impl_and_data_kind():
 def test_models_are_linen_modules():
     assert isinstance(models.get_model(cifar10_ddpm.get_config()), nn.Module)
     assert isinstance(models.get_model(cifar10_ddpm.get_config()), unet.UNet)
+
+
+# Fourier features (VDM) of the input.
+
+
+def test_fourier_features_against_a_loop():
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 3, 2)).astype(np.float32)
+    out = np.asarray(layers.fourier_features(jnp.asarray(x), (4, 6)))
+    expected = [x]
+    for n in (4, 6):
+        expected += [np.sin(2.0**n * np.pi * x), np.cos(2.0**n * np.pi * x)]
+    np.testing.assert_allclose(out, np.concatenate(expected, axis=-1), atol=2e-5)
+    np.testing.assert_array_equal(np.asarray(layers.fourier_features(jnp.asarray(x), ())), x)
+
+
+def test_fourier_features_are_periodic_in_a_17_level_grid():
+    # 2^4 = (17 - 1) / 2: every level of the digits' grid gets the same features.
+    grid = jnp.linspace(-1.0, 1.0, 17)[:, None]  # [17, 1]
+    feats = np.asarray(layers.fourier_features(grid, (4, 5, 6)))[:, 1:]
+    np.testing.assert_allclose(feats, np.broadcast_to(feats[:1], feats.shape), atol=1e-4)
+
+
+def test_fourier_features_widen_only_the_input_convolution():
+    config = tiny_config(channels=3)
+    plain = abstract_params(models.get_model(config), (1, 8, 8, 3))
+    config.model.fourier_features = (4, 5, 6)
+    models.check_config(config)
+    rich = abstract_params(models.get_model(config), (1, 8, 8, 3))
+    assert rich["conv_in"]["kernel"].shape[2] == 3 * (1 + 2 * 3)
+    assert num_params(rich) - num_params(plain) == 3 * 3 * (3 * 6) * config.model.ch
+    assert cifar10_ddpm.get_config().model.fourier_features == ()
+
+
+@pytest.mark.parametrize("bad", [(4, 4), (4.5,), (20,)])
+def test_bad_fourier_features(bad):
+    config = tiny_config()
+    config.model.fourier_features = bad
+    with pytest.raises(ValueError, match="fourier_features.*distinct integers"):
+        models.check_config(config)

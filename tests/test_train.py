@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from helpers import tiny_config
 
-from diffusion_jax import checkpoints, evaluation, train
+from diffusion_jax import checkpoints, evaluation, sharding, train
 from diffusion_jax import config as config_lib
 
 
@@ -169,3 +169,50 @@ def test_an_interrupt_is_labelled_by_what_sent_it():
     # KeyboardInterrupt() is truthy but prints empty: the log line said "Interrupted ()".
     assert train._label(KeyboardInterrupt()) == "Ctrl-C"
     assert train._label(train._Interrupted("SIGTERM")) == "SIGTERM"
+
+
+def _loss_aware(**overrides):
+    # T = 4 and 16 examples a step: each t's 10 slots fill within a few steps, so the later steps
+    # draw t from the history.
+    return tiny_config(
+        **{"diffusion.t_sampler": "loss_aware", "diffusion.num_timesteps": 4},
+        **{"training.batch_size": 16, "training.eval_at_end": False, **overrides},
+    )
+
+
+def test_loss_aware_t_sampler_resumes_bit_identical(tmp_path):
+    reference = train.train_and_evaluate(_loss_aware(), str(tmp_path / "full"))
+    history = np.asarray(reference.loss_history)
+    assert history.shape == (4, 10) and np.isfinite(history).all()  # warm: importance-sampled
+    workdir = str(tmp_path / "resumed")
+    train.train_and_evaluate(_loss_aware(**{"training.num_train_steps": 4}), workdir)
+    resumed = train.train_and_evaluate(_loss_aware(), workdir)
+    assert int(resumed.step) == 6
+    _assert_trees_equal(resumed, reference)
+
+
+def test_checkpoint_and_config_of_an_earlier_version_resume(full_run, tmp_path):
+    """A workdir whose config.json lacks the newer keys and whose checkpoint lacks the newer
+    TrainState fields (as the version before them wrote it) resumes bit-identical."""
+    _, reference = full_run
+    first = str(tmp_path / "first")
+    train.train_and_evaluate(
+        tiny_config(**{"training.num_train_steps": 2, "training.eval_at_end": False}), first
+    )
+    old = str(tmp_path / "old")
+    manager = checkpoints.make_manager(first, enable_async=False)
+    abstract = train.build(evaluation.prepare(tiny_config()), sharding.make_mesh()).abstract_state
+    state, meta = checkpoints.restore(manager, abstract)
+    old_fields = ("step", "params", "ema_params", "opt_state")  # TrainState before loss_history
+    old_manager = checkpoints.make_manager(old, enable_async=False)
+    checkpoints.save(old_manager, 2, {k: getattr(state, k) for k in old_fields}, meta)
+    old_manager.wait_until_finished()
+    with open(os.path.join(first, "config.json")) as f:
+        saved = json.load(f)
+    del saved["diffusion"]["t_sampler"], saved["model"]["fourier_features"]
+    del saved["eval"]["clip_denoised"]
+    with open(os.path.join(old, "config.json"), "w") as f:
+        json.dump(saved, f)
+    resumed = train.train_and_evaluate(tiny_config(**{"training.eval_at_end": False}), old)
+    assert int(resumed.step) == 6 and resumed.loss_history is None
+    _assert_trees_equal(resumed, reference)

@@ -31,6 +31,7 @@ def bpd_of_split(ctx: EvalContext, split: str, num_examples: int) -> dict[str, A
         },
         "num_examples": int(n),
         "split": split,
+        "clip_denoised": bool(ctx.config.eval.clip_denoised),
         "terms_bpd_per_t": (total["terms_bpd"] / n).tolist(),
         "mse_per_t": (total["mse"] / n).tolist(),
     }
@@ -59,7 +60,7 @@ def bpd_splits(ctx: EvalContext) -> dict[str, Any]:
     ``eval.num_examples``)."""
     e = ctx.config.eval
     n = e.num_examples if e.bpd_splits_num_examples < 0 else e.bpd_splits_num_examples
-    keys = ("bpd", "bpd_stderr", "bpd_terms", "num_examples", "split")
+    keys = ("bpd", "bpd_stderr", "bpd_terms", "num_examples", "split", "clip_denoised")
     out = {}
     for split in e.bpd_splits:
         if split != ctx.metrics.get("split"):

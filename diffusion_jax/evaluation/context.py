@@ -59,7 +59,7 @@ class EvalContext:
             x0 = input_pipeline.to_model_space(batch, num_bins)  # [B, ...]
             net = models.model_fn(self.model, params)
             return diffusion_lib.bound_terms(
-                d, net, x0, key, t_start, per_call, num_bins=num_bins
+                d, net, x0, key, t_start, per_call, config.eval.clip_denoised, num_bins
             )  # each [B, per_call]
 
         def reduce(parts, batch, mask):

@@ -41,6 +41,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     model_module = _lookup(config.model.name)
     layers.compute_dtype(config.model.dtype)
     layers.check_conv_impl(config.model.conv_impl)
+    layers.check_fourier_features(config.model.fourier_features)
     model_module.check_config(config)
 
 

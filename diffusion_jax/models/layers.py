@@ -9,6 +9,7 @@ dense and convolution kernel, zero biases, and exact zeros for the layers the pa
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -124,6 +125,39 @@ def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
     if dim % 2:
         emb = jnp.pad(emb, ((0, 0), (0, 1)))
     return emb
+
+
+def fourier_features(x: jax.Array, exponents: Sequence[int]) -> jax.Array:
+    """x with sin(2^n pi x) and cos(2^n pi x) for each n in ``exponents`` appended as channels
+    (Kingma et al. 2021, VDM, appendix C): fine detail of x_t the network resolves at low noise.
+
+    For data on a grid of L levels in [-1, 1] (spacing 2 / (L - 1)), 2^n = (L - 1) / 2 makes the
+    features periodic in the grid, so they measure x_t's offset from the nearest level.
+
+    Args:
+      x: [..., C].
+      exponents: the n's; empty returns x unchanged.
+
+    Returns:
+      [..., C (1 + 2 len(exponents))], channels [x, sin(n_0), cos(n_0), sin(n_1), ...] per n.
+    """
+    if not exponents:
+        return x
+    freqs = jnp.asarray([2.0**n * math.pi for n in exponents], jnp.float32)  # [F]
+    args = x.astype(jnp.float32)[..., None, :] * freqs[:, None]  # [..., F, C]
+    feats = jnp.stack([jnp.sin(args), jnp.cos(args)], axis=-3)  # [..., 2, F, C]
+    feats = jnp.moveaxis(feats, -3, -2).reshape(*x.shape[:-1], -1)  # [..., F * 2 * C]
+    return jnp.concatenate([x.astype(jnp.float32), feats], axis=-1).astype(x.dtype)
+
+
+def check_fourier_features(exponents: Sequence[int]) -> None:
+    """Raise ValueError unless ``exponents`` are distinct integers in [-4, 16]."""
+    ok = all(isinstance(n, int) and -4 <= n <= 16 for n in exponents)
+    if not ok or len(set(exponents)) != len(exponents):
+        raise ValueError(
+            f"config.model.fourier_features={tuple(exponents)!r} must be distinct integers n in "
+            "[-4, 16] (features sin/cos(2^n pi x)), or () for none."
+        )
 
 
 class TimeEmbedding(nn.Module):

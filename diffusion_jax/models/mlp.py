@@ -30,6 +30,7 @@ class ResidualBlock(nn.Module):
     features: int
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
+    fourier_features: tuple[int, ...] = ()  # exponents n of sin/cos(2^n pi x_t) inputs
 
     @nn.compact
     def __call__(self, h: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
@@ -54,6 +55,7 @@ class MLP(nn.Module):
     dropout: float = 0.0
     learned_variance: bool = False
     dtype: Dtype = jnp.float32
+    fourier_features: tuple[int, ...] = ()  # exponents n of sin/cos(2^n pi x_t) inputs
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:
@@ -66,7 +68,8 @@ class MLP(nn.Module):
         temb = layers.TimeEmbedding(
             self.hidden_dim, self.hidden_dim, dtype=self.dtype, name="temb"
         )(t)  # [B, F]
-        h = x.reshape(b, -1).astype(self.dtype)  # [B, D]
+        h = layers.fourier_features(x.reshape(b, -1), self.fourier_features)  # [B, D (1 + 2F)]
+        h = h.astype(self.dtype)
         h = layers.dense(self.hidden_dim, dtype=self.dtype, name="dense_in")(h)  # [B, F]
         for i in range(self.num_layers):
             h = ResidualBlock(self.hidden_dim, self.dropout, self.dtype, name=f"block_{i}")(
@@ -87,6 +90,7 @@ def build(config: ml_collections.ConfigDict) -> MLP:
         dropout=m.dropout,
         learned_variance=config.diffusion.var_type == "learned_range",
         dtype=layers.compute_dtype(m.dtype),
+        fourier_features=tuple(m.fourier_features),
     )
 
 

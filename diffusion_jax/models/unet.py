@@ -108,6 +108,7 @@ class UNet(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool = False
     conv_impl: str = "xla"
+    fourier_features: tuple[int, ...] = ()  # exponents n of sin/cos(2^n pi x_t) input channels
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:
@@ -133,7 +134,8 @@ class UNet(nn.Module):
         temb = layers.TimeEmbedding(self.ch, 4 * self.ch, dtype=dt, name="temb")(t)  # [B, 4ch]
 
         # Down: keep every intermediate output for the skip connections.
-        hs = [conv(x.astype(dt), self.ch, "conv_in")]  # [B, H, W, ch]
+        h = layers.fourier_features(x, self.fourier_features)  # [B, H, W, C (1 + 2 F)]
+        hs = [conv(h.astype(dt), self.ch, "conv_in")]  # [B, H, W, ch]
         for i, mult in enumerate(self.ch_mult):
             for j in range(self.num_res_blocks):
                 h = resnet(hs[-1], self.ch * mult, f"down_{i}_block_{j}")
@@ -186,6 +188,7 @@ def build(config: ml_collections.ConfigDict) -> UNet:
         dtype=layers.compute_dtype(m.dtype),
         remat=m.remat,
         conv_impl=m.conv_impl,
+        fourier_features=tuple(m.fourier_features),
     )
 
 
