@@ -103,7 +103,7 @@ def parse_flags(argv: list[str], config_flag: str = "config") -> list[str]:
         message = _unknown_override(argv, config_flag)
         if message is None:
             raise
-    except flags.Error as e:
+    except (flags.Error, ValueError) as e:  # ValueError: a config file refusing its argument
         message = str(e)
     print(f"error: {message}", file=sys.stderr)
     sys.exit(1)

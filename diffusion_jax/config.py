@@ -109,9 +109,11 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, mode: str = "
     diffs = config_differences(old, config, ignore=ignore)
     if diffs:
         advice = (
-            "Use another --workdir, or the same config to resume."
+            f"Use another --workdir, or the run's own config (--config configs/workdir.py:"
+            f"{workdir}) to resume it."
             if mode == "train"
-            else f"Use the run's config (its {path}) for --mode {mode}."
+            else f"Use the run's own config for --mode {mode}: --config configs/workdir.py:"
+            f"{workdir}"
         )
         raise ValueError(
             f"{workdir} holds a run of a different config ({path}); differing keys:\n  "

@@ -64,7 +64,23 @@ def test_check_workdir_names_each_differing_key_on_its_own_line(tmp_path):
         config_lib.check_workdir(config, workdir)
     lines = str(e.value).splitlines()
     assert "  model.ch: 32 -> 16" in lines and "  optim.learning_rate: 0.001 -> 0.5" in lines
-    assert "same config to resume" in lines[-1]
+    assert f"--config configs/workdir.py:{workdir}" in lines[-1]
+
+
+def test_workdir_config_is_the_runs_own_and_passes_the_check(tmp_path):
+    from configs import workdir as workdir_config
+
+    config = tiny_config(**{"model.ch": 16, "model.fourier_features": (4, 5)})
+    saved = config.to_dict()
+    del saved["diffusion"]["t_sampler"]  # a run of the version before this key existed
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = config_lib.with_defaults(workdir_config.get_config(str(tmp_path)))
+    config_lib.check_workdir(loaded, str(tmp_path))
+    assert loaded.model.ch == 16 and loaded.model.fourier_features == (4, 5)
+    assert loaded.model.ch_mult == config.model.ch_mult  # a tuple again, as configs write it
+    assert loaded.diffusion.t_sampler == "uniform"
+    with pytest.raises(ValueError, match="holds no run"):
+        workdir_config.get_config(str(tmp_path / "none"))
 
 
 @pytest.mark.parametrize("mode", ["eval", "sample"])
