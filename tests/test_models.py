@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import cifar10_ddpm, default, lsun256_ddpm
+from configs import cifar10_ddpm, cifar10_improved, default, lsun256_ddpm
 from diffusion_jax import models
 from diffusion_jax.models import layers, mlp, unet
 
@@ -124,6 +124,23 @@ def test_cifar10_parameter_tree():
     assert params["up_0_block_2"]["conv1"]["kernel"].shape == (3, 3, 256, 128)  # 128 + 128 skip
     assert params["up_3_block_0"]["conv1"]["kernel"].shape == (3, 3, 512, 256)  # 256 + 256 skip
     assert params["conv_out"]["kernel"].shape == (3, 3, 128, 3)
+
+
+def test_cifar10_improved_is_the_paper_unet_with_doubled_output():
+    config = cifar10_improved.get_config()
+    paper = cifar10_ddpm.get_config()
+    differing = {
+        f"{s}.{k}"
+        for s in paper
+        if isinstance(paper[s], type(paper.model))
+        for k in paper[s]
+        if paper[s][k] != config[s][k]
+    }
+    assert differing == {"diffusion.beta_schedule", "diffusion.var_type", "diffusion.loss_type"}
+    assert config.diffusion.num_timesteps == 1000 and config.model.fourier_features == ()
+    params = abstract_params(models.get_model(config), (1, 32, 32, 3))
+    assert params["conv_out"]["kernel"].shape == (3, 3, 128, 6)
+    assert num_params(params) == CIFAR10_PARAMS + 3 * 3 * 128 * 3 + 3  # the doubled conv_out
 
 
 def test_lsun256_parameter_count():
