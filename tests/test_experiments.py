@@ -215,3 +215,29 @@ def test_independent_pixel_baseline_against_a_loop(tmp_path):
     out = likelihood_baselines.main(["--out", str(tmp_path / "b.json")])
     assert out["train_examples"] == 1500 and out["test_examples"] == 297
     assert 0 < out["independent_pixels_bpd"] < out["uniform_bpd"] == pytest.approx(math.log2(17))
+
+
+def test_likelihood_compare_table_and_curves(tmp_path):
+    import likelihood_compare
+
+    runs = []
+    for i, label in enumerate(("before", "after")):
+        metrics = {
+            "bpd": 3.0 - i,
+            "bpd_stderr": 0.01,
+            "bpd_terms": {"decoder_L0": 1e-6, "sum_Lt": 3.0 - i, "prior_LT": 2e-5},
+            "terms_bpd_per_t": list(np.linspace(1, 0.001, 20) / (i + 1)),
+            "mse_per_t": list(np.linspace(0.9, 0.01, 20)),
+        }
+        if i:
+            metrics |= {"fd_classifier": 8.5, "fd_classifier_stderr": 3.25}
+        (tmp_path / label / "eval").mkdir(parents=True)
+        (tmp_path / label / "eval" / "metrics.json").write_text(json.dumps(metrics))
+        runs.append(f"{label}={tmp_path / label}")
+    text = likelihood_compare.main(["--runs", *runs, "--outdir", str(tmp_path / "out")])
+    lines = text.splitlines()
+    assert lines[2].startswith("| before | 3.0000 ± 0.0100 | 1e-06 | 3 | 2e-05 | – | – |")
+    assert lines[3] == "| after | 2.0000 ± 0.0100 | 1e-06 | 2 | 2e-05 | 8.500 ± 3.250 | – |"
+    assert (tmp_path / "out" / "likelihood_curves.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        likelihood_compare.main(["--runs", f"x={tmp_path / 'none'}"])

@@ -35,23 +35,42 @@ def plot_lt_curve(
 ) -> None:
     """PNG of L_t (bits/dim, log scale) against t; with ``mse_per_t`` a second panel of
     E||eps_hat - eps||^2 / D against t."""
+    total = float(np.sum(terms_bpd_per_t))
+    plot_lt_curves(
+        {"": (terms_bpd_per_t, mse_per_t)}, path, title or f"L_t, sum {total:.4f} bits/dim"
+    )
+
+
+def plot_lt_curves(
+    curves: dict[str, tuple[Any, Any]], path: str, title: str = "", log_t: bool = False
+) -> None:
+    """``plot_lt_curve`` for several runs on the same axes: ``curves`` maps a label to
+    (L_t per t, eps-MSE per t or None); ``log_t`` puts t on a log scale (t + 1)."""
     plt = _pyplot()
-    terms = np.asarray(terms_bpd_per_t, np.float64)  # [T]
-    t = np.arange(len(terms))
-    panels = 1 if mse_per_t is None else 2
+    with_mse = any(mse is not None for _, mse in curves.values())
+    panels = 2 if with_mse else 1
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.2), dpi=100, squeeze=False)
+    for label, (terms, mse) in curves.items():
+        terms = np.asarray(terms, np.float64)  # [T]
+        t = np.arange(len(terms)) + (1 if log_t else 0)
+        axes[0, 0].plot(t, np.maximum(terms, 1e-12), lw=1, label=label or None)
+        if mse is not None:
+            axes[0, 1].plot(t, np.asarray(mse), lw=1, label=label or None)
     ax = axes[0, 0]
-    ax.semilogy(t, np.maximum(terms, 1e-12), lw=1)
-    ax.set_xlabel("t (0 = the decoder term L_0)")
+    ax.set_yscale("log")
+    ax.set_xlabel("t + 1" if log_t else "t (0 = the decoder term L_0)")
     ax.set_ylabel("L_t (bits/dim)")
-    ax.set_title(title or f"L_t, sum {terms.sum():.4f} bits/dim", fontsize=9)
-    ax.grid(alpha=0.3)
-    if mse_per_t is not None:
-        ax = axes[0, 1]
-        ax.semilogy(t, np.asarray(mse_per_t), lw=1, color="C1")
-        ax.set_xlabel("t")
-        ax.set_ylabel("eps MSE per dim")
+    ax.set_title(title, fontsize=9)
+    if with_mse:
+        axes[0, 1].set_yscale("log")
+        axes[0, 1].set_xlabel("t + 1" if log_t else "t")
+        axes[0, 1].set_ylabel("eps MSE per dim")
+    for ax in axes[0]:
         ax.grid(alpha=0.3)
+        if log_t:
+            ax.set_xscale("log")
+        if len(curves) > 1:
+            ax.legend(fontsize=7)
     _save(fig, path)
 
 
