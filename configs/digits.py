@@ -22,6 +22,17 @@ def get_config():
     config.model.num_res_blocks = 2
     config.model.attn_resolutions = (4,)
     config.model.dropout = 0.1
+    # Sin/cos(2^n pi x_t), n = 4, 5, 6: 2^4 = (17 - 1) / 2 makes them periodic in the 17-level
+    # grid, so they give x_t's offset from the nearest level, what the network must resolve at
+    # low noise ((4, 5, 6) beat (3, 4, 5, 6) and (4, 5, 6, 7) in 2,000-step screens: README).
+    config.model.fourier_features = (4, 5, 6)
+
+    # The bound's recipe (README, "Likelihood"): learned interpolated variances trained on the
+    # whole bound L_vlb with t importance-sampled (Improved DDPM), instead of L_simple with
+    # fixedlarge variances (3.0869 bits/dim unclipped, 2.8565 clipped, before).
+    config.diffusion.var_type = "learned_range"
+    config.diffusion.loss_type = "vlb"
+    config.diffusion.t_sampler = "loss_aware"
 
     config.optim.learning_rate = 1e-3
     config.optim.warmup_steps = 200
