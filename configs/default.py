@@ -54,8 +54,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion.mean_type = "eps"  # eps | x0 | v
     config.diffusion.var_type = "fixedlarge"  # fixedlarge | fixedsmall | learned_range
     config.diffusion.loss_type = "simple"  # simple | vlb | hybrid | kl
-    # How training draws t: uniform, or loss_aware (Improved DDPM 3.3: p_t ~ sqrt(E[loss_t^2])
-    # over the last 10 losses of each t, kept in the train state; the loss reweighted by 1/(T p_t)).
+    # How training draws t (ddpm objective): uniform, or loss_aware (Improved DDPM 3.3:
+    # p_t ~ sqrt(E[loss_t^2]) over the last 10 losses of each t, kept in the train state; the
+    # loss reweighted by 1/(T p_t)).
     config.diffusion.t_sampler = "uniform"
 
     # Optimiser (optax): Adam with linear warmup and global-norm clipping; EMA of the parameters.

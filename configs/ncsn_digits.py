@@ -30,6 +30,7 @@ def get_config():
     config.model.ch = 32  # a quarter of the DDPM digits U-Net's compute: minutes on a CPU
     config.model.num_res_blocks = 1
     config.model.dropout = 0.0
+    config.model.fourier_features = ()  # the digits DDPM's input features, not screened for NCSN
 
     config.training.objective = "ncsn"
     config.sampling.method = "langevin"  # annealed Langevin dynamics over config.ncsn

@@ -42,6 +42,13 @@ def make_sigmas(config: ml_collections.ConfigDict) -> jax.Array:
     return score_lib.ncsn_sigmas(c.sigma_max, c.sigma_min, c.num_levels)
 
 
+def loss_aware(config: ml_collections.ConfigDict) -> bool:
+    """Whether training importance-samples t from a loss history (the train state's
+    ``loss_history``): ``diffusion.t_sampler="loss_aware"`` under the ddpm objective; the ncsn
+    objective, which ignores the diffusion section, draws its noise levels uniformly."""
+    return config.training.objective == "ddpm" and config.diffusion.t_sampler == "loss_aware"
+
+
 def run_keys(seed: int) -> dict[str, jax.Array]:
     """The run's root keys, one per purpose, all derived from ``seed``."""
     names = ("init", "train", "sample", "eval")
@@ -95,11 +102,6 @@ def _check_ddpm(config: ml_collections.ConfigDict) -> None:
 
 def _check_ncsn(config: ml_collections.ConfigDict) -> None:
     make_sigmas(config)  # 0 < sigma_min < sigma_max, num_levels >= 2
-    if config.diffusion.t_sampler != "uniform":
-        raise ValueError(
-            f"config.diffusion.t_sampler={config.diffusion.t_sampler!r} is for the ddpm "
-            "objective; the ncsn objective draws its noise levels uniformly ('uniform')."
-        )
     if config.ncsn.n_steps_each < 1 or config.ncsn.step_lr <= 0:
         raise ValueError(
             f"config.ncsn.n_steps_each={config.ncsn.n_steps_each} must be >= 1 and "

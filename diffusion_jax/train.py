@@ -72,7 +72,7 @@ def init_state(
             opt_state=optimizer.init(params),
             loss_history=(
                 diffusion_lib.init_loss_history(config.diffusion.num_timesteps)
-                if config.diffusion.t_sampler == "loss_aware"
+                if objectives.loss_aware(config)
                 else None
             ),
         )

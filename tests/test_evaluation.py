@@ -46,8 +46,9 @@ def test_bound_sums_equal_calc_bpd_loop(run, tmp_path):
     x0 = input_pipeline.to_model_space(jnp.asarray(images), config.data.num_bins)
     d, net = objectives.make_diffusion(config), models.model_fn(model, params)
     key = objectives.run_keys(config.seed)["eval"]
-    ref = [dl.calc_bpd_loop(d, net, x0[:8], jax.random.fold_in(key, 0), num_bins=17)]
-    ref.append(dl.calc_bpd_loop(d, net, x0[8:], jax.random.fold_in(key, 1), num_bins=17))
+    clip = config.eval.clip_denoised
+    ref = [dl.calc_bpd_loop(d, net, x0[:8], jax.random.fold_in(key, 0), clip, num_bins=17)]
+    ref.append(dl.calc_bpd_loop(d, net, x0[8:], jax.random.fold_in(key, 1), clip, num_bins=17))
     total = np.concatenate([r["total_bpd"] for r in ref])
     assert out["bpd"] == pytest.approx(float(total.mean()), rel=1e-5)
     terms = np.concatenate([r["terms_bpd"] for r in ref]).mean(0)

@@ -191,18 +191,26 @@ def test_loss_aware_t_sampler_resumes_bit_identical(tmp_path):
     _assert_trees_equal(resumed, reference)
 
 
-def test_checkpoint_and_config_of_an_earlier_version_resume(full_run, tmp_path):
+def test_checkpoint_and_config_of_an_earlier_version_resume(tmp_path):
     """A workdir whose config.json lacks the newer keys and whose checkpoint lacks the newer
     TrainState fields (as the version before them wrote it) resumes bit-identical."""
-    _, reference = full_run
+    # The recipe of that version: the newer keys at their defaults.
+    old_recipe = {
+        "diffusion.t_sampler": "uniform",
+        "model.fourier_features": (),
+        "diffusion.var_type": "fixedlarge",
+        "diffusion.loss_type": "simple",
+        "training.eval_at_end": False,
+    }
+    reference = train.train_and_evaluate(tiny_config(**old_recipe), str(tmp_path / "reference"))
     first = str(tmp_path / "first")
-    train.train_and_evaluate(
-        tiny_config(**{"training.num_train_steps": 2, "training.eval_at_end": False}), first
-    )
+    train.train_and_evaluate(tiny_config(**old_recipe, **{"training.num_train_steps": 2}), first)
     old = str(tmp_path / "old")
     manager = checkpoints.make_manager(first, enable_async=False)
-    abstract = train.build(evaluation.prepare(tiny_config()), sharding.make_mesh()).abstract_state
-    state, meta = checkpoints.restore(manager, abstract)
+    config = evaluation.prepare(tiny_config(**old_recipe))
+    state, meta = checkpoints.restore(
+        manager, train.build(config, sharding.make_mesh()).abstract_state
+    )
     old_fields = ("step", "params", "ema_params", "opt_state")  # TrainState before loss_history
     old_manager = checkpoints.make_manager(old, enable_async=False)
     checkpoints.save(old_manager, 2, {k: getattr(state, k) for k in old_fields}, meta)
@@ -213,6 +221,6 @@ def test_checkpoint_and_config_of_an_earlier_version_resume(full_run, tmp_path):
     del saved["eval"]["clip_denoised"]
     with open(os.path.join(old, "config.json"), "w") as f:
         json.dump(saved, f)
-    resumed = train.train_and_evaluate(tiny_config(**{"training.eval_at_end": False}), old)
+    resumed = train.train_and_evaluate(tiny_config(**old_recipe), old)
     assert int(resumed.step) == 6 and resumed.loss_history is None
     _assert_trees_equal(resumed, reference)

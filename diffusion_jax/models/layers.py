@@ -150,6 +150,12 @@ def fourier_features(x: jax.Array, exponents: Sequence[int]) -> jax.Array:
     return jnp.concatenate([x.astype(jnp.float32), feats], axis=-1).astype(x.dtype)
 
 
+def learned_variance(config: Any) -> bool:
+    """Whether the network also outputs a variance: ``diffusion.var_type="learned_range"`` under
+    the ddpm objective (the diffusion section is the ddpm objective's; an NCSN ignores it)."""
+    return config.training.objective == "ddpm" and config.diffusion.var_type == "learned_range"
+
+
 def check_fourier_features(exponents: Sequence[int]) -> None:
     """Raise ValueError unless ``exponents`` are distinct integers in [-4, 16]."""
     ok = all(isinstance(n, int) and -4 <= n <= 16 for n in exponents)

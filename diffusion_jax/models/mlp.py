@@ -88,7 +88,7 @@ def build(config: ml_collections.ConfigDict) -> MLP:
         hidden_dim=m.hidden_dim,
         num_layers=m.num_layers,
         dropout=m.dropout,
-        learned_variance=config.diffusion.var_type == "learned_range",
+        learned_variance=layers.learned_variance(config),
         dtype=layers.compute_dtype(m.dtype),
         fourier_features=tuple(m.fourier_features),
     )

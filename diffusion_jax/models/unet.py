@@ -184,7 +184,7 @@ def build(config: ml_collections.ConfigDict) -> UNet:
         attn_resolutions=tuple(m.attn_resolutions),
         dropout=m.dropout,
         resamp_with_conv=m.resamp_with_conv,
-        learned_variance=config.diffusion.var_type == "learned_range",
+        learned_variance=layers.learned_variance(config),
         dtype=layers.compute_dtype(m.dtype),
         remat=m.remat,
         conv_impl=m.conv_impl,
