@@ -46,22 +46,71 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> N
     manager.save(step, args=args, force=True)
 
 
+class CheckpointError(RuntimeError):
+    """No checkpoint of a run that had some could be restored."""
+
+
 def restore(
     manager: ocp.CheckpointManager,
     abstract_state: Any,
     step: int | None = None,
     fill: Callable[[], Any] | None = None,
 ) -> tuple[Any, dict] | None:
-    """(state, meta) of ``step`` (default: the newest complete one), or None without any.
+    """(state, meta) of ``step``, or by default of the newest checkpoint that restores; None when
+    the run has none.
 
     ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` (with shardings) that fixes the
     structure, dtypes and placement of the restored arrays. When it is a dataclass with fields
     that the checkpoint lacks (one written by an earlier version), those fields are taken from
     ``fill()`` (a fresh state); without ``fill`` that is an error.
+
+    Without ``step``, a checkpoint that fails to restore (missing or corrupt data, bad metadata,
+    an empty step folder) is named in one warning with the reason, moved aside to
+    ``checkpoints/corrupt-<step>`` (never deleted) and the next older one is tried; when every
+    one fails, CheckpointError.
     """
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        return None
+    if step is not None:
+        return _restore_step(manager, abstract_state, step, fill)
+    steps = sorted(manager.all_steps(), reverse=True)
+    for s in steps:
+        try:
+            return _restore_step(manager, abstract_state, s, fill)
+        except Exception as e:  # orbax, tensorstore, JSON and key errors alike
+            reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+            moved = _move_aside(manager, s)
+            logging.warning(
+                "Checkpoint %d cannot be restored (%s); moved to %s, trying the one before.",
+                s,
+                reason,
+                moved,
+            )
+    if steps:
+        raise CheckpointError(
+            f"None of the checkpoints {steps} in {manager.directory} could be restored; they "
+            "were moved to corrupt-<step> folders there. Start afresh in another --workdir, or "
+            "repair them."
+        )
+    return None
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
+    """Rename the folder of ``step`` to ``corrupt-<step>`` (``-2``, ``-3``, ... if taken) on
+    process 0, and make the manager forget it."""
+    directory = os.fspath(manager.directory)
+    dest = os.path.join(directory, f"corrupt-{step}")
+    n = 1
+    while os.path.exists(dest):
+        n += 1
+        dest = os.path.join(directory, f"corrupt-{step}-{n}")
+    if jax.process_index() == 0:
+        os.rename(os.path.join(directory, str(step)), dest)
+    manager.reload()
+    return dest
+
+
+def _restore_step(
+    manager: ocp.CheckpointManager, abstract_state: Any, step: int, fill: Callable[[], Any] | None
+) -> tuple[Any, dict]:
     target, missing = abstract_state, []
     if dataclasses.is_dataclass(abstract_state) and fill is not None:
         on_disk = manager.item_metadata(step)["state"]
@@ -81,7 +130,8 @@ def restore(
 
 
 def load_params(workdir: str, step: int | None = None, ema: bool = True) -> Any:
-    """The parameters of a run: EMA (default) or raw, of ``step`` or the newest checkpoint.
+    """The parameters of a run: EMA (default) or raw, of ``step`` or the newest checkpoint that
+    restores (a damaged one is named in a warning and skipped; nothing is moved).
 
     What a notebook needs to sample from a trained model::
 
@@ -91,14 +141,27 @@ def load_params(workdir: str, step: int | None = None, ema: bool = True) -> Any:
     options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
     directory = checkpoint_dir(workdir)
     manager = ocp.CheckpointManager(directory, options=options, item_handlers=_handlers())
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"No checkpoint in {checkpoint_dir(workdir)}.")
-    if step not in manager.all_steps():
-        raise FileNotFoundError(
-            f"No checkpoint of step {step} in {checkpoint_dir(workdir)}; "
-            f"there are {sorted(manager.all_steps())}."
-        )
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        raise FileNotFoundError(f"No checkpoint in {directory}.")
+    if step is not None:
+        if step not in steps:
+            raise FileNotFoundError(
+                f"No checkpoint of step {step} in {directory}; there are {sorted(steps)}."
+            )
+        return _load_params(manager, step, ema)
+    for s in steps:
+        try:
+            return _load_params(manager, s, ema)
+        except Exception as e:  # orbax, tensorstore, JSON and key errors alike
+            reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+            logging.warning(
+                "Checkpoint %d cannot be restored (%s); trying the one before.", s, reason
+            )
+    raise CheckpointError(f"None of the checkpoints {steps} in {directory} could be restored.")
+
+
+def _load_params(manager: ocp.CheckpointManager, step: int, ema: bool) -> Any:
     # Restore onto this run's devices, replicated, whatever the devices of the run that saved it
     # (a checkpoint of 8 GPUs loads in a 1-CPU notebook). On several processes, all must call this.
     replicated = sharding.replicated(sharding.make_mesh())

@@ -63,7 +63,7 @@ def main(argv):
         _fail(e)
     import jax
 
-    from diffusion_jax import distributed, evaluation, train
+    from diffusion_jax import checkpoints, distributed, evaluation, train
 
     try:
         distributed.initialize(_DISTRIBUTED.value)
@@ -75,7 +75,13 @@ def main(argv):
             evaluation.evaluate(config, _WORKDIR.value)
         else:
             evaluation.sample(config, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, FloatingPointError, evaluation.EvaluationError) as e:
+    except (
+        ValueError,
+        FileNotFoundError,
+        FloatingPointError,
+        evaluation.EvaluationError,
+        checkpoints.CheckpointError,
+    ) as e:
         _fail(e)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -8,7 +8,7 @@ README can print them beside the diffusion model's bound:
     python experiments/likelihood_baselines.py [--config configs/digits.py]
 
 Prints one JSON line and writes it to ``--out`` (default
-``experiments/results/likelihood_baselines.json``).
+``experiments/results/likelihood/likelihood_baselines.json``).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/digits.py")
     parser.add_argument(
-        "--out", default=os.path.join(ROOT, "experiments/results/likelihood_baselines.json")
+        "--out", default=os.path.join(ROOT, "experiments/results/likelihood/likelihood_baselines.json")
     )
     args = parser.parse_args(argv)
 

@@ -50,7 +50,7 @@ def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", required=True, help="label=WORKDIR ...")
     parser.add_argument(
-        "--outdir", default=os.path.join(ROOT, "experiments/results/likelihood_compare")
+        "--outdir", default=os.path.join(ROOT, "experiments/results/likelihood")
     )
     args = parser.parse_args(argv)
 

@@ -1,6 +1,8 @@
 import json
 import os
 import re
+import shutil
+from unittest import mock
 
 import jax
 import numpy as np
@@ -224,3 +226,73 @@ def test_checkpoint_and_config_of_an_earlier_version_resume(tmp_path):
     resumed = train.train_and_evaluate(tiny_config(**old_recipe), old)
     assert int(resumed.step) == 6 and resumed.loss_history is None
     _assert_trees_equal(resumed, reference)
+
+
+def _corrupt(step_dir: str, how: str) -> None:
+    state = os.path.join(step_dir, "state")
+    data = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(state, "d")) for f in fs]
+    assert data, os.listdir(state)
+    if how == "data file deleted":
+        os.remove(data[0])
+    elif how == "data overwritten":
+        for path in data:
+            with open(path, "r+b") as f:
+                size = os.path.getsize(path)
+                f.write(np.random.default_rng(0).bytes(size))
+    elif how == "garbage metadata":
+        with open(os.path.join(state, "_METADATA"), "w") as f:
+            f.write("garbage")
+    else:  # an empty step folder
+        shutil.rmtree(step_dir)
+        os.makedirs(step_dir)
+
+
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory):
+    """A 6-step run with checkpoints 2, 4, 6 (no evaluation) and its final state."""
+    workdir = str(tmp_path_factory.mktemp("six"))
+    state = train.train_and_evaluate(tiny_config(**{"training.eval_at_end": False}), workdir)
+    return workdir, state
+
+
+@pytest.mark.parametrize(
+    "how", ["data file deleted", "data overwritten", "garbage metadata", "empty folder"]
+)
+def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_walks_back(
+    six_steps, tmp_path, how
+):
+    source, reference = six_steps
+    workdir = str(tmp_path / "run")
+    shutil.copytree(source, workdir)
+    ckpt = os.path.join(workdir, "checkpoints")
+    _corrupt(os.path.join(ckpt, "6"), how)
+    with mock.patch.object(checkpoints.logging, "warning") as warning:
+        resumed = train.train_and_evaluate(tiny_config(**{"training.eval_at_end": False}), workdir)
+    ours = [c.args for c in warning.call_args_list if "cannot be restored" in str(c.args[0])]
+    assert len(ours) == 1, warning.call_args_list
+    message = ours[0]
+    assert message[1] == 6 and message[3] == os.path.join(ckpt, "corrupt-6")
+    assert os.path.isdir(os.path.join(ckpt, "corrupt-6"))  # kept, never deleted
+    assert int(resumed.step) == 6  # steps 5 and 6 trained again from checkpoint 4
+    _assert_trees_equal(resumed, reference)
+    assert checkpoints.make_manager(workdir).latest_step() == 6
+
+
+def test_no_restorable_checkpoint_is_a_clear_error(six_steps, tmp_path):
+    source, _ = six_steps
+    workdir = str(tmp_path / "run")
+    shutil.copytree(source, workdir)
+    for step in (2, 4, 6):
+        _corrupt(os.path.join(workdir, "checkpoints", str(step)), "garbage metadata")
+    with pytest.raises(checkpoints.CheckpointError, match=r"None of the checkpoints \[6, 4, 2\]"):
+        train.train_and_evaluate(tiny_config(**{"training.eval_at_end": False}), workdir)
+
+
+def test_load_params_skips_a_damaged_newest_checkpoint(six_steps, tmp_path):
+    source, _ = six_steps
+    workdir = str(tmp_path / "run")
+    shutil.copytree(source, workdir)
+    _corrupt(os.path.join(workdir, "checkpoints", "6"), "garbage metadata")
+    params = checkpoints.load_params(workdir)
+    _assert_trees_equal(params, checkpoints.load_params(source, step=4))
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "6"))  # read-only: nothing moved
