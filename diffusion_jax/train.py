@@ -35,6 +35,7 @@ from diffusion_jax import (
     reporting,
     sampling,
     sharding,
+    workdir_lock,
 )
 from diffusion_jax import config as config_lib
 from diffusion_jax import diffusion as diffusion_lib
@@ -197,10 +198,18 @@ def _signals_deferred(signums):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Train (resuming from the newest checkpoint), then sample and evaluate as configured."""
+    """Train (resuming from the newest checkpoint), then sample and evaluate as configured; the
+    workdir locked against a second train process for the whole run."""
     config = evaluation.prepare(config)
     config_lib.check_workdir(config, workdir)
     process0 = jax.process_index() == 0
+    with workdir_lock.hold(workdir, enabled=process0):
+        return _train_and_evaluate(config, workdir, process0)
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, process0: bool
+) -> TrainState:
     mesh = sharding.make_mesh()
     program = build(config, mesh)
     keys = objectives.run_keys(config.seed)

@@ -18,6 +18,7 @@ LAYERS = {
         "checkpoints",
         "runtime",
         "distributed",
+        "workdir_lock",
     ),
     "models": ("models",),
     "recipes": ("objectives", "optim", "sampling"),
