@@ -223,8 +223,14 @@ def _load_files(path: str, image_size: int, split: str) -> _Loaded:
         raise DatasetError(f"data.dataset={path!r}: the folder holds no {_IMAGE_SUFFIXES} files.")
     images = []
     for f in files:
-        with Image.open(f) as im:
-            images.append(np.asarray(_center_crop_resize(im.convert("RGB"), image_size)))
+        try:
+            with Image.open(f) as im:
+                images.append(np.asarray(_center_crop_resize(im.convert("RGB"), image_size)))
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for damaged files
+            raise DatasetError(
+                f"Cannot read the image {f} of data.dataset={path!r}: {type(e).__name__}: {e}. "
+                "Repair or remove it."
+            ) from None
     labels, names = _folder_classes(path, files)
     return np.stack(images), labels, names
 

@@ -332,3 +332,21 @@ def test_tfds_name_without_tensorflow_datasets_is_one_clear_line(monkeypatch):
     config_lib.validate(
         config_lib.with_defaults(config), check_data=False
     )  # the benchmark's check needs no data set
+
+
+def test_a_truncated_image_is_named_in_one_error(tmp_path):
+    from PIL import Image
+
+    config = default.get_config()
+    config.data.image_size, config.data.num_channels = 8, 3
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    data = (folder / "1.png").read_bytes()
+    (folder / "1.png").write_bytes(data[: len(data) // 2])
+    config.data.dataset = str(folder)
+    with pytest.raises(ip.DatasetError, match=r"Cannot read the image .*1\.png") as e:
+        ip.load_split(config, "train")
+    assert "\n" not in str(e.value)
