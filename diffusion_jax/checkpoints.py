@@ -6,8 +6,10 @@ middle of a save leaves no folder that ``latest_step`` would take for a finished
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +18,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from diffusion_jax import sharding
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved, or none of a run's checkpoints restored."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -41,13 +47,43 @@ def _handlers() -> dict[str, ocp.CheckpointHandler]:
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
-    """Start saving ``state`` (a pytree) and ``meta`` (JSON) at ``step``; async where enabled."""
+    """Start saving ``state`` (a pytree) and ``meta`` (JSON) at ``step``; async where enabled.
+
+    A save that fails (disk full, permissions), here or in the background (raised by
+    ``wait``), is a CheckpointError naming the step, the folder and the cause; its temporary
+    folder is removed, so the previous checkpoint stays the newest."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-    manager.save(step, args=args, force=True)
+    try:
+        manager.save(step, args=args, force=True)
+    except Exception as e:
+        raise _save_failed(manager, step, e) from e
 
 
-class CheckpointError(RuntimeError):
-    """No checkpoint of a run that had some could be restored."""
+def wait(manager: ocp.CheckpointManager, step: int | None = None) -> None:
+    """Wait for the save in flight; its failure as CheckpointError (see ``save``)."""
+    try:
+        manager.wait_until_finished()
+    except Exception as e:
+        raise _save_failed(manager, step, e) from e
+
+
+def _save_failed(manager: ocp.CheckpointManager, step: int | None, e: Exception) -> Exception:
+    # An earlier save may still be in flight: let it finish before removing what is left over.
+    with contextlib.suppress(Exception):
+        manager.wait_until_finished()
+    directory = os.fspath(manager.directory)
+    for name in os.listdir(directory) if os.path.isdir(directory) else ():
+        if ".orbax-checkpoint-tmp" in name and jax.process_index() == 0:
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    manager.reload()
+    newest = manager.latest_step()
+    what = "a checkpoint" if step is None else f"the checkpoint of step {step}"
+    return CheckpointError(
+        f"Saving {what} to {directory} failed ({type(e).__name__}: "
+        f"{' '.join(str(e).split())[:200]}); the run stopped there. The newest checkpoint is "
+        f"{'none' if newest is None else f'step {newest}'}; free space or fix permissions, then "
+        "run the same command to resume."
+    )
 
 
 def restore(

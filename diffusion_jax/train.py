@@ -302,13 +302,13 @@ def _train_and_evaluate(
         _summarise(pending, step, manager)  # raises rather than save a non-finite state
         logging.warning("Interrupted (%s) at step %d: saving a checkpoint.", _label(e), step)
         save(step)
-        manager.wait_until_finished()
+        checkpoints.wait(manager, step)
         raise KeyboardInterrupt from e
     finally:
         progress.close()
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
-        manager.wait_until_finished()
+        checkpoints.wait(manager, last_saved)
     logging.info("Training done: %d steps.", step)
     try:
         if config.training.eval_at_end and step > start:

@@ -296,3 +296,27 @@ def test_load_params_skips_a_damaged_newest_checkpoint(six_steps, tmp_path):
     params = checkpoints.load_params(workdir)
     _assert_trees_equal(params, checkpoints.load_params(source, step=4))
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "6"))  # read-only: nothing moved
+
+
+def test_a_failed_save_stops_the_run_naming_the_cause_and_keeps_the_previous(tmp_path):
+    """Fault injection: the save of step 4 leaves a temporary folder and raises ENOSPC."""
+    import errno
+
+    real_save = checkpoints.ocp.CheckpointManager.save
+
+    def failing_save(self, step, *args, **kwargs):
+        if step == 4:
+            os.makedirs(os.path.join(os.fspath(self.directory), "4.orbax-checkpoint-tmp-1"))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, step, *args, **kwargs)
+
+    workdir = str(tmp_path)
+    with mock.patch.object(checkpoints.ocp.CheckpointManager, "save", failing_save):
+        with pytest.raises(checkpoints.CheckpointError) as e:
+            train.train_and_evaluate(tiny_config(), workdir)
+    message = str(e.value)
+    assert "step 4" in message and "No space left on device" in message
+    assert "The newest checkpoint is step 2" in message and "\n" not in message
+    ckpt = os.path.join(workdir, "checkpoints")
+    assert sorted(os.listdir(ckpt)) == ["2"]  # the tmp folder removed
+    assert checkpoints.make_manager(workdir).latest_step() == 2
