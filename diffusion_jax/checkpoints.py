@@ -113,7 +113,7 @@ def restore(
             return _restore_step(manager, abstract_state, s, fill)
         except Exception as e:  # orbax, tensorstore, JSON and key errors alike
             reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
-            moved = _move_aside(manager, s)
+            moved = move_aside(manager, s)
             logging.warning(
                 "Checkpoint %d cannot be restored (%s); moved to %s, trying the one before.",
                 s,
@@ -129,15 +129,15 @@ def restore(
     return None
 
 
-def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
-    """Rename the folder of ``step`` to ``corrupt-<step>`` (``-2``, ``-3``, ... if taken) on
-    process 0, and make the manager forget it."""
+def move_aside(manager: ocp.CheckpointManager, step: int, reason: str = "corrupt") -> str:
+    """Rename the folder of ``step`` to ``<reason>-<step>`` (``-2``, ``-3``, ... if taken) on
+    process 0, and make the manager forget it; never deletes. Returns the new path."""
     directory = os.fspath(manager.directory)
-    dest = os.path.join(directory, f"corrupt-{step}")
+    dest = os.path.join(directory, f"{reason}-{step}")
     n = 1
     while os.path.exists(dest):
         n += 1
-        dest = os.path.join(directory, f"corrupt-{step}-{n}")
+        dest = os.path.join(directory, f"{reason}-{step}-{n}")
     if jax.process_index() == 0:
         os.rename(os.path.join(directory, str(step)), dest)
     manager.reload()

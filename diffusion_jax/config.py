@@ -96,16 +96,32 @@ def config_differences(
     return _differences(old, new, defaults().to_dict(), prefix, RESUMABLE_KEYS + tuple(ignore))
 
 
-def check_workdir(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -> None:
+CHANGEABLE_ON_RESUME = ("optim.",)  # what --allow_config_change may name (keys or sections)
+
+
+def check_workdir(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    mode: str = "train",
+    allow: tuple[str, ...] = (),
+) -> None:
     """Refuse a workdir holding a run of a different config (nothing is overwritten): one line
-    per differing key. ``mode`` ``"eval"``/``"sample"`` also lets EVAL_FREE_KEYS differ. A
-    workdir without ``config.json`` (new, or a run of a version that wrote none) is accepted."""
+    per differing key. ``mode`` ``"eval"``/``"sample"`` also lets EVAL_FREE_KEYS differ;
+    ``allow`` (keys of CHANGEABLE_ON_RESUME, e.g. ``optim.learning_rate`` after a NaN stop) lets
+    those differ too. A workdir without ``config.json`` (new, or a run of a version that wrote
+    none) is accepted."""
+    for key in allow:
+        if not key.startswith(CHANGEABLE_ON_RESUME):
+            raise ValueError(
+                f"--allow_config_change={key!r}: only the optimiser's keys may change on resume "
+                f"({', '.join(k + '*' for k in CHANGEABLE_ON_RESUME)})."
+            )
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return
     with open(path) as f:
         old = json.load(f)
-    ignore = () if mode == "train" else EVAL_FREE_KEYS
+    ignore = (() if mode == "train" else EVAL_FREE_KEYS) + tuple(allow)
     diffs = config_differences(old, config, ignore=ignore)
     if diffs:
         advice = (

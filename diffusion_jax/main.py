@@ -23,6 +23,12 @@ _DISTRIBUTED = flags.DEFINE_bool(
 _CPU_CONV = flags.DEFINE_string(
     "cpu_conv_library", runtime.default_library(), runtime.CPU_CONV_HELP
 )
+_ALLOW_CHANGE = flags.DEFINE_list(
+    "allow_config_change",
+    [],
+    "train: optimiser keys (optim.*) that may differ from the run's config.json on resume, "
+    "e.g. optim.learning_rate after a NaN stop.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -70,7 +76,7 @@ def main(argv):
         _setup_logging(_WORKDIR.value, jax.process_index())
         logging.info("Mode %s, workdir %s, config:\n%s", _MODE.value, _WORKDIR.value, config)
         if _MODE.value == "train":
-            train.train_and_evaluate(config, _WORKDIR.value)
+            train.train_and_evaluate(config, _WORKDIR.value, tuple(_ALLOW_CHANGE.value))
         elif _MODE.value == "eval":
             evaluation.evaluate(config, _WORKDIR.value)
         else:

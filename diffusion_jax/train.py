@@ -197,11 +197,14 @@ def _signals_deferred(signums):
             raise _Interrupted(signal.Signals(received[0]).name)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, allow_config_change: tuple[str, ...] = ()
+) -> TrainState:
     """Train (resuming from the newest checkpoint), then sample and evaluate as configured; the
-    workdir locked against a second train process for the whole run."""
+    workdir locked against a second train process for the whole run. ``allow_config_change``:
+    optimiser keys that may differ from the run's config.json (``config.check_workdir``)."""
     config = evaluation.prepare(config)
-    config_lib.check_workdir(config, workdir)
+    config_lib.check_workdir(config, workdir, allow=allow_config_change)
     process0 = jax.process_index() == 0
     with workdir_lock.hold(workdir, enabled=process0):
         return _train_and_evaluate(config, workdir, process0)
@@ -340,9 +343,21 @@ def _summarise(pending: list[dict], step: int, manager) -> dict[str, float]:
     if bad.size:
         first = step - len(losses) + int(bad[0]) + 1
         manager.wait_until_finished()
+        # The loss of step s comes from the parameters of step s - 1: checkpoints from there on
+        # hold parameters that diverge. Moved aside (never deleted), so a resume starts before.
+        moved = [
+            checkpoints.move_aside(manager, s, "diverged")
+            for s in sorted(manager.all_steps())
+            if s >= first - 1
+        ]
+        last = manager.latest_step()
         raise NonFiniteLossError(
-            f"The loss is {losses[bad[0]]} at step {first}: stopping. The last good checkpoint "
-            f"is step {manager.latest_step()} in {manager.directory}."
+            f"The loss is {losses[bad[0]]} at step {first}: stopping"
+            + (f" (checkpoints from step {first - 1} on moved to diverged-<step>)" if moved else "")
+            + f". The newest checkpoint whose loss was finite is step {last} in "
+            f"{manager.directory}; the same settings will likely diverge again from it: resume "
+            "with changed optimiser settings, e.g. --config.optim.learning_rate=<lower> "
+            "--allow_config_change=optim.learning_rate."
         )
     return {k: float(np.mean(v)) for k, v in stacked.items()}
 

@@ -109,9 +109,10 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path
     workdir = str(tmp_path)
     config = tiny_config(
         **{
+            # Warmup from 0: step 0 changes nothing, step 1's lr of 1e35 makes the loss NaN.
             "optim.learning_rate": 1e38,
             "optim.grad_clip": 0.0,
-            "optim.warmup_steps": 0,
+            "optim.warmup_steps": 1000,
             "training.num_train_steps": 20,
             "training.checkpoint_every": 1,
             "training.log_every": 1,
@@ -121,9 +122,21 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path
         train.train_and_evaluate(config, workdir)
     bad_step = int(re.search(r"at step (\d+)", str(info.value)).group(1))
     last = checkpoints.make_manager(workdir).latest_step()
-    assert last == bad_step - 1
+    assert last == bad_step - 2  # the parameters of bad_step - 1 gave the NaN: moved aside
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", f"diverged-{bad_step - 1}"))
+    assert f"finite is step {last} in" in str(info.value)
     for leaf in _leaves(checkpoints.load_params(workdir, ema=False)):
         assert np.all(np.isfinite(leaf))
+    assert "--allow_config_change=optim.learning_rate" in str(info.value)
+    # The same workdir with a lower learning rate: refused unless the user allows the change.
+    config.optim.learning_rate = 1e-3
+    with pytest.raises(ValueError, match=r"optim.learning_rate: 1e\+38 -> 0.001"):
+        train.train_and_evaluate(config, workdir)
+    with pytest.raises(ValueError, match="only the optimiser's keys"):
+        train.train_and_evaluate(config, workdir, allow_config_change=("model.ch",))
+    state = train.train_and_evaluate(config, workdir, allow_config_change=("optim.learning_rate",))
+    assert int(state.step) == 20
+    assert all(np.all(np.isfinite(leaf)) for leaf in _leaves(state.params))
 
 
 @pytest.mark.parametrize(
