@@ -7,12 +7,13 @@ overridden: ``--config.training.num_train_steps=100``.
 
 import logging as std_logging
 import os
+import signal
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffusion_jax import cli, runtime
+from diffusion_jax import cli, interrupts, runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
@@ -59,9 +60,26 @@ def _fail(e: Exception) -> None:
     sys.exit(1)
 
 
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt  # as Ctrl-C: the same exit (130) from the first moment on
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    signal.signal(signal.SIGTERM, _sigterm)  # after start-up: as Ctrl-C
+    # From the first moment to the first training step (imports, JAX's start, compilation) the
+    # signals are recorded and acted on at safe points, never raised inside a library call.
+    signals = interrupts.SignalRecorder((signal.SIGINT, signal.SIGTERM))
+    try:
+        _main(signals)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    finally:
+        signals.restore()
+
+
+def _main(signals: interrupts.SignalRecorder) -> None:
     config = _CONFIG.value
     try:  # before JAX starts
         runtime.configure_cpu_convolutions(runtime.process_library(config, _CPU_CONV.value))
@@ -75,9 +93,15 @@ def main(argv):
         distributed.initialize(_DISTRIBUTED.value)
         _setup_logging(_WORKDIR.value, jax.process_index())
         logging.info("Mode %s, workdir %s, config:\n%s", _MODE.value, _WORKDIR.value, config)
+        signals.check()
         if _MODE.value == "train":
-            train.train_and_evaluate(config, _WORKDIR.value, tuple(_ALLOW_CHANGE.value))
-        elif _MODE.value == "eval":
+            train.train_and_evaluate(
+                config, _WORKDIR.value, tuple(_ALLOW_CHANGE.value), signals=signals
+            )
+            return
+        signals.restore()  # eval and sample: Ctrl-C and SIGTERM act at once
+        signals.check()
+        if _MODE.value == "eval":
             evaluation.evaluate(config, _WORKDIR.value)
         else:
             evaluation.sample(config, _WORKDIR.value)
@@ -89,8 +113,6 @@ def main(argv):
         checkpoints.CheckpointError,
     ) as e:
         _fail(e)
-    except KeyboardInterrupt:
-        sys.exit(130)
 
 
 if __name__ == "__main__":

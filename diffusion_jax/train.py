@@ -29,6 +29,7 @@ from diffusion_jax import (
     checkpoints,
     evaluation,
     input_pipeline,
+    interrupts,
     models,
     objectives,
     optim,
@@ -167,18 +168,10 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Program
 # ----------------------------------------------------------------------------- the run
 
 
-class _Interrupted(Exception):
-    pass
-
-
 def _label(e: BaseException) -> str:
     """What stopped the run: the signal's name (``SIGTERM``), or ``Ctrl-C`` for a
     KeyboardInterrupt (whose str() is empty, though the exception itself is truthy)."""
     return str(e) or "Ctrl-C"
-
-
-def _raise_interrupted(signum, frame):
-    raise _Interrupted(signal.Signals(signum).name)
 
 
 @contextlib.contextmanager
@@ -194,24 +187,39 @@ def _signals_deferred(signums):
         if received and received[0] == signal.SIGINT:
             raise KeyboardInterrupt
         if received:
-            raise _Interrupted(signal.Signals(received[0]).name)
+            raise interrupts.Interrupted(signal.Signals(received[0]).name)
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, allow_config_change: tuple[str, ...] = ()
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    allow_config_change: tuple[str, ...] = (),
+    signals: interrupts.SignalRecorder | None = None,
 ) -> TrainState:
     """Train (resuming from the newest checkpoint), then sample and evaluate as configured; the
     workdir locked against a second train process for the whole run. ``allow_config_change``:
-    optimiser keys that may differ from the run's config.json (``config.check_workdir``)."""
+    optimiser keys that may differ from the run's config.json (``config.check_workdir``).
+    Ctrl-C and SIGTERM until the end of training are recorded and acted on between steps
+    (``interrupts``); ``signals`` passes a recorder installed earlier."""
     config = evaluation.prepare(config)
     config_lib.check_workdir(config, workdir, allow=allow_config_change)
     process0 = jax.process_index() == 0
+    # Several processes: SIGTERM is JAX's preemption service's (see the loop).
+    signums = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGINT, signal.SIGTERM)
     with workdir_lock.hold(workdir, enabled=process0):
-        return _train_and_evaluate(config, workdir, process0)
+        # ``signals``: the entry point's, recording since before JAX was imported.
+        signals = interrupts.SignalRecorder(signums) if signals is None else signals
+        try:
+            return _train_and_evaluate(config, workdir, process0, signals)
+        finally:
+            signals.restore()
 
 
 def _train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, process0: bool
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    process0: bool,
+    signals: interrupts.SignalRecorder,
 ) -> TrainState:
     mesh = sharding.make_mesh()
     program = build(config, mesh)
@@ -269,11 +277,11 @@ def _train_and_evaluate(
 
     pending = []  # per-step metrics (device arrays) since the last check
     window_start = time.perf_counter()
-    old_handler = None if multi else signal.signal(signal.SIGTERM, _raise_interrupted)
     progress = reporting.progress_bar(total, "train", initial=start)
     step = start
     try:
         while step < total:
+            signals.check()  # the first time: one from start-up (nothing trained, nothing saved)
             batch = sharding.global_batch(mesh, next(batches))
             state, metrics = step_fn(state, batch, train_key)
             pending.append(metrics)
@@ -291,27 +299,30 @@ def _train_and_evaluate(
             if boundary:
                 save(step)
             if multi and multihost_utils.reached_preemption_sync_point(step):
-                raise _Interrupted("SIGTERM")
+                raise interrupts.Interrupted("SIGTERM")
             every = config.training.sample_every
             if every and step % every == 0 and step != total:
                 _write_samples(
                     config, sampler, state.ema_params, keys["sample"], workdir, step, writer
                 )
-    except (KeyboardInterrupt, _Interrupted) as e:
-        if multi and not isinstance(e, _Interrupted):
+    except (KeyboardInterrupt, interrupts.Interrupted) as e:
+        if multi and not isinstance(e, interrupts.Interrupted):
             # Ctrl-C stops each process at its own step: a checkpoint needs all of them at one.
             logging.warning("Interrupted (Ctrl-C) at step %d: several processes, not saving.", step)
             raise
         _summarise(pending, step, manager)  # raises rather than save a non-finite state
+        if step == start:  # e.g. during the first step's compilation: nothing new to save
+            logging.warning("Interrupted (%s) before step %d: nothing to save.", _label(e), step)
+            raise KeyboardInterrupt from e
         logging.warning("Interrupted (%s) at step %d: saving a checkpoint.", _label(e), step)
         save(step)
         checkpoints.wait(manager, step)
         raise KeyboardInterrupt from e
     finally:
         progress.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
         checkpoints.wait(manager, last_saved)
+    signals.restore()  # sampling and evaluation: Ctrl-C and SIGTERM act at once again
+    signals.check()
     logging.info("Training done: %d steps.", step)
     try:
         if config.training.eval_at_end and step > start:

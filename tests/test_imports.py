@@ -19,6 +19,7 @@ LAYERS = {
         "runtime",
         "distributed",
         "workdir_lock",
+        "interrupts",
     ),
     "models": ("models",),
     "recipes": ("objectives", "optim", "sampling"),

@@ -200,3 +200,28 @@ def test_sample_accepts_a_run_without_config_json(tiny_run, tmp_path):
     shutil.copytree(tiny_run, old)
     os.remove(old / "config.json")  # a run of a version that wrote none
     run_main(old, "--mode=sample")
+
+
+def test_an_interrupt_from_the_first_moment_exits_130_and_saves_nothing_untrained(tmp_path):
+    """SIGINT or SIGTERM at random moments of start-up, compilation and the first steps (10
+    tries): exit 130 every time, never a crash, and a checkpoint only of a step that trained."""
+    import random
+    import re
+
+    rng = random.Random(0)
+    for i in range(10):
+        workdir = tmp_path / f"try{i}"
+        proc = _start(workdir, ENDLESS)
+        time.sleep(rng.uniform(0.1, 8.0))
+        signum = rng.choice([signal.SIGINT, signal.SIGTERM])
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 130, (i, signum, err[-3000:])
+        saved = re.search(r"Interrupted \(\w+(?:-\w+)?\) at step (\d+): saving", err)
+        ckpt = os.path.join(workdir, "checkpoints")
+        steps = (
+            sorted(int(s) for s in os.listdir(ckpt) if s.isdigit()) if os.path.isdir(ckpt) else []
+        )
+        assert 0 not in steps, (i, steps)
+        if saved:
+            assert int(saved.group(1)) in steps

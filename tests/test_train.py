@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from helpers import tiny_config
 
-from diffusion_jax import checkpoints, evaluation, sharding, train
+from diffusion_jax import checkpoints, evaluation, interrupts, sharding, train
 from diffusion_jax import config as config_lib
 
 
@@ -183,7 +183,7 @@ def test_workdir_of_a_different_config_is_refused(full_run):
 def test_an_interrupt_is_labelled_by_what_sent_it():
     # KeyboardInterrupt() is truthy but prints empty: the log line said "Interrupted ()".
     assert train._label(KeyboardInterrupt()) == "Ctrl-C"
-    assert train._label(train._Interrupted("SIGTERM")) == "SIGTERM"
+    assert train._label(interrupts.Interrupted("SIGTERM")) == "SIGTERM"
 
 
 def _loss_aware(**overrides):
