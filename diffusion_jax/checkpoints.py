@@ -112,12 +112,11 @@ def restore(
         try:
             return _restore_step(manager, abstract_state, s, fill)
         except Exception as e:  # orbax, tensorstore, JSON and key errors alike
-            reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
             moved = move_aside(manager, s)
             logging.warning(
                 "Checkpoint %d cannot be restored (%s); moved to %s, trying the one before.",
                 s,
-                reason,
+                _reason(e),
                 moved,
             )
     if steps:
@@ -127,6 +126,11 @@ def restore(
             "repair them."
         )
     return None
+
+
+def _reason(e: BaseException) -> str:
+    """An exception as one short line: its type and message."""
+    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
 
 
 def move_aside(manager: ocp.CheckpointManager, step: int, reason: str = "corrupt") -> str:
@@ -190,9 +194,8 @@ def load_params(workdir: str, step: int | None = None, ema: bool = True) -> Any:
         try:
             return _load_params(manager, s, ema)
         except Exception as e:  # orbax, tensorstore, JSON and key errors alike
-            reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
             logging.warning(
-                "Checkpoint %d cannot be restored (%s); trying the one before.", s, reason
+                "Checkpoint %d cannot be restored (%s); trying the one before.", s, _reason(e)
             )
     raise CheckpointError(f"None of the checkpoints {steps} in {directory} could be restored.")
 

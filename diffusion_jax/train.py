@@ -8,7 +8,6 @@ never interrupted.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import signal
@@ -174,22 +173,6 @@ def _label(e: BaseException) -> str:
     return str(e) or "Ctrl-C"
 
 
-@contextlib.contextmanager
-def _signals_deferred(signums):
-    """Signals arriving inside the block take effect at its end: a save is never cut in two."""
-    received = []
-    old = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in signums}
-    try:
-        yield
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-        if received and received[0] == signal.SIGINT:
-            raise KeyboardInterrupt
-        if received:
-            raise interrupts.Interrupted(signal.Signals(received[0]).name)
-
-
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -271,9 +254,9 @@ def _train_and_evaluate(
         if step == last_saved:  # an interrupt right after the periodic save of this step
             return
         meta = {"step": step, "data_position": step * config.training.batch_size}
-        with _signals_deferred((signal.SIGINT,) if multi else (signal.SIGINT, signal.SIGTERM)):
-            checkpoints.save(manager, step, state, meta)
-            last_saved = step
+        # Signals are recorded (``signals``) until the loop looks: a save is never cut in two.
+        checkpoints.save(manager, step, state, meta)
+        last_saved = step
 
     pending = []  # per-step metrics (device arrays) since the last check
     window_start = time.perf_counter()
