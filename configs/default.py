@@ -42,6 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Fourier features of x_t as extra input channels: exponents n of sin/cos(2^n pi x_t) (VDM).
     # () = none. For L grey levels, 2^n = (L - 1) / 2 is periodic in the grid (configs/digits.py).
     config.model.fourier_features = ()
+    # > 0: a class-conditional model of that many classes (an embedding added to the time
+    # embedding, plus a "no class" entry); 0: unconditional. Needs a labelled data set.
+    config.model.num_classes = 0
     config.model.hidden_dim = 256  # mlp only
     config.model.num_layers = 4  # mlp only: residual blocks
 
@@ -80,6 +83,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.training.sample_every = 50_000  # 0 disables periodic sample grids
     config.training.keep_checkpoints = 3
     config.training.eval_at_end = True  # final sample grid and eval metrics after training
+    # Classifier-free guidance's training (model.num_classes > 0): each label replaced by "no
+    # class" with this probability, so one network is also the unconditional model.
+    config.training.label_dropout = 0.0
 
     config.eval = ml_collections.ConfigDict()
     config.eval.split = "test"
@@ -89,7 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
     # evaluation (False: the unclipped mean, what runs before this key was added reported).
     config.eval.clip_denoised = True
     # evaluation.EVALUATORS of kind "metric": bpd | bpd_ode | fid | is | fd_classifier |
-    # is_classifier
+    # is_classifier | class_match (conditional models: share of samples of the requested class)
     config.eval.metrics = ("bpd",)
     config.eval.figures = ("lt_curve", "rate_distortion", "progressive")
     config.eval.bpd_splits = ()  # more splits for bits/dim besides eval.split, e.g. ("train",)
@@ -132,6 +138,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.sampling.num_samples = 64
     config.sampling.batch_size = 64
     config.sampling.clip_denoised = True
+    # Class-conditional models: classifier-free guidance weight w (eps~ = (1 + w) eps(x, c) -
+    # w eps(x, none); 0: the conditional model), and the class of every sample (-1: sample i
+    # gets class i mod model.num_classes).
+    config.sampling.guidance_scale = 0.0
+    config.sampling.class_label = -1
 
     # Score matching / NCSN (training.objective = "ncsn").
     config.ncsn = ml_collections.ConfigDict()

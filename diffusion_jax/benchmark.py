@@ -213,7 +213,10 @@ def compile_train_step(config, batch_size: int) -> dict:
         host_batch = rng.integers(0, config.data.num_bins, (batch_size, *shape), dtype=np.uint8)
     else:
         host_batch = rng.standard_normal((batch_size, *shape), dtype=np.float32)
-    batch = jax.device_put(host_batch, sharding.data_sharded(mesh))
+    batch = {"image": host_batch}
+    if config.model.num_classes:  # a conditional model: random classes too
+        batch["label"] = rng.integers(0, config.model.num_classes, batch_size, dtype=np.int32)
+    batch = jax.device_put(batch, sharding.data_sharded(mesh))
     t0 = time.perf_counter()
     lowered = program.step.lower(state, batch, keys["train"])
     compiled = lowered.compile()

@@ -82,8 +82,33 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
     models.check_config(c)
     sharding.check_batch_size(c.training.batch_size)
     sharding.check_batch_size(c.eval.batch_size, "eval.batch_size")
+    _check_classes(c, check_data)
     objective.check_config(c)
     sampling.check_config(c)
+
+
+def _check_classes(config: ml_collections.ConfigDict, check_data: bool) -> None:
+    """model.num_classes and training.label_dropout; a conditional model of a data set without
+    labels is refused here, before anything compiles (``check_data``)."""
+    k, rate = config.model.num_classes, config.training.label_dropout
+    if not isinstance(k, int) or k < 0:
+        raise ValueError(
+            f"config.model.num_classes={k!r} must be an integer >= 0 (0: unconditional)."
+        )
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"config.training.label_dropout={rate} must be in [0, 1).")
+    if rate and not k:
+        raise ValueError(
+            f"config.training.label_dropout={rate} needs a class-conditional model "
+            "(model.num_classes > 0)."
+        )
+    if k and check_data:
+        reason = input_pipeline.unlabelled_reason(config)
+        if reason is not None:
+            raise input_pipeline.DatasetError(
+                f"config.model.num_classes={k} needs labelled data, but {reason}; use "
+                "model.num_classes=0 or a data set with labels."
+            )
 
 
 def config_differences(

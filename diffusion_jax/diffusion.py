@@ -269,6 +269,26 @@ def eps_from_score(d: GaussianDiffusion, score: jax.Array, t: jax.Array) -> jax.
     return -_at(d.sqrt_one_minus_alphas_cumprod, t, score) * score
 
 
+def classifier_free_guidance(
+    out_cond: jax.Array, out_uncond: jax.Array, w: float | jax.Array, learned_variance: bool
+) -> jax.Array:
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6):
+    eps~(x_t, c) = (1 + w) eps(x_t, c) - w eps(x_t, none).
+
+    ``out_cond``, ``out_uncond``: the model outputs [B, ...] under the class and under "no
+    class". For x0 or v models the guidance acts on the implied eps: eps is affine in the output
+    with an x_t term that does not depend on it (eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar),
+    eps = sqrt(abar) v + sqrt(1 - abar) x_t), and the weights (1 + w, -w) sum to 1, so the same
+    combination of the outputs themselves is exactly the output whose implied eps is eps~. A
+    learned variance (the second half of the last axis) is the conditional output's.
+    """
+    if not learned_variance:
+        return (1.0 + w) * out_cond - w * out_uncond
+    mean_c, var_c = jnp.split(out_cond, 2, axis=-1)
+    mean_u, _ = jnp.split(out_uncond, 2, axis=-1)
+    return jnp.concatenate([(1.0 + w) * mean_c - w * mean_u, var_c], axis=-1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Reverse process p(x_{t-1} | x_t) = N(mu_theta, sigma_t^2 I)
 

@@ -16,7 +16,9 @@ Images stay uint8 until they reach the device: ``to_model_space`` maps level k o
 Labels come with the data where it has them (``DataSource.labels``, int32 [N], row i the class of
 image i): scikit-learn digits' targets, a tfds data set's ``label`` feature (mnist, cifar10; none
 for celeb_a, lsun), ``labels`` in a user's ``.npz``, the sorted sub-folder names of a folder whose
-images all sit in sub-folders. Toy data has none. The batches carry images only.
+images all sit in sub-folders. Toy data has none. A batch is a dict: ``image`` [B, ...] and, for
+a class-conditional model (``config.model.num_classes`` > 0), ``label`` int32 [B], the rows of
+the same indices, so labels share the images' determinism.
 """
 
 from __future__ import annotations
@@ -148,7 +150,24 @@ def load_split(config: ml_collections.ConfigDict, split: str) -> DataSource:
     else:
         images, labels, names = _load_tfds(config, split)
     _check_images(images, config, split)
-    return DataSource(images, labels=labels, class_names=names)
+    source = DataSource(images, labels=labels, class_names=names)
+    _check_classes(source, config, split)
+    return source
+
+
+def _check_classes(source: DataSource, config: ml_collections.ConfigDict, split: str) -> None:
+    """A conditional model needs labels below ``model.num_classes`` (the null class's index)."""
+    k = config.model.num_classes
+    if not k:
+        return
+    if source.labels is None:
+        reason = unlabelled_reason(config) or f"split {split!r} has no labels"
+        raise DatasetError(f"config.model.num_classes={k} needs labelled data, but {reason}.")
+    if source.num_classes > k:
+        raise DatasetError(
+            f"config.model.num_classes={k}, but {config.data.dataset!r} split {split!r} has "
+            f"labels up to {source.num_classes - 1}: set model.num_classes={source.num_classes}."
+        )
 
 
 def unlabelled_reason(config: ml_collections.ConfigDict) -> str | None:
@@ -421,19 +440,25 @@ def train_batch(
     step: int,
     process_index: int = 0,
     process_count: int = 1,
-) -> np.ndarray:
-    """This host's part of the global training batch of ``step``, uint8 images or float vectors."""
+) -> dict[str, np.ndarray]:
+    """This host's part of the global training batch of ``step``: ``image``, uint8 images or
+    float vectors [b, ...], and for a conditional model (``model.num_classes`` > 0) ``label``
+    int32 [b], the classes of the same rows."""
     batch_size = config.training.batch_size
     rows = host_slice(batch_size, process_index, process_count)
     if source.images is None:  # toy data: fresh points each step, from (seed, step)
         key = jax.random.fold_in(jax.random.key(config.seed), step)
-        return np.asarray(toy_data.sample(source.toy_name, key, batch_size), np.float32)[rows]
+        points = np.asarray(toy_data.sample(source.toy_name, key, batch_size), np.float32)
+        return {"image": points[rows]}
     idx = global_batch_indices(config.seed, step, batch_size, source.num_examples)[rows]
-    batch = source.images[idx]  # [b, H, W, C]
-    if config.data.random_flip and batch.ndim == 4:
+    images = source.images[idx]  # [b, H, W, C]
+    if config.data.random_flip and images.ndim == 4:
         rng = np.random.default_rng([config.seed, 1_000_003, step])
         flip = (rng.random(batch_size) < 0.5)[rows]
-        batch = np.where(flip[:, None, None, None], batch[:, :, ::-1], batch)
+        images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+    batch = {"image": images}
+    if config.model.num_classes:
+        batch["label"] = source.labels[idx]  # [b] int32
     return batch
 
 
@@ -443,7 +468,7 @@ def train_batches(
     start_step: int,
     process_index: int = 0,
     process_count: int = 1,
-) -> Iterator[np.ndarray]:
+) -> Iterator[dict[str, np.ndarray]]:
     """Batches of ``start_step``, ``start_step + 1``, …, prepared one ahead on a thread."""
     import concurrent.futures
 
@@ -463,8 +488,10 @@ def eval_batches(
     num_examples: int,
     process_index: int = 0,
     process_count: int = 1,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(this host's rows of the global batch, mask) over the first ``num_examples`` examples.
+    labels: bool = False,
+) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """(this host's rows of the global batch, mask) over the first ``num_examples`` examples:
+    the batch's ``image`` and, with ``labels``, ``label`` (the examples' classes).
 
     The last batch is padded with copies of example 0 and a mask of 0 so every batch has the same
     shape (one compilation).
@@ -474,8 +501,11 @@ def eval_batches(
     for start in range(0, n, batch_size):
         idx = np.arange(start, start + batch_size)
         mask = idx < n
-        idx = np.where(mask, idx, 0)
-        yield source.images[idx][rows], mask[rows].astype(np.float32)
+        idx = np.where(mask, idx, 0)[rows]
+        batch = {"image": source.images[idx]}
+        if labels:
+            batch["label"] = source.labels[idx]
+        yield batch, mask[rows].astype(np.float32)
 
 
 def to_model_space(batch: jax.Array, num_bins: int) -> jax.Array:

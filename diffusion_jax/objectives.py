@@ -12,16 +12,19 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import models, schedules
 from diffusion_jax import score as score_lib
 
-# loss_fn(params, x0, key) -> {"loss": [B], ...}: per-example losses of a training batch.
-# loss_fn(params, x0, key) -> per-example losses [B]; the ddpm one also takes t=[B] (drawn by
-# the train step for diffusion.t_sampler='loss_aware').
+# loss_fn(params, x0, key, labels=None) -> {"loss": [B], ...}: per-example losses of a training
+# batch (labels [B] the classes of a conditional model's batch); the ddpm one also takes t=[B]
+# (drawn by the train step for diffusion.t_sampler='loss_aware').
 LossFn = Callable[..., dict[str, jax.Array]]
+
+_LABEL_DROP_TAG = 0x1AB  # fold_in(step key, .): the label dropout's key (the others unchanged)
 
 
 def make_diffusion(config: ml_collections.ConfigDict) -> diffusion_lib.GaussianDiffusion:
@@ -55,12 +58,32 @@ def run_keys(seed: int) -> dict[str, jax.Array]:
     return dict(zip(names, jax.random.split(jax.random.key(seed), len(names)), strict=True))
 
 
+def drop_labels(key: jax.Array, labels: jax.Array, rate: float, num_classes: int) -> jax.Array:
+    """Classifier-free guidance's training (Ho & Salimans 2022, algorithm 1): each label [B]
+    replaced by the "no class" index ``num_classes`` with probability ``rate``, independently."""
+    drop = jax.random.bernoulli(key, rate, labels.shape)  # [B]
+    return jnp.where(drop, num_classes, labels)
+
+
+def training_labels(
+    config: ml_collections.ConfigDict, key: jax.Array, labels: jax.Array | None
+) -> jax.Array | None:
+    """The labels the network sees in training: ``labels`` with ``training.label_dropout``
+    applied (key fold_in(key, _LABEL_DROP_TAG), so the other draws of the step are unchanged)."""
+    rate = config.training.label_dropout
+    if labels is None or not rate:
+        return labels
+    key = jax.random.fold_in(key, _LABEL_DROP_TAG)
+    return drop_labels(key, labels, rate, config.model.num_classes)
+
+
 def _ddpm_loss(config: ml_collections.ConfigDict, model) -> LossFn:
     d = make_diffusion(config)
 
-    def loss_fn(params, x0, key, t=None):
+    def loss_fn(params, x0, key, labels=None, t=None):
+        labels = training_labels(config, key, labels)
         dropout_key, loss_key = jax.random.split(key)
-        net = models.model_fn(model, params, train=True, dropout_key=dropout_key)
+        net = models.model_fn(model, params, train=True, dropout_key=dropout_key, labels=labels)
         return diffusion_lib.training_losses(
             d,
             net,
@@ -77,7 +100,8 @@ def _ddpm_loss(config: ml_collections.ConfigDict, model) -> LossFn:
 def _ncsn_loss(config: ml_collections.ConfigDict, model) -> LossFn:
     sigmas = make_sigmas(config)
 
-    def loss_fn(params, x0, key):
+    def loss_fn(params, x0, key, labels=None):
+        del labels  # _check_ncsn refuses a conditional config
         dropout_key, loss_key = jax.random.split(key)
         net = models.model_fn(model, params, train=True, dropout_key=dropout_key)
         score_fn = score_lib.ncsn_score_fn(net, sigmas)
@@ -101,6 +125,12 @@ def _check_ddpm(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_ncsn(config: ml_collections.ConfigDict) -> None:
+    if config.model.num_classes:
+        raise ValueError(
+            f"config.model.num_classes={config.model.num_classes}: the ncsn objective trains "
+            "unconditional score networks only; use training.objective='ddpm' for a "
+            "class-conditional model, or model.num_classes=0."
+        )
     make_sigmas(config)  # 0 < sigma_min < sigma_max, num_levels >= 2
     if config.ncsn.n_steps_each < 1 or config.ncsn.step_lr <= 0:
         raise ValueError(

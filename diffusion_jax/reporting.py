@@ -70,9 +70,28 @@ def save_png(path: str, image: np.ndarray, scale: int = 1) -> None:
     Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
 
 
-def save_sample_grid(path: str, samples: np.ndarray, num_bins: int) -> np.ndarray:
-    """PNG grid of image samples in model space; returns the uint8 grid (before upscaling)."""
-    grid = image_grid(to_display_uint8(samples, num_bins))
+def class_rows(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """uint8 [N, H, W, C] and their classes [N] -> (images laid out one class per row, in
+    order of class and then of index, short rows filled with white; the row length)."""
+    classes = np.unique(labels)
+    rows = [images[labels == k] for k in classes]
+    ncols = max(len(r) for r in rows)
+    out = np.full((len(rows) * ncols, *images.shape[1:]), 255, np.uint8)
+    for i, r in enumerate(rows):
+        out[i * ncols : i * ncols + len(r)] = r
+    return out, ncols
+
+
+def save_sample_grid(
+    path: str, samples: np.ndarray, num_bins: int, labels: np.ndarray | None = None
+) -> np.ndarray:
+    """PNG grid of image samples in model space, one class per row when ``labels`` [N] are
+    given; returns the uint8 grid (before upscaling)."""
+    images = to_display_uint8(samples, num_bins)
+    if labels is None:
+        grid = image_grid(images)
+    else:
+        grid = image_grid(*class_rows(images, np.asarray(labels)))
     save_png(path, grid, scale=max(1, 512 // grid.shape[0]))
     return grid
 

@@ -7,7 +7,12 @@ the segment's first step is an argument), so the progress bar moves while a long
 the result equals the one-scan loops of the math core (``diffusion.p_sample_loop`` etc.).
 
 A new sampler is one new entry in SAMPLERS: the objectives it applies to and a builder
-``(config, model) -> Chain``.
+``(config, model) -> Chain``; its network is ``net(config, model, params, labels)``, so
+class labels and classifier-free guidance (``sampling.guidance_scale``) reach every sampler the
+same way.
+
+A class-conditional model (``model.num_classes`` K > 0) draws sample i of class
+``sampling.class_label``, or i mod K for -1 (``sample_labels``).
 """
 
 from __future__ import annotations
@@ -31,17 +36,37 @@ from diffusion_jax import score as score_lib
 STEPS_PER_CALL = 50  # chain steps per compiled call: a few seconds each for the digits model
 
 
+def sample_labels(config: ml_collections.ConfigDict, num: int) -> np.ndarray | None:
+    """int32 [num] classes of samples 0..num-1: ``sampling.class_label``, or i mod
+    ``model.num_classes`` for -1; None for an unconditional model."""
+    k, label = config.model.num_classes, config.sampling.class_label
+    if not k:
+        return None
+    i = np.arange(num)
+    return (i % k if label < 0 else np.full(num, label)).astype(np.int32)
+
+
+def net(
+    config: ml_collections.ConfigDict, model, params: Any, labels: jax.Array | None
+) -> diffusion_lib.ModelFn:
+    """The sampler's ``model_fn(x_t, t)``: the model under ``labels`` [B] (None: no class) with
+    ``sampling.guidance_scale`` (``models.model_fn``: one batched call per step)."""
+    w = config.sampling.guidance_scale if labels is not None else 0.0
+    return models.model_fn(model, params, labels=labels, guidance_scale=w)
+
+
 @dataclasses.dataclass(frozen=True)
 class Chain:
     """A sampler bound to a config. ``init(key, shape) -> (state, key)`` draws the initial state
     (x, or a pytree of [B, ...] arrays holding it) and the key of the steps;
-    ``run(params, state, key, done, count) -> state`` runs steps done, ..., done + count - 1
-    (those < num_steps); ``finish(params, state) -> x`` ends the chain."""
+    ``run(params, labels, state, key, done, count) -> state`` runs steps done, ...,
+    done + count - 1 (those < num_steps), labels [B] or None; ``finish(params, state) -> x``
+    ends the chain."""
 
     num_steps: int
     calls_per_step: int  # network calls per step (for the progress bar)
     init: Callable[[jax.Array, tuple[int, ...]], tuple[jax.Array, jax.Array]]
-    run: Callable[[Any, jax.Array, jax.Array, jax.Array, int], jax.Array]
+    run: Callable[[Any, Any, jax.Array, jax.Array, jax.Array, int], jax.Array]
     finish: Callable[[Any, jax.Array], jax.Array] = lambda params, x: x
 
 
@@ -57,8 +82,8 @@ def _reverse_chain(config: ml_collections.ConfigDict, model, steps_fn: Callable)
     d = diffusion_lib.maybe_respace(d, config.sampling.num_steps or None)
     k = d.num_timesteps
 
-    def run(params, x, key_steps, done, count):
-        return steps_fn(d, models.model_fn(model, params), x, key_steps, k - done, count)
+    def run(params, labels, x, key_steps, done, count):
+        return steps_fn(d, net(config, model, params, labels), x, key_steps, k - done, count)
 
     return Chain(k, 1, _gaussian_init, run)
 
@@ -93,7 +118,8 @@ def _langevin(config: ml_collections.ConfigDict, model) -> Chain:
         init_key, key = jax.random.split(key)
         return jax.random.uniform(init_key, shape, minval=-1.0, maxval=1.0), key
 
-    def run(params, x, key, done, count):
+    def run(params, labels, x, key, done, count):
+        del labels  # the ncsn objective refuses a conditional config
         score_fn = score_lib.ncsn_score_fn(models.model_fn(model, params), sigmas)
         return score_lib.annealed_langevin_levels(
             score_fn, x, sigmas, key, c.n_steps_each, c.step_lr, done, count
@@ -121,9 +147,9 @@ def _ode_chain(
         x_T, key = _gaussian_init(key, shape)
         return init_fn(d, x_T, calls), key
 
-    def run(params, state, key, done, count):
-        net = models.model_fn(model, params)
-        return steps_fn(d, net, state, done, count, calls, clip_denoised=clip)
+    def run(params, labels, state, key, done, count):
+        fn = net(config, model, params, labels)
+        return steps_fn(d, fn, state, done, count, calls, clip_denoised=clip)
 
     return Chain(num_steps_of(calls), calls_per_step, init, run, lambda params, s: s["x"])
 
@@ -177,6 +203,23 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if objective == "ddpm" and not 0 <= s.num_steps <= num_t:
         raise ValueError(f"config.sampling.num_steps={s.num_steps} must be in [0, {num_t}].")
     sharding.check_batch_size(s.batch_size, "sampling.batch_size")
+    k = config.model.num_classes
+    if k and not -1 <= s.class_label < k:
+        raise ValueError(
+            f"config.sampling.class_label={s.class_label} must be a class in [0, {k}) "
+            f"(model.num_classes={k}), or -1 for sample i to get class i mod {k}."
+        )
+    if not k and (s.guidance_scale or s.class_label != -1):
+        raise ValueError(
+            f"config.sampling.guidance_scale={s.guidance_scale} and sampling.class_label="
+            f"{s.class_label} need a class-conditional model (model.num_classes > 0); an "
+            "unconditional one takes 0 and -1."
+        )
+    if s.guidance_scale < 0:
+        raise ValueError(
+            f"config.sampling.guidance_scale={s.guidance_scale} must be >= 0 (0: the conditional "
+            "model without guidance)."
+        )
 
 
 def steps_per_call(num_steps: int, calls_per_step: int = 1) -> int:
@@ -191,7 +234,8 @@ def make_sample_fn(
     """``sample(params, key) -> [sampling.num_samples, ...]`` in model space, on the host.
 
     Chunks of ``sampling.batch_size`` come from fold_in(key, i), split over the devices; each
-    chain runs in segments of ``steps_per_call`` steps, with a progress bar on process 0.
+    chain runs in segments of ``steps_per_call`` steps, with a progress bar on process 0. A
+    conditional model's sample i is of class ``sample_labels(config, num_samples)[i]``.
     """
     s = config.sampling
     chain = SAMPLERS[s.method].build(config, model)
@@ -199,19 +243,26 @@ def make_sample_fn(
     data, repl = sharding.data_sharded(mesh), sharding.replicated(mesh)
     per_call = steps_per_call(chain.num_steps, chain.calls_per_step)
     init = jax.jit(lambda key: chain.init(key, shape), out_shardings=(data, repl))
-    run = jax.jit(lambda p, s, k, done: chain.run(p, s, k, done, per_call), out_shardings=data)
+    run = jax.jit(
+        lambda p, y, s, k, done: chain.run(p, y, s, k, done, per_call), out_shardings=data
+    )
     finish = jax.jit(chain.finish, out_shardings=data)
 
     def sample(params, key):
         num_chunks = -(-s.num_samples // s.batch_size)
+        # [num_chunks * B] the classes of every chain (those past num_samples are cut off)
+        labels = sample_labels(config, num_chunks * s.batch_size)
         chunks = []
         total = num_chunks * chain.num_steps * chain.calls_per_step
         with reporting.progress_bar(total, desc, unit="call") as bar:
             for i in range(num_chunks):
                 state, key_steps = init(jax.random.fold_in(key, i))
+                y = None
+                if labels is not None:
+                    y = jax.device_put(labels[i * s.batch_size : (i + 1) * s.batch_size], data)
                 for done in range(0, chain.num_steps, per_call):
                     state = jax.block_until_ready(
-                        run(params, state, key_steps, done)
+                        run(params, y, state, key_steps, done)
                     )  # then the bar
                     count = min(per_call, chain.num_steps - done)
                     bar.update(count * chain.calls_per_step)
@@ -231,15 +282,18 @@ def to_host(x: jax.Array) -> np.ndarray:
 def sample_and_save(
     config: ml_collections.ConfigDict, sampler, params, workdir: str, writer=None
 ) -> np.ndarray:
-    """Draw ``sampling.num_samples`` samples; write samples.npz (and a PNG grid for images)."""
+    """Draw ``sampling.num_samples`` samples; write samples.npz (``samples``, and ``labels``
+    [N] for a conditional model) and, for images, a PNG grid (one class per row)."""
     samples = sampler(params, objectives.run_keys(config.seed)["sample"])
+    labels = sample_labels(config, len(samples))
     out = os.path.join(workdir, "samples")
     if jax.process_index() == 0:
         os.makedirs(out, exist_ok=True)
-        np.savez(os.path.join(out, "samples.npz"), samples=samples)
+        arrays = {"samples": samples} if labels is None else {"samples": samples, "labels": labels}
+        np.savez(os.path.join(out, "samples.npz"), **arrays)
         if config.data.image_size:
             grid = reporting.save_sample_grid(
-                os.path.join(out, "samples.png"), samples, config.data.num_bins
+                os.path.join(out, "samples.png"), samples, config.data.num_bins, labels
             )
             if writer is not None:
                 writer.image(0, "final_samples", grid)

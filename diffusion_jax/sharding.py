@@ -6,8 +6,9 @@ The train state is replicated; batches are split along their leading axis. Axes 
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
-import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -30,9 +31,11 @@ def data_sharded(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def global_batch(mesh: jax.sharding.Mesh, local: np.ndarray) -> jax.Array:
-    """A global batch array from this host's rows (all hosts call this with their own rows)."""
-    return jax.make_array_from_process_local_data(data_sharded(mesh), local)
+def global_batch(mesh: jax.sharding.Mesh, local: Any) -> Any:
+    """Global batch arrays from this host's rows (all hosts call this with their own rows): an
+    array, or a pytree of them (a batch dict), each split over the data axis."""
+    sharding = data_sharded(mesh)
+    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a), local)
 
 
 def check_batch_size(batch_size: int, name: str = "training.batch_size") -> None:

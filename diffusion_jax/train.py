@@ -82,13 +82,15 @@ def init_state(
 
 
 def make_loss_fn(config: ml_collections.ConfigDict, model) -> Callable:
-    """``loss_fn(params, x0, key, t=None, weights=None) -> (loss, (metrics, losses))`` of
-    ``training.objective``: the mean of the per-example losses [B] (times ``weights`` when t was
-    importance-sampled), the batch means of every per-example term, and the losses themselves."""
+    """``loss_fn(params, x0, key, labels=None, t=None, weights=None) -> (loss, (metrics,
+    losses))`` of ``training.objective``: the mean of the per-example losses [B] (times
+    ``weights`` when t was importance-sampled), the batch means of every per-example term, and
+    the losses themselves. ``labels`` [B]: the batch's classes (a conditional model)."""
     per_example = objectives.get_objective(config).make_loss_fn(config, model)
 
-    def loss_fn(params, x0, key, t=None, weights=None):
-        terms = per_example(params, x0, key) if t is None else per_example(params, x0, key, t=t)
+    def loss_fn(params, x0, key, labels=None, t=None, weights=None):
+        kw = {} if t is None else {"t": t}
+        terms = per_example(params, x0, key, labels=labels, **kw)
         losses = terms["loss"]  # [B]
         metrics = {k: jnp.mean(v) for k, v in terms.items()}
         loss = metrics["loss"] if weights is None else jnp.mean(weights * losses)
@@ -99,8 +101,10 @@ def make_loss_fn(config: ml_collections.ConfigDict, model) -> Callable:
 
 def make_train_step(
     config: ml_collections.ConfigDict, model, optimizer: optax.GradientTransformation, schedule
-) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]:
+) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
     """The pure update: loss, gradient, optax update, EMA; randomness from fold_in(key, step).
+    The batch is ``input_pipeline.train_batch``'s: ``image`` [B, ...] and, for a conditional
+    model, ``label`` [B].
 
     With ``diffusion.t_sampler="loss_aware"`` t is drawn from the state's loss history
     (``diffusion.sample_t_importance``, its own key split off the step's), the loss reweighted
@@ -108,9 +112,10 @@ def make_train_step(
     loss_fn = make_loss_fn(config, model)
     decay = config.optim.ema_decay
 
-    def train_step(state: TrainState, batch: jax.Array, base_key: jax.Array):
+    def train_step(state: TrainState, batch: dict, base_key: jax.Array):
         key = jax.random.fold_in(base_key, state.step)
-        x0 = input_pipeline.to_model_space(batch, config.data.num_bins)  # [B, ...] in [-1, 1]
+        x0 = input_pipeline.to_model_space(batch["image"], config.data.num_bins)  # [B, ...]
+        labels = batch.get("label")  # [B] int32, or None
         t = weights = None
         if state.loss_history is not None:
             key, t_key = jax.random.split(key)
@@ -118,7 +123,7 @@ def make_train_step(
                 t_key, state.loss_history, x0.shape[0]
             )  # [B], [B]
         grads, (metrics, losses) = jax.grad(loss_fn, has_aux=True)(
-            state.params, x0, key, t, weights
+            state.params, x0, key, labels, t, weights
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -139,7 +144,7 @@ class Program:
 
     model: Any
     init: Callable[[jax.Array], TrainState]  # jitted; the state replicated over the mesh
-    step: Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]  # jitted, donated
+    step: Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]  # jitted, donated
     abstract_state: TrainState  # ShapeDtypeStructs with their shardings (for restoring)
     mesh: jax.sharding.Mesh
 
@@ -362,7 +367,10 @@ def _write_samples(config, sampler, params, key, workdir, step, writer) -> None:
     if config.data.image_size and jax.process_index() == 0:
         path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
         grid = reporting.save_sample_grid(
-            path, np.asarray(jax.device_get(samples)), config.data.num_bins
+            path,
+            np.asarray(jax.device_get(samples)),
+            config.data.num_bins,
+            sampling.sample_labels(config, len(samples)),
         )
         writer.image(step, "samples", grid)
         logging.info("Wrote samples of step %d to %s.", step, path)

@@ -49,7 +49,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/digits.py")
     parser.add_argument(
-        "--out", default=os.path.join(ROOT, "experiments/results/likelihood/likelihood_baselines.json")
+        "--out",
+        default=os.path.join(ROOT, "experiments/results/likelihood/likelihood_baselines.json"),
     )
     args = parser.parse_args(argv)
 

@@ -49,9 +49,7 @@ def table(runs: dict[str, dict]) -> str:
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", required=True, help="label=WORKDIR ...")
-    parser.add_argument(
-        "--outdir", default=os.path.join(ROOT, "experiments/results/likelihood")
-    )
+    parser.add_argument("--outdir", default=os.path.join(ROOT, "experiments/results/likelihood"))
     args = parser.parse_args(argv)
 
     from diffusion_jax.evaluation import plots

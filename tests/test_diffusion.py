@@ -789,3 +789,38 @@ def test_float32_agrees_with_float64():
         jax.tree_util.tree_flatten_with_path(res32)[0], jax.tree.leaves(res64), strict=True
     ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("mean_type", ["eps", "x0", "v"])
+@pytest.mark.parametrize("learned", [False, True])
+def test_classifier_free_guidance_acts_on_the_implied_eps(mean_type, learned):
+    """Guiding the outputs of an x0 or v model gives the output whose implied eps is
+    (1 + w) eps(x, c) - w eps(x, none); a learned variance is the conditional output's."""
+    d = dl.GaussianDiffusion.create(
+        schedules.get_beta_schedule("linear", 50),
+        mean_type=mean_type,
+        var_type="learned_range" if learned else "fixedlarge",
+    )
+    keys = jax.random.split(jax.random.key(0), 3)
+    x_t = jax.random.normal(keys[0], (6, 4, 4, 2))
+    c = 2 if learned else 1
+    out_c = jax.random.normal(keys[1], (6, 4, 4, 2 * c))
+    out_u = jax.random.normal(keys[2], (6, 4, 4, 2 * c))
+    t = jnp.array([0, 3, 10, 25, 40, 49])
+    w = 1.7
+    guided = dl.classifier_free_guidance(out_c, out_u, w, learned)
+
+    def implied_eps(out):  # the model output's eps, by the mean type's formula
+        mean = out[..., :2]
+        if mean_type == "eps":
+            return mean
+        if mean_type == "x0":
+            return dl.predict_eps_from_x0(d, x_t, t, mean)
+        return dl.predict_eps_from_v(d, x_t, t, mean)
+
+    want = (1 + w) * implied_eps(out_c) - w * implied_eps(out_u)
+    np.testing.assert_allclose(implied_eps(guided), want, rtol=1e-4, atol=1e-4)
+    if learned:
+        np.testing.assert_array_equal(guided[..., 2:], out_c[..., 2:])
+    # w = 0: the conditional model itself.
+    np.testing.assert_array_equal(dl.classifier_free_guidance(out_c, out_u, 0.0, learned), out_c)

@@ -52,12 +52,12 @@ def test_host_slices_tile_the_global_batch():
     config.training.batch_size = 8
     images = np.random.default_rng(0).integers(0, 256, (20, 4, 4, 1), dtype=np.uint8)
     source = ip.DataSource(images)
-    whole = ip.train_batch(config, source, step=5)
-    parts = [ip.train_batch(config, source, 5, p, 4) for p in range(4)]
+    whole = ip.train_batch(config, source, step=5)["image"]
+    parts = [ip.train_batch(config, source, 5, p, 4)["image"] for p in range(4)]
     np.testing.assert_array_equal(np.concatenate(parts), whole)
     # Flips are seeded per step: some images are mirrored, and the same step repeats exactly.
     config.data.random_flip = False
-    unflipped = ip.train_batch(config, source, step=5)
+    unflipped = ip.train_batch(config, source, step=5)["image"]
     flipped = np.any(whole != unflipped, axis=(1, 2, 3))
     assert 0 < flipped.sum() < 8
     np.testing.assert_array_equal(whole[flipped], unflipped[flipped][:, :, ::-1])
@@ -69,16 +69,22 @@ def test_train_batches_iterator_matches_pure_function():
     source = ip.load_split(config, "train")
     it = ip.train_batches(config, source, start_step=7)
     for step in range(7, 10):
-        np.testing.assert_array_equal(next(it), ip.train_batch(config, source, step))
+        batch = next(it)
+        assert list(batch) == ["image"]  # an unconditional model: no labels
+        np.testing.assert_array_equal(batch["image"], ip.train_batch(config, source, step)["image"])
 
 
 def test_eval_batches_pad_and_mask():
     source = ip.DataSource(np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1))
     batches = list(ip.eval_batches(source, 4, 0))
     assert [m.sum() for _, m in batches] == [4, 4, 2]
-    assert all(b.shape == (4, 1, 1, 1) for b, _ in batches)
-    np.testing.assert_array_equal(batches[2][0][:2, 0, 0, 0], [8, 9])
+    assert all(b["image"].shape == (4, 1, 1, 1) and "label" not in b for b, _ in batches)
+    np.testing.assert_array_equal(batches[2][0]["image"][:2, 0, 0, 0], [8, 9])
     assert sum(m.sum() for _, m in ip.eval_batches(source, 4, 6)) == 6
+    # With labels: each row's label is its image's (here label = 9 - level), padding included.
+    labelled = ip.DataSource(source.images, labels=np.arange(9, -1, -1, dtype=np.int32))
+    for b, _ in ip.eval_batches(labelled, 4, 0, labels=True):
+        np.testing.assert_array_equal(b["label"], 9 - b["image"][:, 0, 0, 0])
 
 
 def test_npz_and_folder_sources(tmp_path):
@@ -350,3 +356,55 @@ def test_a_truncated_image_is_named_in_one_error(tmp_path):
     with pytest.raises(ip.DatasetError, match=r"Cannot read the image .*1\.png") as e:
         ip.load_split(config, "train")
     assert "\n" not in str(e.value)
+
+
+def _labelled_npz(tmp_path, n=20, size=4):
+    """A .npz whose image i is filled with level 10 i + (i % 7) and whose label is i % 7: a
+    row's label can be read off its image, flipped or not."""
+    i = np.arange(n)
+    images = np.broadcast_to(
+        (10 * i + i % 7).astype(np.uint8)[:, None, None, None], (n, size, size, 1)
+    ).copy()
+    images[:, 0, 0, 0] = 255  # a mark in one corner, so that flips change the image
+    path = tmp_path / "labelled.npz"
+    np.savez(path, images=images, labels=(i % 7).astype(np.int32))
+    config = default.get_config()
+    config.data.dataset = str(path)
+    config.data.image_size, config.data.num_channels = size, 1
+    config.data.random_flip = True
+    config.model.num_classes = 7
+    config.training.batch_size = 8
+    return config
+
+
+def test_each_batch_carries_the_labels_of_its_images(tmp_path):
+    config = _labelled_npz(tmp_path)
+    source = ip.load_split(config, "train")
+    flipped_some = False
+    for step in range(12):  # more than four epochs of 20 examples in batches of 8
+        batch = ip.train_batch(config, source, step)
+        assert batch["label"].dtype == np.int32 and batch["label"].shape == (8,)
+        level = batch["image"][:, 1, 1, 0].astype(np.int64)  # 10 i + i % 7
+        np.testing.assert_array_equal(batch["label"], level % 10)
+        flipped_some |= bool(np.any(batch["image"][:, 0, -1, 0] == 255))
+        # The same rows split over 4 hosts, labels included.
+        parts = [ip.train_batch(config, source, step, p, 4) for p in range(4)]
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(np.concatenate([q[key] for q in parts]), batch[key])
+    assert flipped_some
+    # A pure function of (seed, step): asked again, step 5 is the same batch.
+    again = ip.train_batch(config, source, 5)
+    first = ip.train_batch(config, source, 5)
+    for key in ("image", "label"):
+        np.testing.assert_array_equal(again[key], first[key])
+
+
+def test_a_conditional_model_needs_labels_below_num_classes(tmp_path):
+    config = _labelled_npz(tmp_path)
+    config.model.num_classes = 5  # the data has labels 0..6
+    with pytest.raises(ip.DatasetError, match=r"labels up to 6: set model.num_classes=7"):
+        ip.load_split(config, "train")
+    np.savez(tmp_path / "plain.npz", images=np.zeros((4, 4, 4, 1), np.uint8))
+    config.data.dataset = str(tmp_path / "plain.npz")
+    with pytest.raises(ip.DatasetError, match=r"num_classes=5 needs labelled data.*no 'labels'"):
+        ip.load_split(config, "train")

@@ -485,3 +485,74 @@ def test_bad_fourier_features(bad):
     config.model.fourier_features = bad
     with pytest.raises(ValueError, match="fourier_features.*distinct integers"):
         models.check_config(config)
+
+
+# Class conditioning and classifier-free guidance.
+
+
+@pytest.mark.parametrize("name", ["unet", "mlp"])
+def test_class_embedding_adds_one_null_entry_and_nothing_else(name):
+    base = tiny_config() if name == "unet" else mlp_config()
+    cond = tiny_config(num_classes=10) if name == "unet" else mlp_config(num_classes=10)
+    shape = (2, 8, 8, 1) if name == "unet" else (2, 2)
+    plain = abstract_params(models.get_model(base), shape)
+    params = abstract_params(models.get_model(cond), shape)
+    width = 4 * 32 if name == "unet" else 64  # the time embedding's width
+    assert params["class"]["embed"]["embedding"].shape == (11, width)  # 10 classes + "no class"
+    assert num_params(params) == num_params(plain) + 11 * width
+    assert "class" not in plain
+
+
+def test_labels_condition_the_output_and_none_is_the_null_class():
+    model = models.get_model(tiny_config(num_classes=10))
+    params = random_params(abstract_params(model, (2, 8, 8, 1)))
+    x, t = batch((4, 8, 8, 1))
+    apply = jax.jit(lambda y: model.apply({"params": params}, x, t, y))
+    out = [apply(jnp.full((4,), k, jnp.int32)) for k in (0, 7)]
+    assert float(jnp.abs(out[0] - out[1]).mean()) > 1e-4
+    no_class = jax.jit(lambda: model.apply({"params": params}, x, t))()
+    np.testing.assert_array_equal(no_class, apply(jnp.full((4,), 10, jnp.int32)))
+    with pytest.raises(ValueError, match=r"labels must be integer class indices of shape \(4,\)"):
+        model.apply({"params": params}, x, t, jnp.zeros((3,), jnp.int32))
+
+
+def test_labels_given_to_an_unconditional_net_are_refused(tiny):
+    model, params, _ = tiny
+    x, t = batch((2, 8, 8, 1))
+    with pytest.raises(ValueError, match=r"unconditional network \(config.model.num_classes=0\)"):
+        model.apply({"params": params}, x, t, jnp.zeros((2,), jnp.int32))
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_guided_model_fn_is_one_batched_call_of_both_models(learned, monkeypatch):
+    config = tiny_config(num_classes=10)
+    config.diffusion.var_type = "learned_range" if learned else "fixedlarge"
+    model = models.get_model(config)
+    params = random_params(abstract_params(model, (2, 8, 8, 1)))
+    x, t = batch((4, 8, 8, 1))
+    labels = jnp.array([3, 0, 9, 3], jnp.int32)
+    w = 2.5
+    # The reference: the conditional and the unconditional outputs from separate calls.
+    cond = model.apply({"params": params}, x, t, labels)
+    uncond = model.apply({"params": params}, x, t, jnp.full((4,), 10, jnp.int32))
+    c = 1  # channels of the mean part
+    want = (1 + w) * cond[..., :c] - w * uncond[..., :c]
+    if learned:
+        want = jnp.concatenate([want, cond[..., c:]], axis=-1)
+
+    batches = []
+    apply = type(model).apply
+
+    def spy(self, variables, x, *args, **kwargs):
+        batches.append(x.shape[0])
+        return apply(self, variables, x, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "apply", spy)
+    guided = models.model_fn(model, params, labels=labels, guidance_scale=w)(x, t)
+    assert batches == [8]  # one network call on the doubled batch
+    np.testing.assert_allclose(guided, want, rtol=1e-4, atol=1e-4)  # batch 8 vs 4: rounding
+    # w = 0: the conditional model, one call on the batch itself.
+    batches.clear()
+    plain = models.model_fn(model, params, labels=labels)(x, t)
+    assert batches == [4]
+    np.testing.assert_array_equal(plain, cond)

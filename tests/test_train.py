@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 from helpers import tiny_config
 
-from diffusion_jax import checkpoints, evaluation, interrupts, sharding, train
+from diffusion_jax import (
+    checkpoints,
+    evaluation,
+    input_pipeline,
+    interrupts,
+    objectives,
+    sharding,
+    train,
+)
 from diffusion_jax import config as config_lib
 
 
@@ -151,6 +159,21 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path
         ({"eval.metrics": ("bpd", "lpips")}, r"lpips"),
         ({"training.objective": "ncsn", "ncsn.sigma_min": 10.0}, r"sigma_min"),
         ({"training.objective": "ncsn", "ncsn.step_lr": 0.0}, r"ncsn.step_lr=0.0"),
+        # Class-conditional models and guidance.
+        (
+            {"data.dataset": "moons", "data.image_size": 0, "data.num_channels": 2}
+            | {"model.name": "mlp", "model.num_classes": 2},
+            r"^config.model.num_classes=2 needs labelled data, but data.dataset='moons' is a toy",
+        ),
+        ({"training.label_dropout": 0.1}, r"label_dropout=0.1 needs a class-conditional model"),
+        ({"model.num_classes": 10, "training.label_dropout": 1.0}, r"must be in \[0, 1\)"),
+        ({"model.num_classes": -1}, r"num_classes=-1 must be an integer >= 0"),
+        ({"sampling.guidance_scale": 2.0}, r"guidance_scale=2.0 .*need a class-conditional"),
+        (
+            {"training.objective": "ncsn", "sampling.method": "langevin"}
+            | {"model.num_classes": 10},
+            r"ncsn objective trains unconditional score networks only",
+        ),
     ],
 )
 def test_bad_config_fails_before_anything_is_written(tmp_path, overrides, message):
@@ -204,6 +227,34 @@ def test_loss_aware_t_sampler_resumes_bit_identical(tmp_path):
     resumed = train.train_and_evaluate(_loss_aware(), workdir)
     assert int(resumed.step) == 6
     _assert_trees_equal(resumed, reference)
+
+
+def _conditional(**overrides):
+    return tiny_config(
+        **{"model.num_classes": 10, "training.label_dropout": 0.5, "training.batch_size": 16},
+        **{"training.eval_at_end": False, **overrides},
+    )
+
+
+def test_a_conditional_run_resumes_bit_identical(tmp_path):
+    reference = train.train_and_evaluate(_conditional(), str(tmp_path / "full"))
+    workdir = str(tmp_path / "resumed")
+    train.train_and_evaluate(_conditional(**{"training.num_train_steps": 3}), workdir)
+    resumed = train.train_and_evaluate(_conditional(), workdir)
+    assert int(resumed.step) == 6
+    _assert_trees_equal(resumed, reference)
+    # The labels reached the network's class embedding: the rows trained are the null row
+    # (label dropout) and rows of classes in the batches; Adam leaves a row never used as it was.
+    config = evaluation.prepare(_conditional())
+    initial = train.build(config, sharding.make_mesh()).init(objectives.run_keys(0)["init"])
+    before = np.asarray(initial.params["class"]["embed"]["embedding"])  # [11, 128]
+    after = np.asarray(reference.params["class"]["embed"]["embedding"])
+    trained = set(np.flatnonzero(np.any(after != before, axis=1)))
+    source = input_pipeline.load_split(config, "train")
+    seen = {
+        int(y) for s in range(6) for y in input_pipeline.train_batch(config, source, s)["label"]
+    }
+    assert 10 in trained and trained - {10} and trained <= seen | {10}
 
 
 def test_checkpoint_and_config_of_an_earlier_version_resume(tmp_path):

@@ -32,6 +32,7 @@ def bpd_of_split(ctx: EvalContext, split: str, num_examples: int) -> dict[str, A
         "num_examples": int(n),
         "split": split,
         "clip_denoised": bool(ctx.config.eval.clip_denoised),
+        "bound": _bound_name(ctx),
         "terms_bpd_per_t": (total["terms_bpd"] / n).tolist(),
         "mse_per_t": (total["mse"] / n).tolist(),
     }
@@ -49,6 +50,11 @@ def bpd_of_split(ctx: EvalContext, split: str, num_examples: int) -> dict[str, A
     return out
 
 
+def _bound_name(ctx: EvalContext) -> str:
+    """What the bound bounds: -log p(x), or for a conditional model -log p(x | c)."""
+    return "-log p(x | c), c the true labels" if ctx.conditional else "-log p(x)"
+
+
 def bpd(ctx: EvalContext) -> dict[str, Any]:
     """``bpd`` of ``eval.split`` (its first ``eval.num_examples``), and the keys beside it."""
     return bpd_of_split(ctx, ctx.config.eval.split, ctx.config.eval.num_examples)
@@ -60,7 +66,7 @@ def bpd_splits(ctx: EvalContext) -> dict[str, Any]:
     ``eval.num_examples``)."""
     e = ctx.config.eval
     n = e.num_examples if e.bpd_splits_num_examples < 0 else e.bpd_splits_num_examples
-    keys = ("bpd", "bpd_stderr", "bpd_terms", "num_examples", "split", "clip_denoised")
+    keys = ("bpd", "bpd_stderr", "bpd_terms", "num_examples", "split", "clip_denoised", "bound")
     out = {}
     for split in e.bpd_splits:
         if split != ctx.metrics.get("split"):
@@ -111,8 +117,8 @@ def bpd_ode(ctx: EvalContext) -> dict[str, Any]:
     d, num_bins = ctx.diffusion, config.data.num_bins
 
     def fn(params, batch, key):
-        x0 = input_pipeline.to_model_space(batch, num_bins)  # [B, ...]
-        net = models.model_fn(ctx.model, params)
+        x0 = input_pipeline.to_model_space(batch["image"], num_bins)  # [B, ...]
+        net = models.model_fn(ctx.model, params, labels=batch.get("label"))
         return ode.ode_bpd(d, net, x0, key, num_bins, e.ode_rtol, e.ode_atol)
 
     jitted = jax.jit(fn)
@@ -123,7 +129,7 @@ def bpd_ode(ctx: EvalContext) -> dict[str, Any]:
         else min(e.ode_num_examples, source.num_examples)
     )
     batches = input_pipeline.eval_batches(
-        source, e.batch_size, n, jax.process_index(), jax.process_count()
+        source, e.batch_size, n, jax.process_index(), jax.process_count(), ctx.conditional
     )
     key = jax.random.fold_in(objectives.run_keys(config.seed)["eval"], 0x0DE)
     values, nfes = [], []
@@ -144,6 +150,7 @@ def bpd_ode(ctx: EvalContext) -> dict[str, Any]:
         "bpd_ode_num_examples": len(values),
         "bpd_ode_nfe_per_batch": nfes,
         "bpd_ode_settings": {"rtol": e.ode_rtol, "atol": e.ode_atol, "trace": "hutchinson"},
+        "bpd_ode_bound": _bound_name(ctx),
     }
     logging.info(
         "bits/dim by the ODE %.4f ± %.4f on %d %s examples (%s network calls per batch)",

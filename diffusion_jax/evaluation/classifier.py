@@ -434,15 +434,35 @@ def _check_samples(config: ml_collections.ConfigDict, samples: np.ndarray) -> No
         )
 
 
+def class_match(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """How often the classifier's top class (``probs`` [N, K]) is the requested one (``labels``
+    [N]): the share, its binomial standard error sqrt(p (1 - p) / N), and the share of each
+    requested class 0..num_classes-1 (None for a class not requested)."""
+    hit = np.argmax(probs, axis=1) == labels  # [N]
+    p = float(hit.mean())
+    per_class = [
+        float(hit[labels == k].mean()) if np.any(labels == k) else None for k in range(num_classes)
+    ]
+    return dict(
+        class_match=p,
+        class_match_stderr=float(np.sqrt(p * (1 - p) / len(hit))),
+        class_match_per_class=per_class,
+    )
+
+
 def classifier_metrics(
-    config: ml_collections.ConfigDict, samples: np.ndarray, workdir: str
+    config: ml_collections.ConfigDict,
+    samples: np.ndarray,
+    workdir: str,
+    labels: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Every number of the classifier metrics for ``samples`` (uint8 levels [N, H, W, C], e.g.
     ``input_pipeline.to_uint8_levels(x, num_bins)``), no run context needed.
 
     ``workdir``: a run's workdir or any folder; the classifier, the reference statistics and the
     real-vs-real values are cached in ``workdir/eval/classifier`` (trained and computed on the
-    first call, read by every later one). Returns the keys of FD_KEYS and IS_KEYS.
+    first call, read by every later one). Returns the keys of FD_KEYS and IS_KEYS, and with
+    ``labels`` [N] (the classes the samples were drawn for) those of ``class_match``.
     """
     _check_samples(config, samples)
     cache_dir = classifier_dir(workdir)
@@ -478,6 +498,13 @@ def classifier_metrics(
             split=info["test_split"], num_examples=int(reference["num_examples"])
         ),
     )
+    if labels is not None:
+        out |= class_match(probs, np.asarray(labels), probs.shape[1])
+        logging.info(
+            "The classifier puts %.4g ± %.2g of the samples in their requested class.",
+            out["class_match"],
+            out["class_match_stderr"],
+        )
     logging.info(
         "Classifier metrics of %d samples vs %d %s examples: FD %.4g ± %.2g (real %.4g), "
         "IS %.4g ± %.2g (real %.4g).",
@@ -547,11 +574,15 @@ def classifier_samples(ctx: EvalContext) -> np.ndarray:
 
 
 def _metrics(ctx: EvalContext) -> dict[str, Any]:
-    """Every classifier number of the run's samples; computed once for both evaluators."""
+    """Every classifier number of the run's samples; computed once for all three evaluators.
+    A conditional model's sample i was drawn for class ``sampling.sample_labels``'s i."""
     if "classifier_metrics" not in ctx.cache:
         get_classifier(ctx)  # first: a data set it cannot learn fails before any sampling
         samples = classifier_samples(ctx)
-        ctx.cache["classifier_metrics"] = classifier_metrics(ctx.config, samples, ctx.workdir)
+        labels = sampling.sample_labels(ctx.config, len(samples))
+        ctx.cache["classifier_metrics"] = classifier_metrics(
+            ctx.config, samples, ctx.workdir, labels
+        )
     return ctx.cache["classifier_metrics"]
 
 
@@ -565,3 +596,19 @@ def is_classifier(ctx: EvalContext) -> dict[str, Any]:
     """``is_classifier`` (± ``_stderr``, ``_real`` for scale) and the classifier's accuracy."""
     m = _metrics(ctx)
     return {k: m[k] for k in IS_KEYS}
+
+
+def needs_conditional(ctx: EvalContext) -> str | None:
+    """Why ``class_match`` does not apply, or None."""
+    if not ctx.config.model.num_classes:
+        return "needs a class-conditional model (model.num_classes > 0)"
+    return needs_labels(ctx)
+
+
+def class_match_classifier(ctx: EvalContext) -> dict[str, Any]:
+    """``class_match``: the share of a conditional model's samples (``classifier_samples``,
+    sample i of class ``sampling.sample_labels``'s i) that the classifier puts in the requested
+    class, ± its binomial standard error, and per class."""
+    m = _metrics(ctx)
+    keys = ("class_match", "class_match_stderr", "class_match_per_class")
+    return {k: m[k] for k in keys + ("classifier_test_accuracy", "classifier_num_samples")}

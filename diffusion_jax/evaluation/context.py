@@ -35,6 +35,11 @@ class EvalContext:
     def figure_path(self, name: str) -> str:
         return os.path.join(self.eval_dir, "figures", f"{name}.png")
 
+    @property
+    def conditional(self) -> bool:
+        """A class-conditional model: its bound is -log p(x | c) with the true labels c."""
+        return bool(self.config.model.num_classes)
+
     @functools.cached_property
     def diffusion(self) -> diffusion_lib.GaussianDiffusion:
         return objectives.make_diffusion(self.config)
@@ -56,15 +61,16 @@ class EvalContext:
         repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
 
         def terms(params, batch, key, t_start):
-            x0 = input_pipeline.to_model_space(batch, num_bins)  # [B, ...]
-            net = models.model_fn(self.model, params)
+            x0 = input_pipeline.to_model_space(batch["image"], num_bins)  # [B, ...]
+            net = models.model_fn(self.model, params, labels=batch.get("label"))
             return diffusion_lib.bound_terms(
                 d, net, x0, key, t_start, per_call, config.eval.clip_denoised, num_bins
             )  # each [B, per_call]
 
         def reduce(parts, batch, mask):
             out = {k: jnp.concatenate([p[k] for p in parts], axis=1)[:, :num_t] for k in parts[0]}
-            prior = diffusion_lib.prior_bpd(d, input_pipeline.to_model_space(batch, num_bins))
+            x0 = input_pipeline.to_model_space(batch["image"], num_bins)
+            prior = diffusion_lib.prior_bpd(d, x0)
             tb = out["terms_bpd"]  # [B, T]
             total = tb.sum(axis=1) + prior  # [B]
             m = mask[:, None]  # [B, 1]
@@ -86,7 +92,12 @@ class EvalContext:
         source = input_pipeline.load_split(config, split)
         n = source.num_examples if num_examples <= 0 else min(num_examples, source.num_examples)
         batches = input_pipeline.eval_batches(
-            source, config.eval.batch_size, n, jax.process_index(), jax.process_count()
+            source,
+            config.eval.batch_size,
+            n,
+            jax.process_index(),
+            jax.process_count(),
+            labels=self.conditional,
         )
         key = objectives.run_keys(config.seed)["eval"]
         num_batches = -(-n // config.eval.batch_size)

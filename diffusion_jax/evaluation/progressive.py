@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import input_pipeline, models, objectives, reporting
+from diffusion_jax import input_pipeline, objectives, reporting, sampling
 from diffusion_jax.evaluation.context import EvalContext
 
 
@@ -51,14 +51,15 @@ def progressive_strip(frames: np.ndarray, num_bins: int) -> np.ndarray:
 
 def progressive(ctx: EvalContext) -> dict[str, Any]:
     """The strip of ``eval.progressive_num_samples`` samples, ``eval.progressive_num_frames``
-    columns, key fold_in(run sample key, 6), the config's chain length (``sampling.num_steps``)."""
+    columns, key fold_in(run sample key, 6), the config's chain length (``sampling.num_steps``);
+    a conditional model's sample i of class ``sampling.sample_labels(config, n)[i]``."""
     config = ctx.config
     n = config.eval.progressive_num_samples
     shape = (n, *input_pipeline.example_shape(config))
     key = jax.random.fold_in(objectives.run_keys(config.seed)["sample"], 6)
     _, frames, steps = progressive_samples(
         ctx.diffusion,
-        models.model_fn(ctx.model, ctx.params),
+        sampling.net(config, ctx.model, ctx.params, sampling.sample_labels(config, n)),
         shape,
         key,
         config.eval.progressive_num_frames,

@@ -1,8 +1,9 @@
 """The networks that `model_fn(x_t, t)` wraps, picked by `config.model.name`.
 
 Every model is a flax.linen Module called as
-``model.apply(variables, x_t, t, train=..., rngs={"dropout": key})``; its output has the input's
-shape, with the last axis doubled when ``config.diffusion.var_type == "learned_range"``.
+``model.apply(variables, x_t, t, y, train=..., rngs={"dropout": key})``, y [B] class labels
+(``config.model.num_classes`` > 0) or None; its output has the input's shape, with the last axis
+doubled when ``config.diffusion.var_type == "learned_range"``.
 
 A new network is one new file defining ``build(config) -> nn.Module`` and
 ``check_config(config)``, plus one entry in MODELS.
@@ -16,8 +17,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 
+from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax.models import layers, mlp, unet
 from diffusion_jax.models.unet import check_image_size
 
@@ -54,12 +57,43 @@ def get_model(config: ml_collections.ConfigDict) -> nn.Module:
 
 
 def model_fn(
-    model: nn.Module, params: Any, train: bool = False, dropout_key: jax.Array | None = None
+    model: nn.Module,
+    params: Any,
+    train: bool = False,
+    dropout_key: jax.Array | None = None,
+    labels: jax.Array | None = None,
+    guidance_scale: float = 0.0,
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """``model_fn(x_t, t)`` for the math core, closing over parameters (and a dropout key)."""
+    """``model_fn(x_t, t)`` for the math core, closing over parameters (and a dropout key).
+
+    ``labels`` [B]: the classes of a class-conditional model's batch (None: no class). With
+    ``guidance_scale`` w != 0, classifier-free guidance: x_t goes through the network once,
+    batched with itself, under the labels and under "no class"; the outputs are combined by
+    ``diffusion.classifier_free_guidance``.
+    """
     rngs = {"dropout": dropout_key} if train else {}
 
-    def fn(x: jax.Array, t: jax.Array) -> jax.Array:
-        return model.apply({"params": params}, x, t, train=train, rngs=rngs)
+    def apply(x, t, y):
+        return model.apply({"params": params}, x, t, y, train=train, rngs=rngs)
 
-    return fn
+    if not guidance_scale:
+        return lambda x, t: apply(x, t, labels)
+    if labels is None:
+        raise ValueError(
+            f"sampling.guidance_scale={guidance_scale} needs class labels (a conditional model)."
+        )
+    num_classes = model.num_classes
+    learned_var = bool(getattr(model, "learned_variance", False))
+
+    def guided(x: jax.Array, t: jax.Array) -> jax.Array:
+        b = x.shape[0]
+        t = layers.broadcast_times(t, b)  # [B]
+        null = jnp.full_like(labels, num_classes)  # [B] "no class"
+        both = apply(
+            jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([labels, null])
+        )  # [2B, ...]
+        return diffusion_lib.classifier_free_guidance(
+            both[:b], both[b:], guidance_scale, learned_var
+        )
+
+    return guided

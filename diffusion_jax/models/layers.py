@@ -181,6 +181,37 @@ class TimeEmbedding(nn.Module):
         return emb  # [B, features]
 
 
+class ClassEmbedding(nn.Module):
+    """Class label -> a learned vector added to the time embedding; ``num_classes`` classes plus
+    one "no class" entry (index ``num_classes``), taken where ``labels`` is None (classifier-free
+    guidance's unconditional model, Ho & Salimans 2022)."""
+
+    num_classes: int
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, labels: jax.Array | None, batch: int) -> jax.Array:
+        if labels is None:
+            labels = jnp.full((batch,), self.num_classes, jnp.int32)  # [B] the null class
+        labels = jnp.asarray(labels)
+        if labels.shape != (batch,) or not jnp.issubdtype(labels.dtype, jnp.integer):
+            raise ValueError(
+                f"labels must be integer class indices of shape ({batch},), got {labels.dtype} "
+                f"{labels.shape}."
+            )
+        embed = nn.Embed(self.num_classes + 1, self.features, dtype=self.dtype, name="embed")
+        return embed(labels)  # [B, features]
+
+
+def check_labels(num_classes: int, labels: jax.Array | None) -> None:
+    """Raise ValueError for labels given to an unconditional network (``num_classes`` 0)."""
+    if labels is not None and num_classes == 0:
+        raise ValueError(
+            "labels were given to an unconditional network (config.model.num_classes=0)."
+        )
+
+
 def broadcast_times(t: jax.Array | float, batch: int) -> jax.Array:
     """A scalar or [B] time as a [B] array (dtype kept)."""
     t = jnp.asarray(t)

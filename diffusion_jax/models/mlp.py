@@ -1,6 +1,7 @@
 """A time- (or noise-level-) conditioned residual MLP for vector data.
 
     t -> sinusoidal(hidden) -> Dense(hidden) -> SiLU -> Dense(hidden) = temb
+    (+ Embed(num_classes + 1, hidden)(y) for a class-conditional net; y = num_classes: no class)
     x [B, D] -> Dense(hidden)
       num_layers x residual block:
         h + Dense(dropout(SiLU(Dense(SiLU(LayerNorm(h))) + Dense(SiLU(temb)))))
@@ -44,10 +45,11 @@ class ResidualBlock(nn.Module):
 
 
 class MLP(nn.Module):
-    """Residual MLP; call as ``model.apply(variables, x_t, t, train=..., rngs=...)``.
+    """Residual MLP; call as ``model.apply(variables, x_t, t, y, train=..., rngs=...)``.
 
     x_t [B, D] (or [B, ..., C], flattened), t [B] int or float (time step, noise-level index or
-    sigma) or a scalar.
+    sigma) or a scalar, y [B] int class labels or None (no class; always None for
+    ``num_classes`` 0).
     """
 
     hidden_dim: int = 256
@@ -56,9 +58,12 @@ class MLP(nn.Module):
     learned_variance: bool = False
     dtype: Dtype = jnp.float32
     fourier_features: tuple[int, ...] = ()  # exponents n of sin/cos(2^n pi x_t) inputs
+    num_classes: int = 0  # > 0: class-conditional, labels embedded into temb
 
     @nn.compact
-    def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, train: bool = False
+    ) -> jax.Array:
         if x.ndim < 2:
             raise ValueError(f"MLP expects x of shape [B, D], got {x.shape}.")
         b = x.shape[0]
@@ -68,6 +73,11 @@ class MLP(nn.Module):
         temb = layers.TimeEmbedding(
             self.hidden_dim, self.hidden_dim, dtype=self.dtype, name="temb"
         )(t)  # [B, F]
+        layers.check_labels(self.num_classes, y)
+        if self.num_classes:
+            temb = temb + layers.ClassEmbedding(
+                self.num_classes, self.hidden_dim, self.dtype, name="class"
+            )(y, b)  # [B, F]
         h = layers.fourier_features(x.reshape(b, -1), self.fourier_features)  # [B, D (1 + 2F)]
         h = h.astype(self.dtype)
         h = layers.dense(self.hidden_dim, dtype=self.dtype, name="dense_in")(h)  # [B, F]
@@ -91,6 +101,7 @@ def build(config: ml_collections.ConfigDict) -> MLP:
         learned_variance=layers.learned_variance(config),
         dtype=layers.compute_dtype(m.dtype),
         fourier_features=tuple(m.fourier_features),
+        num_classes=m.num_classes,
     )
 
 

@@ -1,6 +1,7 @@
 """The DDPM U-Net (Ho et al. 2020, appendix B), layer for layer as in the authors' TF code.
 
     t -> sinusoidal(ch) -> Dense(4ch) -> SiLU -> Dense(4ch) = temb
+    (+ Embed(num_classes + 1, 4ch)(y) for a class-conditional net; y = num_classes: no class)
     x -> conv3x3(ch)
       down, per level i (resolution halves between levels):
         num_res_blocks x [ResnetBlock(ch * ch_mult[i]) (+ Attention if the resolution is listed)]
@@ -94,8 +95,9 @@ class AttnBlock(nn.Module):
 class UNet(nn.Module):
     """The DDPM U-Net; output channels = input channels (x2 with `learned_variance`).
 
-    Call as ``model.apply(variables, x_t, t, train=..., rngs={"dropout": key})`` with x_t
-    [B, H, W, C] and t [B] (int or float) or a scalar.
+    Call as ``model.apply(variables, x_t, t, y, train=..., rngs={"dropout": key})`` with x_t
+    [B, H, W, C], t [B] (int or float) or a scalar, and y [B] int class labels or None (no
+    class; for ``num_classes`` 0, the unconditional net, always None).
     """
 
     ch: int = 128
@@ -109,9 +111,12 @@ class UNet(nn.Module):
     remat: bool = False
     conv_impl: str = "xla"
     fourier_features: tuple[int, ...] = ()  # exponents n of sin/cos(2^n pi x_t) input channels
+    num_classes: int = 0  # > 0: class-conditional, labels embedded into temb
 
     @nn.compact
-    def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, train: bool = False
+    ) -> jax.Array:
         if x.ndim != 4:
             raise ValueError(f"UNet expects x of shape [B, H, W, C], got {x.shape}.")
         b, height, width, c = x.shape
@@ -132,6 +137,11 @@ class UNet(nn.Module):
             return layers.conv(out, impl=self.conv_impl, dtype=dt, name=name, **kw)(h)
 
         temb = layers.TimeEmbedding(self.ch, 4 * self.ch, dtype=dt, name="temb")(t)  # [B, 4ch]
+        layers.check_labels(self.num_classes, y)
+        if self.num_classes:
+            temb = temb + layers.ClassEmbedding(self.num_classes, 4 * self.ch, dt, name="class")(
+                y, b
+            )  # [B, 4ch]
 
         # Down: keep every intermediate output for the skip connections.
         h = layers.fourier_features(x, self.fourier_features)  # [B, H, W, C (1 + 2 F)]
@@ -189,6 +199,7 @@ def build(config: ml_collections.ConfigDict) -> UNet:
         remat=m.remat,
         conv_impl=m.conv_impl,
         fourier_features=tuple(m.fourier_features),
+        num_classes=m.num_classes,
     )
 
 
