@@ -259,3 +259,25 @@ def test_against_the_training_split_the_real_values_come_from_held_out_digits(tm
         config, input_pipeline.load_split(config, "train").images[:400], str(tmp_path)
     )
     assert many["classifier_num_real"] == 297  # the whole test split
+
+
+def test_class_match_of_real_digits_with_their_labels_and_with_others(trained):
+    """The test digits asked for their own class match as often as the classifier is right;
+    asked for the next class, almost never; the share and its error by their formulas."""
+    config, workdir, model, params, info = trained
+    test = input_pipeline.load_split(config, "test")
+    logits, _ = clf.predict(model, params, test.images, config.data.num_bins)
+    right = logits.argmax(axis=1) == test.labels  # [297]
+    own = clf.classifier_metrics(config, test.images, workdir, labels=test.labels)
+    assert own["class_match"] == pytest.approx(right.mean()) == pytest.approx(info["test_accuracy"])
+    p = right.mean()
+    assert own["class_match_stderr"] == pytest.approx(np.sqrt(p * (1 - p) / 297))
+    for k, share in enumerate(own["class_match_per_class"]):
+        assert share == pytest.approx(right[test.labels == k].mean())
+    other = clf.classifier_metrics(config, test.images, workdir, labels=(test.labels + 1) % 10)
+    assert other["class_match"] < 0.05
+    # Classes never asked for are None; the FD and IS do not depend on the labels.
+    some = clf.class_match(np.eye(10)[[1, 1, 2]], np.array([1, 0, 2]), 10)
+    assert some["class_match_per_class"][:3] == [0.0, 1.0, 1.0]
+    assert some["class_match_per_class"][3:] == [None] * 7
+    assert other["fd_classifier"] == own["fd_classifier"]

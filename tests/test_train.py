@@ -257,6 +257,33 @@ def test_a_conditional_run_resumes_bit_identical(tmp_path):
     assert 10 in trained and trained - {10} and trained <= seen | {10}
 
 
+def test_a_conditional_run_samples_each_class_and_states_its_bound(tmp_path):
+    """samples.npz holds labels i mod 10, the grid one class per row, metrics.json the
+    conditional bound and the share of samples of the requested class."""
+    workdir = str(tmp_path)
+    config = _conditional(
+        **{"training.eval_at_end": True, "sampling.num_samples": 12, "sampling.batch_size": 4},
+        **{"sampling.guidance_scale": 1.5, "eval.num_examples": 8},
+        **{"eval.metrics": ("bpd", "class_match"), "eval.classifier_train_steps": 20},
+        **{"eval.classifier_num_samples": 10, "eval.classifier_num_bootstrap": 2},
+    )
+    train.train_and_evaluate(config, workdir)
+    with np.load(os.path.join(workdir, "samples", "samples.npz")) as f:
+        np.testing.assert_array_equal(f["labels"], np.arange(12) % 10)
+        assert f["samples"].shape == (12, 8, 8, 1)
+    # 10 rows of (8 + 1) pixels plus the border, upscaled to about 512 pixels.
+    from PIL import Image
+
+    height = 10 * 9 + 1
+    with Image.open(os.path.join(workdir, "samples", "samples.png")) as im:
+        assert im.size[1] == height * max(1, 512 // height)
+    with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+        metrics = json.load(f)
+    assert metrics["bound"] == "-log p(x | c), c the true labels"
+    assert 0 <= metrics["class_match"] <= 1 and len(metrics["class_match_per_class"]) == 10
+    assert metrics["classifier_num_samples"] == 10
+
+
 def test_checkpoint_and_config_of_an_earlier_version_resume(tmp_path):
     """A workdir whose config.json lacks the newer keys and whose checkpoint lacks the newer
     TrainState fields (as the version before them wrote it) resumes bit-identical."""
