@@ -26,6 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.random_flip = True
     config.data.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir
     config.data.toy_size = 0  # >0: a fixed toy set of that many points; 0: fresh samples each step
+    # Batches assembled ahead of the step (Grain worker threads): -1 = half the host's cores
+    # (at least 1); 0 = in the training thread. The batches are the same whatever the values.
+    config.data.num_workers = -1
+    config.data.prefetch_batches = 2  # batches ready ahead on the host (and 1 on the devices)
 
     # Model: picked by name (diffusion_jax.models.get_model).
     config.model = ml_collections.ConfigDict()

@@ -4,7 +4,16 @@
     python -m diffusion_jax.benchmark --config configs/cifar10_ddpm.py --batch_size 32 --steps 5 \\
         --config.model.conv_impl=fast --peer_python ~/peer-venv/bin/python
 
-Measured, on synthetic data of the config's shape (the data pipeline is not timed):
+With ``--input_only`` (or ``--input``, beside the rest) it times the input pipeline instead
+(or as well): ``input_images_per_s``, images per second that ``input_pipeline.train_batches``
+delivers for the config's training split and batch (Grain workers ``data.num_workers``, batches
+ahead ``data.prefetch_batches``), over ``--input_steps`` batches after one untimed batch, and
+``input_device_images_per_s`` with the transfer to the devices included (``sharding.prefetch``):
+
+    python -m diffusion_jax.benchmark --config configs/cifar10_ddpm.py --input_only \
+        --config.data.dataset=DIR
+
+Measured otherwise, on synthetic data of the config's shape (the data pipeline is not timed):
 
 - ``train_images_per_s``: batch size / the median time of ``--steps`` full train steps (loss,
   gradient, optax update, EMA), the step of ``train.build``, the one builder the train loop
@@ -61,6 +70,9 @@ _SAMPLE_BATCH = flags.DEFINE_integer(
     "sample_batch_size", 0, "Sampling batch (default: sampling.batch_size)."
 )
 _SKIP_SAMPLE = flags.DEFINE_bool("skip_sample", False, "Time the train step only.")
+_INPUT_ONLY = flags.DEFINE_bool("input_only", False, "Time the input pipeline only.")
+_INPUT = flags.DEFINE_bool("input", False, "Also time the input pipeline.")
+_INPUT_STEPS = flags.DEFINE_integer("input_steps", 200, "Batches timed by --input(_only).")
 _CHAIN = flags.DEFINE_bool(
     "chain",
     False,
@@ -427,6 +439,46 @@ def benchmark(
     return out
 
 
+def input_benchmark(config, batch_size: int, steps: int) -> dict:
+    """Images/s of the training batches of ``config`` (its real data), host side and with the
+    transfer to the devices."""
+    import jax
+    import numpy as np
+
+    from diffusion_jax import evaluation, input_pipeline, sharding
+
+    config = config.copy_and_resolve_references()
+    config.training.batch_size = batch_size
+    config = evaluation.prepare(config)
+    t0 = time.perf_counter()
+    source = input_pipeline.load_split(config, config.data.train_split)
+    open_s = time.perf_counter() - t0
+    out = dict(
+        input_dataset=config.data.dataset,
+        input_kind=input_pipeline.dataset_kind(config.data.dataset),
+        input_num_examples=source.num_examples,
+        input_batch_size=batch_size,
+        input_workers=input_pipeline.num_workers(config),
+        input_prefetch_batches=config.data.prefetch_batches,
+        input_open_s=open_s,
+    )
+    mesh = sharding.make_mesh()
+    for name, wrap in (
+        ("input_images_per_s", lambda it: it),
+        ("input_device_images_per_s", lambda it: sharding.prefetch(mesh, it)),
+    ):
+        batches = wrap(input_pipeline.train_batches(config, source, 0))
+        jax.block_until_ready(next(batches))  # workers started, first batch out
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            batch = next(batches)
+        jax.block_until_ready(batch)
+        out[name] = steps * batch_size / (time.perf_counter() - t0)
+        del batches
+    out["input_bytes_per_image"] = int(np.prod(input_pipeline.example_shape(config)))
+    return out
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -439,9 +491,14 @@ def main(argv):
         )
     library = runtime.process_library(config, _CPU_CONV.value)
     runtime.configure_cpu_convolutions(library)  # before JAX starts
+    if _INPUT_ONLY.value:
+        print(json.dumps(rounded(input_benchmark(config, batch, _INPUT_STEPS.value))), flush=True)
+        return
     out = benchmark(
         config, batch, _STEPS.value, _WARMUP.value, sample_batch, _CHAIN.value, _CPU_PEAK.value
     )
+    if _INPUT.value:
+        out.update(input_benchmark(config, batch, _INPUT_STEPS.value))
     out["cpu_conv_library"] = library
     if _PEER_PYTHON.value:
         peer = {"train": _run_peer("train", batch, _STEPS.value)}

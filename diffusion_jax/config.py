@@ -29,6 +29,8 @@ RESUMABLE_KEYS = (
     "training.keep_checkpoints",
     "training.eval_at_end",
     "data.data_dir",
+    "data.num_workers",
+    "data.prefetch_batches",
     "eval.",
     "sampling.",
 )

@@ -1,7 +1,10 @@
-"""Input pipeline: data sets by name, held in host memory, batches as pure functions of the step.
+"""Input pipeline: data sets by name as random-access sources, batches pure functions of the step.
 
-Every data set is materialised once as an array in host memory: uint8 grey levels [N, H, W, C]
-for images, float32 [N, D] for vector data (toy sets draw fresh points each step instead). The
+A split is a random-access array of uint8 grey levels [N, H, W, C] for images (float32 [N, D]
+for vector data; toy sets draw fresh points each step instead): in host memory for small sets
+(digits, tfds sets, a ``.npz``, a folder of up to IN_MEMORY_MAX_BYTES of decoded images), a
+memory map of a set written by ``python -m diffusion_jax.prepare_data`` (``{split}.npy``: only
+the rows a batch asks for are read), or a folder decoded lazily, row by row, when larger. The
 global batch of step ``s`` is a pure function of ``(seed, s)``: an example stream that walks
 through a new seeded permutation every epoch, plus seeded random flips. So
 
@@ -12,6 +15,11 @@ through a new seeded permutation every epoch, plus seeded random flips. So
 
 Images stay uint8 until they reach the device: ``to_model_space`` maps level k of ``num_bins`` to
 ``2k/(num_bins-1) - 1`` inside the compiled step (a quarter of the host-to-device bytes).
+
+``train_batches`` assembles the batches of the coming steps ahead on Grain's worker threads
+(``data.num_workers``, ``data.prefetch_batches``); its position is the step it starts from, so a
+resumed run reads exactly what an uninterrupted one would have. ``sharding.prefetch`` then puts
+the next global batch on the devices while the current step runs.
 
 Labels come with the data where it has them (``DataSource.labels``, int32 [N], row i the class of
 image i): scikit-learn digits' targets, a tfds data set's ``label`` feature (mnist, cifar10; none
@@ -38,6 +46,8 @@ from diffusion_jax import toy_data
 
 OFFLINE_DATASETS = ("digits",)
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+PREPARED_MARKER = "dataset.json"  # in a folder written by ``python -m diffusion_jax.prepare_data``
+IN_MEMORY_MAX_BYTES = 2**31  # a folder of images decodes whole up to this size, lazily beyond
 
 
 class DatasetError(ValueError):
@@ -72,11 +82,13 @@ class DataSource:
 
 
 def dataset_kind(name: str) -> str:
-    """'digits' | 'toy' | 'files' | 'tfds' for a ``config.data.dataset`` value."""
+    """'digits' | 'toy' | 'prepared' | 'files' | 'tfds' for a ``config.data.dataset`` value."""
     if name in OFFLINE_DATASETS:
         return "digits"
     if name in toy_data.NAMES:
         return "toy"
+    if os.path.isfile(os.path.join(name, PREPARED_MARKER)):
+        return "prepared"
     if name.endswith(".npz") or os.sep in name or os.path.isdir(name):
         return "files"
     return "tfds"
@@ -145,6 +157,8 @@ def load_split(config: ml_collections.ConfigDict, split: str) -> DataSource:
         return DataSource(np.asarray(toy_data.sample(name, key, n), np.float32))
     if kind == "digits":
         images, labels, names = _load_digits(split)
+    elif kind == "prepared":
+        images, labels, names = _load_prepared(name, split)
     elif kind == "files":
         images, labels, names = _load_files(name, config.data.image_size, split)
     else:
@@ -182,6 +196,10 @@ def unlabelled_reason(config: ml_collections.ConfigDict) -> str | None:
         return f"data.dataset={name!r} is a toy data set, which has no labels"
     if kind == "digits":
         return None
+    if kind == "prepared":
+        if os.path.exists(os.path.join(name, f"{config.data.train_split}_labels.npy")):
+            return None
+        return f"{name} holds no {config.data.train_split}_labels.npy"
     if kind == "files" and name.endswith(".npz"):
         with np.load(name) as f:
             _, label_key = _npz_keys(f.files, config.data.train_split, name)
@@ -235,23 +253,73 @@ def _load_files(path: str, image_size: int, split: str) -> _Loaded:
         if labels is not None:
             labels = _checked_labels(labels, len(images), f"{path} (array {label_key!r})")
         return images, labels, ()
-    from PIL import Image
-
     files = _folder_files(path)
     if not files:
         raise DatasetError(f"data.dataset={path!r}: the folder holds no {_IMAGE_SUFFIXES} files.")
-    images = []
-    for f in files:
+    labels, names = _folder_classes(path, files)
+    lazy = LazyImages(tuple(files), image_size, path)
+    if len(files) * image_size * image_size * 3 > IN_MEMORY_MAX_BYTES:
+        logging.info("%s: %d images, decoded as batches ask for them.", path, len(files))
+        return lazy, labels, names
+    return lazy[np.arange(len(files))], labels, names
+
+
+class LazyImages:
+    """A folder's images as a random-access uint8 array [N, size, size, 3], decoded (centre
+    crop, bicubic resize) on indexing: ``images[idx]`` for an int array idx [b] gives [b, size,
+    size, 3]. A file that fails to decode is a DatasetError naming it."""
+
+    def __init__(self, files: tuple[str, ...], size: int, path: str):
+        self.files, self.size, self.path = files, size, path
+        self.shape = (len(files), size, size, 3)
+        self.dtype = np.dtype(np.uint8)
+        self.ndim = 4
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        idx = np.asarray(idx)
+        out = np.empty((idx.size, self.size, self.size, 3), np.uint8)
+        for row, i in enumerate(idx.reshape(-1)):
+            out[row] = self._read(self.files[int(i)])
+        return out.reshape(*idx.shape, self.size, self.size, 3)
+
+    def _read(self, f: str) -> np.ndarray:
+        from PIL import Image
+
         try:
             with Image.open(f) as im:
-                images.append(np.asarray(_center_crop_resize(im.convert("RGB"), image_size)))
+                return np.asarray(_center_crop_resize(im.convert("RGB"), self.size))
         except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for damaged files
             raise DatasetError(
-                f"Cannot read the image {f} of data.dataset={path!r}: {type(e).__name__}: {e}. "
-                "Repair or remove it."
+                f"Cannot read the image {f} of data.dataset={self.path!r}: {type(e).__name__}: "
+                f"{e}. Repair or remove it."
             ) from None
-    labels, names = _folder_classes(path, files)
-    return np.stack(images), labels, names
+
+
+def _load_prepared(path: str, split: str) -> _Loaded:
+    """A folder of ``prepare_data``: ``{split}.npy`` memory-mapped (read row by row as batches
+    ask), ``{split}_labels.npy`` if present, class names from ``dataset.json``."""
+    import json
+
+    file = os.path.join(path, f"{split}.npy")
+    if not os.path.exists(file):
+        have = sorted(f[:-4] for f in os.listdir(path) if f.endswith(".npy") and "_" not in f)
+        raise DatasetError(
+            f"{path} (prepared) has no split {split!r}; its splits: {', '.join(have) or 'none'}."
+        )
+    try:
+        images = np.load(file, mmap_mode="r")
+    except ValueError as e:
+        raise DatasetError(f"{file}: not a readable .npy array ({e}).") from None
+    labels_file = os.path.join(path, f"{split}_labels.npy")
+    labels = None
+    if os.path.exists(labels_file):
+        labels = _checked_labels(np.load(labels_file), len(images), labels_file)
+    with open(os.path.join(path, PREPARED_MARKER)) as f:
+        names = tuple(json.load(f).get("class_names", ()))
+    return images, labels, names
 
 
 def _npz_keys(keys: list[str], split: str, path: str) -> tuple[str, str | None]:
@@ -405,10 +473,26 @@ def _check_images(images: np.ndarray, config: ml_collections.ConfigDict, split: 
             f"{config.data.dataset!r} split {split!r} has examples of shape {images.shape[1:]}, "
             f"but the config asks for {want} (data.image_size, data.num_channels)."
         )
-    if images.dtype != np.uint8 or images.max(initial=0) >= config.data.num_bins:
+    num_bins = config.data.num_bins
+    if images.dtype != np.uint8:
         raise DatasetError(
             f"{config.data.dataset!r}: images must be uint8 levels below data.num_bins="
-            f"{config.data.num_bins}; got dtype {images.dtype}, max {images.max(initial=0)}."
+            f"{num_bins}; got dtype {images.dtype}."
+        )
+    if num_bins >= 256:  # any uint8 level fits: nothing to read
+        return
+    if isinstance(images, LazyImages):
+        raise DatasetError(
+            f"{config.data.dataset!r} is decoded lazily (over {IN_MEMORY_MAX_BYTES} bytes), so "
+            f"its levels cannot be checked against data.num_bins={num_bins}: write it with "
+            "`python -m diffusion_jax.prepare_data` first, or use data.num_bins=256."
+        )
+    chunk = 1 << 16  # rows: a memory map is read once, a chunk at a time
+    top = max((int(images[i : i + chunk].max()) for i in range(0, len(images), chunk)), default=0)
+    if top >= num_bins:
+        raise DatasetError(
+            f"{config.data.dataset!r}: images must be uint8 levels below data.num_bins="
+            f"{num_bins}; got max {top}."
         )
 
 
@@ -462,6 +546,13 @@ def train_batch(
     return batch
 
 
+def num_workers(config: ml_collections.ConfigDict) -> int:
+    """Threads assembling batches ahead: ``data.num_workers``, or for -1 what the host can
+    spare beside XLA (half its cores, at least 1: 1 on a 2-core machine)."""
+    n = config.data.num_workers
+    return max(1, (os.cpu_count() or 2) // 2) if n < 0 else n
+
+
 def train_batches(
     config: ml_collections.ConfigDict,
     source: DataSource,
@@ -469,17 +560,23 @@ def train_batches(
     process_index: int = 0,
     process_count: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of ``start_step``, ``start_step + 1``, …, prepared one ahead on a thread."""
-    import concurrent.futures
+    """Batches of ``start_step``, ``start_step + 1``, …: ``train_batch`` of each step mapped
+    over Grain's ``MapDataset.range(start_step, ...)`` on ``num_workers(config)`` threads, up
+    to ``data.prefetch_batches`` ahead (0 workers: in the calling thread, none ahead). The
+    position is the step, so the stream is the same however it is read or resumed."""
+    import grain
 
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        step = start_step
-        future = pool.submit(train_batch, config, source, step, process_index, process_count)
-        while True:
-            batch = future.result()
-            step += 1
-            future = pool.submit(train_batch, config, source, step, process_index, process_count)
-            yield batch
+    def batch(step: int) -> dict[str, np.ndarray]:
+        return train_batch(config, source, step, process_index, process_count)
+
+    steps = grain.MapDataset.range(start_step, 2**62).map(batch)
+    workers = num_workers(config)
+    if not workers:
+        return (steps[i] for i in range(len(steps)))
+    options = grain.ReadOptions(
+        num_threads=workers, prefetch_buffer_size=max(1, config.data.prefetch_batches)
+    )
+    return iter(steps.to_iter_dataset(options))
 
 
 def eval_batches(

@@ -6,6 +6,8 @@ The train state is replicated; batches are split along their leading axis. Axes 
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -36,6 +38,19 @@ def global_batch(mesh: jax.sharding.Mesh, local: Any) -> Any:
     array, or a pytree of them (a batch dict), each split over the data axis."""
     sharding = data_sharded(mesh)
     return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a), local)
+
+
+def prefetch(mesh: jax.sharding.Mesh, batches: Iterator[Any], size: int = 1) -> Iterator[Any]:
+    """``global_batch`` of each of ``batches``, ``size`` batches ahead: the transfer of the next
+    batch to the devices is issued (asynchronously) before the current one is handed out, so it
+    runs while the current step computes."""
+    queue: collections.deque = collections.deque()
+    for local in batches:
+        queue.append(global_batch(mesh, local))
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
 
 
 def check_batch_size(batch_size: int, name: str = "training.batch_size") -> None:

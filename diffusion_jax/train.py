@@ -244,9 +244,10 @@ def _train_and_evaluate(
     writer = reporting.MetricWriter(workdir)
     start = int(state.step)
     total = config.training.num_train_steps
-    batches = input_pipeline.train_batches(
+    host_batches = input_pipeline.train_batches(
         config, source, start, jax.process_index(), jax.process_count()
     )
+    batches = sharding.prefetch(mesh, host_batches)  # the next batch on its way to the devices
 
     # Several processes: SIGTERM (Slurm's --signal, a preemption notice) reaches each one at a
     # different step of its loop. JAX's preemption service, started by jax.distributed, takes the
@@ -264,13 +265,16 @@ def _train_and_evaluate(
         last_saved = step
 
     pending = []  # per-step metrics (device arrays) since the last check
+    data_wait = 0.0  # seconds the loop waited for batches since the last log
     window_start = time.perf_counter()
     progress = reporting.progress_bar(total, "train", initial=start)
     step = start
     try:
         while step < total:
             signals.check()  # the first time: one from start-up (nothing trained, nothing saved)
-            batch = sharding.global_batch(mesh, next(batches))
+            waited = time.perf_counter()
+            batch = next(batches)
+            data_wait += time.perf_counter() - waited
             state, metrics = step_fn(state, batch, train_key)
             pending.append(metrics)
             step += 1
@@ -280,7 +284,8 @@ def _train_and_evaluate(
                 summary = _summarise(pending, step, manager)
                 elapsed = time.perf_counter() - window_start
                 summary["steps_per_s"] = len(pending) / elapsed
-                pending, window_start = [], time.perf_counter()
+                summary["data_wait_frac"] = data_wait / elapsed  # of the window's wall time
+                pending, window_start, data_wait = [], time.perf_counter(), 0.0
                 writer.scalars(step, summary)
                 reporting.log_metrics(step, summary)
                 progress.set_postfix(loss=f"{summary['loss']:.4f}")

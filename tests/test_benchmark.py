@@ -120,3 +120,23 @@ def test_cli_prints_one_json_line_with_peer_ratios(tmp_path):
     assert out["train_vs_peer"] == round(out["train_vs_peer"], 3)
     assert out["sample_step_s"] == round(out["sample_step_s"], 4)
     assert "chain_s" not in out  # --chain not given
+
+
+def test_input_only_times_the_pipeline_on_the_configs_data():
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffusion_jax.benchmark",
+        "--config=configs/digits.py",
+        "--input_only",
+        "--input_steps=20",
+        "--batch_size=32",
+    ]
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["input_kind"] == "digits" and out["input_num_examples"] == 1500
+    assert out["input_batch_size"] == 32 and out["input_bytes_per_image"] == 64
+    assert out["input_images_per_s"] > 0 and out["input_device_images_per_s"] > 0
+    assert "train_images_per_s" not in out  # the train step is not timed

@@ -24,7 +24,7 @@ LAYERS = {
     "models": ("models",),
     "recipes": ("objectives", "optim", "sampling"),
     "system": ("config", "evaluation", "train"),
-    "entry points": ("main", "benchmark", "cli"),
+    "entry points": ("main", "benchmark", "cli", "prepare_data"),
 }
 RANK = {name: rank for rank, names in enumerate(LAYERS.values()) for name in names}
 

@@ -225,3 +225,152 @@ def test_an_interrupt_from_the_first_moment_exits_130_and_saves_nothing_untraine
         assert 0 not in steps, (i, steps)
         if saved:
             assert int(saved.group(1)) in steps
+
+
+# Issue 17's rows through the CLI: what a user meets, one clear line, never a traceback.
+
+
+def _corrupt(step_dir, how: str) -> None:
+    import shutil
+
+    state = os.path.join(step_dir, "state")
+    data = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(state, "d")) for f in fs]
+    assert data, os.listdir(state)
+    if how == "data file deleted":
+        os.remove(data[0])
+    elif how == "data overwritten":
+        for path in data:
+            with open(path, "r+b") as f:
+                f.write(np.random.default_rng(0).bytes(os.path.getsize(path)))
+    elif how == "garbage metadata":
+        with open(os.path.join(state, "_METADATA"), "w") as f:
+            f.write("garbage")
+    else:  # an empty step folder
+        shutil.rmtree(step_dir)
+        os.makedirs(step_dir)
+
+
+@pytest.mark.parametrize(
+    "how", ["data file deleted", "data overwritten", "garbage metadata", "empty folder"]
+)
+def test_a_damaged_newest_checkpoint_is_named_moved_aside_and_the_run_walks_back(
+    tiny_run, tmp_path, how
+):
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run, workdir)
+    ckpt = workdir / "checkpoints"
+    _corrupt(ckpt / "6", how)
+    proc = run_main(workdir, **{"training.eval_at_end": False})
+    assert "Traceback" not in proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if "cannot be restored" in line]
+    assert len(warnings) == 1 and "6" in warnings[0] and str(ckpt / "corrupt-6") in warnings[0]
+    assert (ckpt / "corrupt-6").is_dir()  # kept, never deleted
+    assert "Resuming from the checkpoint of step 4" in proc.stderr
+    for ema in (False, True):  # steps 5 and 6 trained again: the same parameters as before
+        for a, b in zip(_params(tiny_run, ema), _params(workdir, ema), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_no_restorable_checkpoint_left_is_one_line(tiny_run, tmp_path):
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run, workdir)
+    for step in (2, 4, 6):
+        _corrupt(workdir / "checkpoints" / str(step), "garbage metadata")
+    line = _error_line(run_main(workdir, check=False, **{"training.eval_at_end": False}))
+    assert line.startswith("error: None of the checkpoints [6, 4, 2]"), line
+
+
+def test_a_second_train_process_on_one_workdir_is_one_line_naming_the_holder(tmp_path):
+    import json
+    import socket
+
+    from diffusion_jax import workdir_lock
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    holder = {"host": socket.gethostname(), "pid": os.getpid()}  # a live process: this one
+    (workdir / workdir_lock.LOCK_NAME).write_text(json.dumps(holder))
+    line = _error_line(run_main(workdir, check=False))
+    assert "in use by another train process" in line and f"pid {os.getpid()}" in line, line
+    assert not (workdir / "checkpoints").exists()
+
+
+INJECT_ENOSPC = """
+import errno, os, runpy
+import orbax.checkpoint as ocp
+
+real_save = ocp.CheckpointManager.save
+
+def failing_save(self, step, *args, **kwargs):  # the disk fills up at the save of step 4
+    if step == 4:
+        os.makedirs(os.path.join(os.fspath(self.directory), "4.orbax-checkpoint-tmp-1"))
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real_save(self, step, *args, **kwargs)
+
+ocp.CheckpointManager.save = failing_save
+runpy.run_module("diffusion_jax.main", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    """Fault injection: ``python -m diffusion_jax.main`` run through a wrapper whose orbax save
+    of step 4 leaves a temporary folder and raises ENOSPC."""
+    script = tmp_path / "inject.py"
+    script.write_text(INJECT_ENOSPC)
+    cmd, env = main_command(tmp_path / "run", **{"training.eval_at_end": False})
+    assert cmd[1:3] == ["-m", "diffusion_jax.main"]
+    cmd = [cmd[0], str(script), *cmd[3:]]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    line = _error_line(proc)
+    assert "step 4" in line and "No space left on device" in line, line
+    assert "The newest checkpoint is step 2" in line, line
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]  # tmp folder removed
+
+
+def test_a_truncated_image_in_a_folder_is_one_line_naming_the_file(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((8, 8), 16 * i, np.uint8)).save(folder / f"{i}.png")
+    bad = folder / "3.png"
+    bad.write_bytes(bad.read_bytes()[:40])
+    proc = run_main(
+        tmp_path / "run", check=False, **{"data.dataset": str(folder), "data.num_bins": 256}
+    )
+    line = _error_line(proc)
+    assert str(bad) in line and "Repair or remove it" in line, line
+
+
+def test_a_nan_stop_names_the_last_good_checkpoint_and_resumes_with_another_lr(tmp_path):
+    nan = {
+        # Warmup from 0: step 0 changes nothing, step 1's lr of 1e35 makes the loss NaN.
+        "optim.learning_rate": 1e38,
+        "optim.grad_clip": 0.0,
+        "optim.warmup_steps": 1000,
+        "training.num_train_steps": 12,
+        "training.checkpoint_every": 1,
+        "training.log_every": 1,
+        "training.eval_at_end": False,
+    }
+    workdir = tmp_path / "run"
+    line = _error_line(run_main(workdir, check=False, **nan))
+    import re
+
+    bad = int(re.search(r"The loss is nan at step (\d+)", line).group(1))
+    last = checkpoints.make_manager(str(workdir)).latest_step()
+    assert last == bad - 2 and f"finite is step {last} in" in line, line
+    assert (workdir / "checkpoints" / f"diverged-{bad - 1}").is_dir()
+    assert "--allow_config_change=optim.learning_rate" in line
+    lower = {**nan, "optim.learning_rate": 1e-3}
+    refused = run_main(workdir, check=False, **lower)
+    _error_line(refused)  # exit 1, no traceback; the message lists the differing keys
+    assert "optim.learning_rate: 1e+38 -> 0.001" in refused.stderr, refused.stderr[-3000:]
+    run_main(workdir, "--allow_config_change=optim.learning_rate", **lower)
+    assert checkpoints.make_manager(str(workdir)).latest_step() == 12
+    assert all(np.all(np.isfinite(p)) for p in _params(workdir, False))

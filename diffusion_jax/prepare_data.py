@@ -1,0 +1,101 @@
+"""Write a data set as memory-mappable arrays, for data sets larger than host memory.
+
+    python -m diffusion_jax.prepare_data --input PATH --output DIR [--image_size 32] [--split train]
+
+``--input``: a folder of images (decoded, centre-cropped and resized to ``--image_size``, into
+split ``--split``; class sub-folders give labels), or a ``.npz`` (each array is a split; an
+``images`` array goes to ``--split``; ``{split}_labels`` / ``labels`` give labels). ``DIR``
+then holds ``{split}.npy`` (uint8 [N, H, W, C]), ``{split}_labels.npy`` (int32 [N]) where there
+are labels, and ``dataset.json`` (class names, shapes); train with
+``--config.data.dataset=DIR``. Images are written a chunk at a time and read back as a memory
+map (``input_pipeline``): neither side holds the whole set in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from absl import app, flags, logging
+
+from diffusion_jax import input_pipeline, reporting
+
+_INPUT = flags.DEFINE_string("input", None, "A folder of images or a .npz.", required=True)
+_OUTPUT = flags.DEFINE_string("output", None, "The folder to write.", required=True)
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Side of the square images (folders).")
+_SPLIT = flags.DEFINE_string("split", "train", "The split a folder or 'images' array becomes.")
+_CHUNK = 4096  # images per write
+
+
+def write_split(out: str, split: str, images, labels: np.ndarray | None) -> dict:
+    """``{out}/{split}.npy`` from ``images`` (an array or ``input_pipeline.LazyImages``: read
+    ``_CHUNK`` rows at a time) and ``{split}_labels.npy``; returns the split's description."""
+    n = len(images)
+    path = os.path.join(out, f"{split}.npy")
+    tmp = path + ".tmp.npy"
+    target = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=tuple(images.shape))
+    with reporting.progress_bar(n, f"{split}", unit="image") as bar:
+        for start in range(0, n, _CHUNK):
+            rows = np.arange(start, min(start + _CHUNK, n))
+            target[rows[0] : rows[-1] + 1] = images[rows]
+            bar.update(len(rows))
+    target.flush()
+    del target
+    os.replace(tmp, path)  # a split is complete or absent
+    if labels is not None:
+        np.save(os.path.join(out, f"{split}_labels.npy"), labels.astype(np.int32))
+    return {"num_examples": n, "shape": list(images.shape[1:]), "labels": labels is not None}
+
+
+def prepare(input_path: str, output: str, image_size: int, split: str) -> dict:
+    """Write ``input_path`` (a folder of images or a .npz) to ``output``; returns dataset.json."""
+    if not os.path.exists(input_path):
+        raise input_pipeline.DatasetError(f"--input={input_path!r}: no such file or folder.")
+    os.makedirs(output, exist_ok=True)
+    splits, names = {}, ()
+    if input_path.endswith(".npz"):
+        with np.load(input_path) as f:
+            keys = [k for k in f.files if not k.endswith("_labels") and k != "labels"]
+            for key in keys:
+                name = split if key == "images" else key
+                _, label_key = input_pipeline._npz_keys(f.files, name, input_path)
+                images = input_pipeline._npz_array(f, key, input_path)
+                if images.dtype != np.uint8 or images.ndim != 4:
+                    raise input_pipeline.DatasetError(
+                        f"{input_path}: array {key!r} must be uint8 images [N, H, W, C]; got "
+                        f"{images.dtype} {images.shape}."
+                    )
+                labels = None
+                if label_key is not None:
+                    where = f"{input_path} (array {label_key!r})"
+                    labels = input_pipeline._checked_labels(f[label_key], len(images), where)
+                splits[name] = write_split(output, name, images, labels)
+    else:
+        files = input_pipeline._folder_files(input_path)
+        if not files:
+            raise input_pipeline.DatasetError(f"--input={input_path!r} holds no images.")
+        labels, names = input_pipeline._folder_classes(input_path, files)
+        images = input_pipeline.LazyImages(tuple(files), image_size, input_path)
+        splits[split] = write_split(output, split, images, labels)
+    meta = {"source": os.path.abspath(input_path), "class_names": list(names), "splits": splits}
+    with open(os.path.join(output, input_pipeline.PREPARED_MARKER), "w") as f:
+        json.dump(meta, f, indent=2)
+    logging.info(
+        "Wrote %s to %s.",
+        ", ".join(f"{k} ({v['num_examples']})" for k, v in splits.items()),
+        output,
+    )
+    return meta
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    try:
+        prepare(_INPUT.value, _OUTPUT.value, _IMAGE_SIZE.value, _SPLIT.value)
+    except input_pipeline.DatasetError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,139 @@
+"""Sets larger than memory: ``prepare_data`` writes memory-mappable splits, folders decode
+lazily, and either gives the very batches of the in-memory source."""
+
+import numpy as np
+import pytest
+
+from configs import default, digits
+from diffusion_jax import input_pipeline as ip
+from diffusion_jax import prepare_data
+
+
+def _folder(tmp_path, n=12, size=10):
+    """Images of two classes in sub-folders, of a size that is centre-cropped and resized."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for i in range(n):
+        folder = root / ("cat" if i % 3 else "dog")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size + 2, 3), dtype=np.uint8)).save(
+            folder / f"{i:03d}.png"
+        )
+    return root
+
+
+def _config(dataset, size=8, **data):
+    config = default.get_config()
+    config.data.dataset = str(dataset)
+    config.data.image_size, config.data.num_channels = size, 3
+    config.training.batch_size = 4
+    for key, value in data.items():
+        config.data[key] = value
+    return config
+
+
+def test_a_prepared_folder_is_memory_mapped_and_gives_the_same_batches(tmp_path):
+    root = _folder(tmp_path)
+    prepare_data.prepare(str(root), str(tmp_path / "prepared"), 8, "train")
+    eager = ip.load_split(_config(root), "train")
+    mapped = ip.load_split(_config(tmp_path / "prepared"), "train")
+    assert ip.dataset_kind(str(tmp_path / "prepared")) == "prepared"
+    assert isinstance(mapped.images, np.memmap) and mapped.class_names == ("cat", "dog")
+    np.testing.assert_array_equal(np.asarray(mapped.images), eager.images)
+    np.testing.assert_array_equal(mapped.labels, eager.labels)
+    config = _config(tmp_path / "prepared", random_flip=True)
+    config.model.num_classes = 2
+    for step in range(5):
+        a = ip.train_batch(config, eager, step)
+        b = ip.train_batch(config, mapped, step)
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(a[key], b[key])
+    with pytest.raises(ip.DatasetError, match=r"has no split 'test'; its splits: train"):
+        ip.load_split(config, "test")
+
+
+def test_digits_prepared_from_an_npz_train_bit_for_bit_like_digits(tmp_path):
+    """Today's digits batches, read from a prepared copy: the same bytes at every step."""
+    config = digits.get_config()
+    config.training.batch_size = 64
+    train, test = ip.load_split(config, "train"), ip.load_split(config, "test")
+    np.savez(
+        tmp_path / "digits.npz",
+        train=train.images,
+        train_labels=train.labels,
+        test=test.images,
+        test_labels=test.labels,
+    )
+    meta = prepare_data.prepare(str(tmp_path / "digits.npz"), str(tmp_path / "d"), 0, "train")
+    assert meta["splits"]["train"]["num_examples"] == 1500
+    prepared = digits.get_config()
+    prepared.data.dataset = str(tmp_path / "d")
+    prepared.training.batch_size = 64
+    prepared.model.num_classes = 10
+    mapped = ip.load_split(prepared, "train")
+    assert ip.unlabelled_reason(prepared) is None
+    for step in (0, 23, 24, 100):  # across epochs (1500 / 64 = 23.4 steps each)
+        np.testing.assert_array_equal(
+            ip.train_batch(prepared, mapped, step)["image"],
+            ip.train_batch(config, train, step)["image"],
+        )
+    np.testing.assert_array_equal(ip.load_split(prepared, "test").labels, test.labels)
+
+
+def test_a_large_folder_decodes_lazily_the_same_images(tmp_path, monkeypatch):
+    root = _folder(tmp_path)
+    eager = ip.load_split(_config(root), "train")
+    monkeypatch.setattr(ip, "IN_MEMORY_MAX_BYTES", 0)  # every folder counts as large
+    lazy = ip.load_split(_config(root), "train")
+    assert isinstance(lazy.images, ip.LazyImages) and lazy.images.shape == (12, 8, 8, 3)
+    config = _config(root, random_flip=True)
+    for step in range(4):
+        np.testing.assert_array_equal(
+            ip.train_batch(config, lazy, step)["image"],
+            ip.train_batch(config, eager, step)["image"],
+        )
+    with pytest.raises(ip.DatasetError, match=r"decoded lazily.*prepare_data"):
+        ip.load_split(_config(root, num_bins=17), "train")
+
+
+def test_a_file_that_fails_to_decode_mid_run_stops_the_batches_naming_it(tmp_path, monkeypatch):
+    root = _folder(tmp_path)
+    monkeypatch.setattr(ip, "IN_MEMORY_MAX_BYTES", 0)
+    config = _config(root)
+    source = ip.load_split(config, "train")
+    bad = root / "cat" / "001.png"
+    bad.write_bytes(bad.read_bytes()[:30])  # truncated after the run started
+    batches = ip.train_batches(config, source, 0)
+    with pytest.raises(ip.DatasetError, match=f"Cannot read the image {bad}"):
+        for _ in range(3):  # the 12 images are all read within three batches of 4
+            next(batches)
+
+
+@pytest.mark.parametrize("workers", [0, 1, 3])
+def test_batches_ahead_on_workers_are_the_steps_batches_in_order(workers):
+    config = digits.get_config()
+    config.training.batch_size = 16
+    config.data.num_workers = workers
+    source = ip.load_split(config, "train")
+    it = ip.train_batches(config, source, start_step=7)
+    for step in range(7, 12):
+        np.testing.assert_array_equal(
+            next(it)["image"], ip.train_batch(config, source, step)["image"]
+        )
+    assert ip.num_workers(config) == workers
+    config.data.num_workers = -1
+    assert ip.num_workers(config) >= 1
+
+
+def test_prefetch_to_devices_keeps_the_order():
+    import jax
+
+    from diffusion_jax import sharding
+
+    mesh = sharding.make_mesh()
+    local = [{"image": np.full((2, 3), i, np.uint8)} for i in range(5)]
+    out = list(sharding.prefetch(mesh, iter(local), size=2))
+    assert [int(np.asarray(b["image"])[0, 0]) for b in out] == list(range(5))
+    assert all(isinstance(b["image"], jax.Array) for b in out)
