@@ -4,7 +4,7 @@ the time in training, so one network is both the conditional and the uncondition
 
     python -m diffusion_jax.main --config configs/digits_cond.py --workdir runs/digits_cond
     python -m diffusion_jax.main --config configs/digits_cond.py --workdir runs/digits_cond \
-        --mode sample --config.sampling.num_samples=500 --config.sampling.guidance_scale=1
+        --mode sample --config.sampling.num_samples=500
 """
 
 from configs import digits
@@ -14,5 +14,7 @@ def get_config():
     config = digits.get_config()
     config.model.num_classes = 10
     config.training.label_dropout = 0.1
-    config.sampling.guidance_scale = 1.0
+    # w = 0.5: 99.4 % of 500 ancestral samples of the requested digit by the classifier (93.2 %
+    # unguided), at the least loss of diversity among the scales that pass 95 % (README).
+    config.sampling.guidance_scale = 0.5
     return config

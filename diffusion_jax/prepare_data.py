@@ -13,18 +13,15 @@ map (``input_pipeline``): neither side holds the whole set in memory.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
 import numpy as np
-from absl import app, flags, logging
+from absl import logging
 
 from diffusion_jax import input_pipeline, reporting
 
-_INPUT = flags.DEFINE_string("input", None, "A folder of images or a .npz.", required=True)
-_OUTPUT = flags.DEFINE_string("output", None, "The folder to write.", required=True)
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Side of the square images (folders).")
-_SPLIT = flags.DEFINE_string("split", "train", "The split a folder or 'images' array becomes.")
 _CHUNK = 4096  # images per write
 
 
@@ -89,13 +86,20 @@ def prepare(input_path: str, output: str, image_size: int, split: str) -> dict:
     return meta
 
 
-def main(argv: list[str]) -> None:
-    del argv
+def main(argv: list[str] | None = None) -> None:
+    """The command line (argparse: no absl flags, which are global to the process)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", required=True, help="a folder of images or a .npz")
+    parser.add_argument("--output", required=True, help="the folder to write")
+    parser.add_argument("--image_size", type=int, default=32, help="side of folder images")
+    parser.add_argument("--split", default="train", help="the split of a folder / 'images'")
+    args = parser.parse_args(argv)
+    logging.set_verbosity(logging.INFO)
     try:
-        prepare(_INPUT.value, _OUTPUT.value, _IMAGE_SIZE.value, _SPLIT.value)
+        prepare(args.input, args.output, args.image_size, args.split)
     except input_pipeline.DatasetError as e:
         raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

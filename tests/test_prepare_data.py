@@ -137,3 +137,27 @@ def test_prefetch_to_devices_keeps_the_order():
     out = list(sharding.prefetch(mesh, iter(local), size=2))
     assert [int(np.asarray(b["image"])[0, 0]) for b in out] == list(range(5))
     assert all(isinstance(b["image"], jax.Array) for b in out)
+
+
+def test_the_command_line_writes_a_folder_and_names_a_missing_input(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    root = _folder(tmp_path)
+    cmd = [sys.executable, "-m", "diffusion_jax.prepare_data", "--input", str(root)]
+    run = dict(cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([*cmd, "--output", str(tmp_path / "out"), "--image_size", "8"], **run)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    images = np.load(tmp_path / "out" / "train.npy", mmap_mode="r")
+    assert images.shape == (12, 8, 8, 3)
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "out" / "train_labels.npy"), ip.load_split(_config(root), "train").labels
+    )
+    cmd[-1] = str(tmp_path / "missing")
+    proc = subprocess.run([*cmd, "--output", str(tmp_path / "out2")], **run)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --input={cmd[-1]!r}: no such file or folder."
+    ]
