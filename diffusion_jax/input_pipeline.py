@@ -32,6 +32,7 @@ the same indices, so labels share the images' determinism.
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import os
 from collections.abc import Iterator
 from types import ModuleType
@@ -313,6 +314,9 @@ def _load_prepared(path: str, split: str) -> _Loaded:
         images = np.load(file, mmap_mode="r")
     except ValueError as e:
         raise DatasetError(f"{file}: not a readable .npy array ({e}).") from None
+    if hasattr(images, "_mmap") and hasattr(mmap, "MADV_RANDOM"):
+        # Batches read scattered rows: no read-ahead of the pages around each one.
+        images._mmap.madvise(mmap.MADV_RANDOM)
     labels_file = os.path.join(path, f"{split}_labels.npy")
     labels = None
     if os.path.exists(labels_file):

@@ -11,8 +11,9 @@ Steps (each prints and records its figures in ``data_scale.json`` in ``--outdir`
    ``python -m diffusion_jax.prepare_data`` writes), a chunk at a time; skipped when present.
 2. ``input``: ``python -m diffusion_jax.benchmark --input_only`` with ``configs/cifar10_ddpm.py``
    (batch 128, random flips) on that folder: images/s from disk, host side and onto the devices.
-3. ``memory``: the same short training run (the digits U-Net, ``--steps`` steps, no evaluation)
-   on digits and on the big set; the peak anonymous resident memory of each process (RssAnon of
+3. ``memory``: the same short training run (the digits U-Net, ``--run_steps`` steps, no
+   evaluation) on digits, on the big set, and, as a control with the big set's image shape, on
+   its 1,000-image test split; the peak anonymous resident memory of each process (RssAnon of
    /proc/PID/status sampled every 20 ms: memory-mapped file pages are not anonymous) and of the
    file-backed pages (RssFile).
 4. ``resume``: the run on the big set killed with SIGKILL after its first checkpoint, run again
@@ -197,7 +198,8 @@ def main(argv=None) -> dict:
     digits = {**steps, **{k: v for k, v in RUN.items() if not k.startswith("data.")}}
     digits["model.fourier_features"] = ()
     results["memory"] = {}
-    for name, overrides in (("digits", digits), ("big", big)):
+    small = {**big, "data.train_split": "test"}  # 1,000 images of the same shape
+    for name, overrides in (("digits", digits), ("small", small), ("big", big)):
         workdir = os.path.join(args.workdir, f"memory_{name}")
         subprocess.run(["rm", "-rf", workdir], check=True)
         log = os.path.join(args.workdir, f"memory_{name}.log")
@@ -205,6 +207,7 @@ def main(argv=None) -> dict:
         print(name, results["memory"][name], flush=True)
     m = results["memory"]
     m["anon_growth_mib"] = m["big"]["peak_anon_mib"] - m["digits"]["peak_anon_mib"]
+    m["anon_growth_vs_small_mib"] = m["big"]["peak_anon_mib"] - m["small"]["peak_anon_mib"]
 
     reference = os.path.join(args.workdir, "memory_big")
     killed = os.path.join(args.workdir, "killed")
