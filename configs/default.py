@@ -25,6 +25,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.num_bins = 256  # grey levels of the discrete data (for bits/dim)
     config.data.random_flip = True
     config.data.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir
+    # How a tfds name is read: "load" (tfds.load through TensorFlow, the split decoded whole into
+    # memory) | "data_source" (tfds.data_source: random access to a set prepared with `tfds build
+    # NAME --file_format=array_record`, decoded as batches ask; no TensorFlow).
+    config.data.tfds_reader = "load"
     config.data.toy_size = 0  # >0: a fixed toy set of that many points; 0: fresh samples each step
     # Batches assembled ahead of the step (Grain worker threads): -1 = half the host's cores
     # (at least 1); 0 = in the training thread. The batches are the same whatever the values.

@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
 
 import jax
@@ -111,7 +111,7 @@ def _import_tfds(name: str) -> ModuleType:
     except ImportError as e:
         raise DatasetError(
             f"data.dataset={name!r} is read through tensorflow-datasets, which cannot be imported "
-            f"({e}): pip install tensorflow-datasets tensorflow-cpu (or tensorflow)."
+            f"({e}): pip install tensorflow-datasets (and, for tfds.load, 'diffusion_jax[tfds]')."
         ) from None
     return tfds
 
@@ -258,7 +258,7 @@ def _load_files(path: str, image_size: int, split: str) -> _Loaded:
     if not files:
         raise DatasetError(f"data.dataset={path!r}: the folder holds no {_IMAGE_SUFFIXES} files.")
     labels, names = _folder_classes(path, files)
-    lazy = LazyImages(tuple(files), image_size, path)
+    lazy = folder_images(tuple(files), image_size, path)
     if len(files) * image_size * image_size * 3 > IN_MEMORY_MAX_BYTES:
         logging.info("%s: %d images, decoded as batches ask for them.", path, len(files))
         return lazy, labels, names
@@ -266,37 +266,43 @@ def _load_files(path: str, image_size: int, split: str) -> _Loaded:
 
 
 class LazyImages:
-    """A folder's images as a random-access uint8 array [N, size, size, 3], decoded (centre
-    crop, bicubic resize) on indexing: ``images[idx]`` for an int array idx [b] gives [b, size,
-    size, 3]. A file that fails to decode is a DatasetError naming it."""
+    """Images as a random-access uint8 array [N, H, W, C] read on indexing: ``images[idx]`` for
+    an int array idx [b] gives [b, H, W, C], each row ``read(i)``. For sets too large to hold:
+    a big folder (``folder_images``), a tfds data source (``_load_tfds_source``)."""
 
-    def __init__(self, files: tuple[str, ...], size: int, path: str):
-        self.files, self.size, self.path = files, size, path
-        self.shape = (len(files), size, size, 3)
+    def __init__(self, read: Callable[[int], np.ndarray], num: int, shape: tuple[int, ...]):
+        self.read = read
+        self.shape = (num, *shape)
         self.dtype = np.dtype(np.uint8)
-        self.ndim = 4
+        self.ndim = 1 + len(shape)
 
     def __len__(self) -> int:
-        return len(self.files)
+        return self.shape[0]
 
     def __getitem__(self, idx) -> np.ndarray:
         idx = np.asarray(idx)
-        out = np.empty((idx.size, self.size, self.size, 3), np.uint8)
+        out = np.empty((idx.size, *self.shape[1:]), np.uint8)
         for row, i in enumerate(idx.reshape(-1)):
-            out[row] = self._read(self.files[int(i)])
-        return out.reshape(*idx.shape, self.size, self.size, 3)
+            out[row] = self.read(int(i))
+        return out.reshape(*idx.shape, *self.shape[1:])
 
-    def _read(self, f: str) -> np.ndarray:
-        from PIL import Image
 
+def folder_images(files: tuple[str, ...], size: int, path: str) -> LazyImages:
+    """The images of ``files`` as RGB [N, size, size, 3] (centre crop, bicubic resize), decoded
+    on indexing; a file that fails to decode is a DatasetError naming it."""
+    from PIL import Image
+
+    def read(i: int) -> np.ndarray:
         try:
-            with Image.open(f) as im:
-                return np.asarray(_center_crop_resize(im.convert("RGB"), self.size))
+            with Image.open(files[i]) as im:
+                return np.asarray(_center_crop_resize(im.convert("RGB"), size))
         except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for damaged files
             raise DatasetError(
-                f"Cannot read the image {f} of data.dataset={self.path!r}: {type(e).__name__}: "
-                f"{e}. Repair or remove it."
+                f"Cannot read the image {files[i]} of data.dataset={path!r}: "
+                f"{type(e).__name__}: {e}. Repair or remove it."
             ) from None
+
+    return LazyImages(read, len(files), (size, size, 3))
 
 
 def _load_prepared(path: str, split: str) -> _Loaded:
@@ -425,13 +431,32 @@ def _tfds_label_feature(info):
     return None
 
 
+TFDS_READERS = ("load", "data_source")
+
+
 def _load_tfds(config: ml_collections.ConfigDict, split: str) -> _Loaded:
-    import tensorflow as tf
+    """A tfds split by ``data.tfds_reader``: ``load`` (``tfds.load`` through TensorFlow, the
+    split decoded whole into memory) or ``data_source`` (``_load_tfds_source``)."""
+    reader = config.data.tfds_reader
+    if reader not in TFDS_READERS:
+        raise DatasetError(f"config.data.tfds_reader={reader!r} is not one of {TFDS_READERS}.")
+    if reader == "data_source":
+        return _load_tfds_source(config, split)
+    name = config.data.dataset
+    try:
+        import tensorflow as tf
+    except ImportError as e:
+        raise DatasetError(
+            f"data.dataset={name!r} with data.tfds_reader='load' reads through TensorFlow, which "
+            f"cannot be imported ({e}): pip install 'diffusion_jax[tfds]' (on Colab the "
+            "preinstalled tensorflow does), or prepare the set as ArrayRecord (`tfds build "
+            f"{name} --file_format=array_record`) and use --config.data.tfds_reader=data_source."
+        ) from None
 
     tf.config.set_visible_devices([], "GPU")  # TensorFlow only reads data; JAX owns the GPUs
     import tensorflow_datasets as tfds
 
-    name, size = config.data.dataset, config.data.image_size
+    size = config.data.image_size
     try:
         ds, info = tfds.load(
             name, split=split, data_dir=config.data.data_dir, shuffle_files=False, with_info=True
@@ -466,6 +491,46 @@ def _load_tfds(config: ml_collections.ConfigDict, split: str) -> _Loaded:
     return images, labels, tuple(label_feature.names)
 
 
+def _load_tfds_source(config: ml_collections.ConfigDict, split: str) -> _Loaded:
+    """A tfds set prepared as ArrayRecord (or Parquet), through ``tfds.data_source``: no
+    TensorFlow, nothing read whole. Images decode on indexing (``LazyImages``; centre crop and
+    bicubic resize where the stored size differs); the labels are read once, up front."""
+    tfds = _import_tfds(config.data.dataset)
+    name, size, data_dir = config.data.dataset, config.data.image_size, config.data.data_dir
+    try:
+        ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # not prepared, or prepared as TFRecord (no random access)
+        raise DatasetError(
+            f"tensorflow-datasets {name!r} (split {split!r}, data_dir="
+            f"{data_dir or '~/tensorflow_datasets'}) has no random-access files there "
+            f"({type(e).__name__}: {str(e).splitlines()[0]}). Prepare it where the network "
+            f"allows with `tfds build {name} --file_format=array_record`, or use "
+            "--config.data.tfds_reader=load."
+        ) from None
+    shape = tuple(ds.dataset_info.features["image"].shape)  # (h, w, c); None where it varies
+    channels = shape[-1] or 3
+
+    def read(i: int) -> np.ndarray:
+        image = np.asarray(ds[i]["image"])  # [h, w, c] uint8
+        if image.shape[:2] == (size, size):
+            return image
+        from PIL import Image
+
+        mode = "L" if image.shape[-1] == 1 else "RGB"
+        im = Image.fromarray(image[..., 0] if mode == "L" else image, mode)
+        out = np.asarray(_center_crop_resize(im, size))
+        return out[..., None] if mode == "L" else out
+
+    images = LazyImages(read, len(ds), (size, size, channels))
+    label_feature = _tfds_label_feature(ds.dataset_info)
+    if label_feature is None:
+        return images, None, ()
+    # Each record read once for its label (tfds's SkipDecoding would import TensorFlow).
+    logging.info("Reading the labels of %d records of %s (%s).", len(ds), name, split)
+    labels = np.array([ds[i]["label"] for i in range(len(ds))])
+    return images, _checked_labels(labels, len(images), name), tuple(label_feature.names)
+
+
 def _check_images(images: np.ndarray, config: ml_collections.ConfigDict, split: str) -> None:
     if images.ndim == 3:
         raise DatasetError(
@@ -487,9 +552,9 @@ def _check_images(images: np.ndarray, config: ml_collections.ConfigDict, split: 
         return
     if isinstance(images, LazyImages):
         raise DatasetError(
-            f"{config.data.dataset!r} is decoded lazily (over {IN_MEMORY_MAX_BYTES} bytes), so "
-            f"its levels cannot be checked against data.num_bins={num_bins}: write it with "
-            "`python -m diffusion_jax.prepare_data` first, or use data.num_bins=256."
+            f"{config.data.dataset!r} is decoded lazily, so its levels cannot be checked "
+            f"against data.num_bins={num_bins}: write it with `python -m "
+            "diffusion_jax.prepare_data` first, or use data.num_bins=256."
         )
     chunk = 1 << 16  # rows: a memory map is read once, a chunk at a time
     top = max((int(images[i : i + chunk].max()) for i in range(0, len(images), chunk)), default=0)

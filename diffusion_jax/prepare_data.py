@@ -73,7 +73,7 @@ def prepare(input_path: str, output: str, image_size: int, split: str) -> dict:
         if not files:
             raise input_pipeline.DatasetError(f"--input={input_path!r} holds no images.")
         labels, names = input_pipeline._folder_classes(input_path, files)
-        images = input_pipeline.LazyImages(tuple(files), image_size, input_path)
+        images = input_pipeline.folder_images(tuple(files), image_size, input_path)
         splits[split] = write_split(output, split, images, labels)
     meta = {"source": os.path.abspath(input_path), "class_names": list(names), "splits": splits}
     with open(os.path.join(output, input_pipeline.PREPARED_MARKER), "w") as f:

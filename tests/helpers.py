@@ -1,8 +1,11 @@
-"""Shared pieces of the system tests: a tiny digits config and a CLI runner."""
+"""Shared pieces of the system tests: a tiny digits config, a CLI runner, checkpoint damage."""
 
 import os
+import shutil
 import subprocess
 import sys
+
+import numpy as np
 
 from configs import digits
 
@@ -70,3 +73,25 @@ def run_main(workdir, *args, devices=1, config="configs/digits.py", check=True, 
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+DAMAGES = ("data file deleted", "data overwritten", "garbage metadata", "empty folder")
+
+
+def corrupt_checkpoint(step_dir, how: str) -> None:
+    """Damage the checkpoint folder ``step_dir`` in one of the ways of DAMAGES."""
+    state = os.path.join(step_dir, "state")
+    data = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(state, "d")) for f in fs]
+    assert data, os.listdir(state)
+    if how == "data file deleted":
+        os.remove(data[0])
+    elif how == "data overwritten":
+        for path in data:
+            with open(path, "r+b") as f:
+                f.write(np.random.default_rng(0).bytes(os.path.getsize(path)))
+    elif how == "garbage metadata":
+        with open(os.path.join(state, "_METADATA"), "w") as f:
+            f.write("garbage")
+    else:  # an empty step folder
+        shutil.rmtree(step_dir)
+        os.makedirs(step_dir)

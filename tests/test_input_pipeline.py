@@ -408,3 +408,67 @@ def test_a_conditional_model_needs_labels_below_num_classes(tmp_path):
     config.data.dataset = str(tmp_path / "plain.npz")
     with pytest.raises(ip.DatasetError, match=r"num_classes=5 needs labelled data.*no 'labels'"):
         ip.load_split(config, "train")
+
+
+def test_tfds_data_source_reads_records_on_demand_without_tensorflow(tmp_path):
+    """``data.tfds_reader='data_source'``: random access (mock data source), images decoded as
+    indexed, resized where the size differs, labels those of the records; TensorFlow unused."""
+    import subprocess
+
+    code = """
+import sys
+import numpy as np
+import tensorflow_datasets as tfds
+from configs import default
+from diffusion_jax import input_pipeline as ip
+
+config = default.get_config()
+config.data.dataset, config.data.image_size, config.data.num_channels = "mnist", 28, 1
+config.data.tfds_reader = "data_source"
+with tfds.testing.mock_data(num_examples=9):
+    source = ip.load_split(config, "test")
+    ref = tfds.data_source("mnist", split="test")
+    want = np.stack([ref[i]["image"] for i in range(9)])
+    labels = [int(ref[i]["label"]) for i in range(9)]
+    assert isinstance(source.images, ip.LazyImages), type(source.images)
+    np.testing.assert_array_equal(source.images[np.arange(9)], want)
+    np.testing.assert_array_equal(source.images[[4, 1]], want[[4, 1]])
+    np.testing.assert_array_equal(source.labels, labels)
+    assert source.num_classes == 10 and source.class_names[:2] == ("0", "1")
+    batch = ip.train_batch(config, source, 3)
+    assert batch["image"].shape == (128, 28, 28, 1)
+    config.data.image_size = 16
+    small = ip.load_split(config, "test").images[np.arange(3)]
+    assert small.shape == (3, 16, 16, 1) and small.dtype == np.uint8
+assert "tensorflow" not in sys.modules, "TensorFlow was imported"
+print("ok")
+"""
+    from helpers import ROOT
+
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_tfds_data_source_of_a_set_without_random_access_files_is_one_clear_error(tmp_path):
+    config = default.get_config()
+    config.data.dataset, config.data.image_size, config.data.num_channels = "mnist", 28, 1
+    config.data.tfds_reader = "data_source"
+    config.data.data_dir = str(tmp_path)
+    with pytest.raises(ip.DatasetError, match=r"no random-access files there.*array_record"):
+        ip.load_split(config, "train")
+    config.data.tfds_reader = "tfrecord"
+    with pytest.raises(ip.DatasetError, match=r"tfds_reader='tfrecord' is not one of"):
+        ip.load_split(config, "train")
+
+
+def test_tfds_load_without_tensorflow_is_one_line_naming_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # import tensorflow -> ImportError
+    config = default.get_config()
+    config.data.dataset, config.data.image_size, config.data.num_channels = "mnist", 28, 1
+    with pytest.raises(ip.DatasetError) as e:
+        ip.load_split(config, "train")
+    message = str(e.value)
+    assert "pip install 'diffusion_jax[tfds]'" in message and "\n" not in message
+    assert "--config.data.tfds_reader=data_source" in message

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import ROOT, main_command, run_main
+from helpers import DAMAGES, ROOT, corrupt_checkpoint, main_command, run_main
 
 from diffusion_jax import checkpoints
 
@@ -230,29 +230,7 @@ def test_an_interrupt_from_the_first_moment_exits_130_and_saves_nothing_untraine
 # Issue 17's rows through the CLI: what a user meets, one clear line, never a traceback.
 
 
-def _corrupt(step_dir, how: str) -> None:
-    import shutil
-
-    state = os.path.join(step_dir, "state")
-    data = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(state, "d")) for f in fs]
-    assert data, os.listdir(state)
-    if how == "data file deleted":
-        os.remove(data[0])
-    elif how == "data overwritten":
-        for path in data:
-            with open(path, "r+b") as f:
-                f.write(np.random.default_rng(0).bytes(os.path.getsize(path)))
-    elif how == "garbage metadata":
-        with open(os.path.join(state, "_METADATA"), "w") as f:
-            f.write("garbage")
-    else:  # an empty step folder
-        shutil.rmtree(step_dir)
-        os.makedirs(step_dir)
-
-
-@pytest.mark.parametrize(
-    "how", ["data file deleted", "data overwritten", "garbage metadata", "empty folder"]
-)
+@pytest.mark.parametrize("how", DAMAGES)
 def test_a_damaged_newest_checkpoint_is_named_moved_aside_and_the_run_walks_back(
     tiny_run, tmp_path, how
 ):
@@ -261,7 +239,7 @@ def test_a_damaged_newest_checkpoint_is_named_moved_aside_and_the_run_walks_back
     workdir = tmp_path / "run"
     shutil.copytree(tiny_run, workdir)
     ckpt = workdir / "checkpoints"
-    _corrupt(ckpt / "6", how)
+    corrupt_checkpoint(ckpt / "6", how)
     proc = run_main(workdir, **{"training.eval_at_end": False})
     assert "Traceback" not in proc.stderr
     warnings = [line for line in proc.stderr.splitlines() if "cannot be restored" in line]
@@ -279,7 +257,7 @@ def test_no_restorable_checkpoint_left_is_one_line(tiny_run, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(tiny_run, workdir)
     for step in (2, 4, 6):
-        _corrupt(workdir / "checkpoints" / str(step), "garbage metadata")
+        corrupt_checkpoint(workdir / "checkpoints" / str(step), "garbage metadata")
     line = _error_line(run_main(workdir, check=False, **{"training.eval_at_end": False}))
     assert line.startswith("error: None of the checkpoints [6, 4, 2]"), line
 

@@ -7,7 +7,7 @@ from unittest import mock
 import jax
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import DAMAGES, corrupt_checkpoint, tiny_config
 
 from diffusion_jax import (
     checkpoints,
@@ -319,25 +319,6 @@ def test_checkpoint_and_config_of_an_earlier_version_resume(tmp_path):
     _assert_trees_equal(resumed, reference)
 
 
-def _corrupt(step_dir: str, how: str) -> None:
-    state = os.path.join(step_dir, "state")
-    data = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(state, "d")) for f in fs]
-    assert data, os.listdir(state)
-    if how == "data file deleted":
-        os.remove(data[0])
-    elif how == "data overwritten":
-        for path in data:
-            with open(path, "r+b") as f:
-                size = os.path.getsize(path)
-                f.write(np.random.default_rng(0).bytes(size))
-    elif how == "garbage metadata":
-        with open(os.path.join(state, "_METADATA"), "w") as f:
-            f.write("garbage")
-    else:  # an empty step folder
-        shutil.rmtree(step_dir)
-        os.makedirs(step_dir)
-
-
 @pytest.fixture(scope="module")
 def six_steps(tmp_path_factory):
     """A 6-step run with checkpoints 2, 4, 6 (no evaluation) and its final state."""
@@ -346,9 +327,7 @@ def six_steps(tmp_path_factory):
     return workdir, state
 
 
-@pytest.mark.parametrize(
-    "how", ["data file deleted", "data overwritten", "garbage metadata", "empty folder"]
-)
+@pytest.mark.parametrize("how", DAMAGES)
 def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_walks_back(
     six_steps, tmp_path, how
 ):
@@ -356,7 +335,7 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_walks_back(
     workdir = str(tmp_path / "run")
     shutil.copytree(source, workdir)
     ckpt = os.path.join(workdir, "checkpoints")
-    _corrupt(os.path.join(ckpt, "6"), how)
+    corrupt_checkpoint(os.path.join(ckpt, "6"), how)
     with mock.patch.object(checkpoints.logging, "warning") as warning:
         resumed = train.train_and_evaluate(tiny_config(**{"training.eval_at_end": False}), workdir)
     ours = [c.args for c in warning.call_args_list if "cannot be restored" in str(c.args[0])]
@@ -374,7 +353,7 @@ def test_no_restorable_checkpoint_is_a_clear_error(six_steps, tmp_path):
     workdir = str(tmp_path / "run")
     shutil.copytree(source, workdir)
     for step in (2, 4, 6):
-        _corrupt(os.path.join(workdir, "checkpoints", str(step)), "garbage metadata")
+        corrupt_checkpoint(os.path.join(workdir, "checkpoints", str(step)), "garbage metadata")
     with pytest.raises(checkpoints.CheckpointError, match=r"None of the checkpoints \[6, 4, 2\]"):
         train.train_and_evaluate(tiny_config(**{"training.eval_at_end": False}), workdir)
 
@@ -383,7 +362,7 @@ def test_load_params_skips_a_damaged_newest_checkpoint(six_steps, tmp_path):
     source, _ = six_steps
     workdir = str(tmp_path / "run")
     shutil.copytree(source, workdir)
-    _corrupt(os.path.join(workdir, "checkpoints", "6"), "garbage metadata")
+    corrupt_checkpoint(os.path.join(workdir, "checkpoints", "6"), "garbage metadata")
     params = checkpoints.load_params(workdir)
     _assert_trees_equal(params, checkpoints.load_params(source, step=4))
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "6"))  # read-only: nothing moved
