@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging as std_logging
 import os
 import shutil
 from collections.abc import Callable
@@ -112,6 +113,7 @@ def restore(
         try:
             return _restore_step(manager, abstract_state, s, fill)
         except Exception as e:  # orbax, tensorstore, JSON and key errors alike
+            _quiet_abandoned_reads(os.path.join(os.fspath(manager.directory), str(s)))
             moved = move_aside(manager, s)
             logging.warning(
                 "Checkpoint %d cannot be restored (%s); moved to %s, trying the one before.",
@@ -126,6 +128,25 @@ def restore(
             "repair them."
         )
     return None
+
+
+class _AbandonedReads(std_logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" records (each with a traceback) of
+    the parallel reads of a checkpoint whose restore failed and that was already named in one
+    warning: ``prefix`` is its folder, which the records' messages name."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("never retrieved" in message and self.prefix in message)
+
+
+def _quiet_abandoned_reads(step_dir: str) -> None:
+    """Keep the left-over read errors of the failed restore of ``step_dir`` out of the log."""
+    std_logging.getLogger("asyncio").addFilter(_AbandonedReads(step_dir + os.sep))
 
 
 def _reason(e: BaseException) -> str:

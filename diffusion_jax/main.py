@@ -60,6 +60,21 @@ def _fail(e: Exception) -> None:
     sys.exit(1)
 
 
+def _unraisable(hook):
+    """``sys.unraisablehook`` that logs, without a traceback, the "Event loop is closed" error an
+    abandoned orbax restore (a damaged checkpoint that was skipped) can leave for the garbage
+    collector; every other unraisable exception goes to ``hook``."""
+
+    def handle(unraisable):
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and "Event loop is closed" in str(error):
+            logging.debug("Ignored at clean-up: %s", error)
+            return
+        hook(unraisable)
+
+    return handle
+
+
 def _sigterm(signum, frame):
     raise KeyboardInterrupt  # as Ctrl-C: the same exit (130) from the first moment on
 
@@ -68,6 +83,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     signal.signal(signal.SIGTERM, _sigterm)  # after start-up: as Ctrl-C
+    sys.unraisablehook = _unraisable(sys.unraisablehook)
     # From the first moment to the first training step (imports, JAX's start, compilation) the
     # signals are recorded and acted on at safe points, never raised inside a library call.
     signals = interrupts.SignalRecorder((signal.SIGINT, signal.SIGTERM))
