@@ -46,7 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.resamp_with_conv = True
     config.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
     config.model.remat = False  # rematerialise ResNet blocks (saves memory on big models)
-    config.model.conv_impl = "xla"  # models.layers.CONV_IMPLS: "xla" | "fast" (CPU training)
+    # models.layers.CONV_IMPLS: "xla" | "fast" | "winograd"; "auto" = "winograd" on CPU, "xla" on
+    # GPU/TPU, resolved when a run starts and recorded so in its config.json.
+    config.model.conv_impl = "auto"
     # Fourier features of x_t as extra input channels: exponents n of sin/cos(2^n pi x_t) (VDM).
     # () = none. For L grey levels, 2^n = (L - 1) / 2 is periodic in the grid (configs/digits.py).
     config.model.fourier_features = ()

@@ -491,6 +491,7 @@ def main(argv):
         )
     library = runtime.process_library(config, _CPU_CONV.value)
     runtime.configure_cpu_convolutions(library)  # before JAX starts
+    malloc_tuned = runtime.configure_allocator()
     if _INPUT_ONLY.value:
         print(json.dumps(rounded(input_benchmark(config, batch, _INPUT_STEPS.value))), flush=True)
         return
@@ -500,6 +501,7 @@ def main(argv):
     if _INPUT.value:
         out.update(input_benchmark(config, batch, _INPUT_STEPS.value))
     out["cpu_conv_library"] = library
+    out["malloc_tuned"] = malloc_tuned
     if _PEER_PYTHON.value:
         peer = {"train": _run_peer("train", batch, _STEPS.value)}
         out["train_vs_peer"] = out["train_images_per_s"] / peer["train"]["images_per_s"]

@@ -22,6 +22,9 @@ from diffusion_jax import input_pipeline, models, objectives, optim, sampling, s
 # Keys that may change between a run and its resumption (how long, how often, what to report).
 RESUMABLE_KEYS = (
     "cpu_conv_library",
+    # How convolutions are computed, not what: formulations agree to float32 rounding (a run of
+    # an earlier version, recorded "xla", resumes with today's "auto").
+    "model.conv_impl",
     "training.num_train_steps",
     "training.log_every",
     "training.checkpoint_every",

@@ -99,6 +99,7 @@ def _main(signals: interrupts.SignalRecorder) -> None:
     config = _CONFIG.value
     try:  # before JAX starts
         runtime.configure_cpu_convolutions(runtime.process_library(config, _CPU_CONV.value))
+        runtime.configure_allocator()
     except ValueError as e:
         _fail(e)
     import jax

@@ -26,10 +26,17 @@ def test_with_defaults_fills_only_missing_keys():
 def test_a_saved_config_without_a_new_key_matches_its_default():
     saved = tiny_config().to_dict()
     del saved["eval"]["rd_num_examples"]  # eval.* may change anyway; a model key must not
-    del saved["model"]["conv_impl"]
+    del saved["model"]["num_classes"]
     assert config_lib.config_differences(saved, tiny_config()) == []
-    changed = tiny_config(**{"model.conv_impl": "fast"})
-    assert config_lib.config_differences(saved, changed) == ["model.conv_impl: 'xla' -> 'fast'"]
+    changed = tiny_config(**{"model.num_classes": 10})
+    assert config_lib.config_differences(saved, changed) == ["model.num_classes: 0 -> 10"]
+
+
+def test_the_convolution_formulation_may_change_on_resume():
+    """A run of an earlier version recorded conv_impl "xla"; today's default "auto" resumes it."""
+    saved = tiny_config(**{"model.conv_impl": "xla"}).to_dict()
+    assert config_lib.defaults().model.conv_impl == "auto"
+    assert config_lib.config_differences(saved, tiny_config()) == []
 
 
 @pytest.mark.parametrize(

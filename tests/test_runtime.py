@@ -141,3 +141,40 @@ def test_the_library_is_the_processs_unless_an_old_config_sets_it(monkeypatch):
     old = ml_collections.ConfigDict({"cpu_conv_library": "ynnpack"})  # an earlier config file
     assert runtime.process_library(old, "eigen") == "ynnpack"
     assert runtime.process_library(ml_collections.ConfigDict(), "ynnpack") == "ynnpack"
+
+
+_HEAP_PROBE = """
+import ctypes, ctypes.util, json, os, sys
+from diffusion_jax import runtime
+tuned = runtime.configure_allocator()
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+p = libc.malloc(16 * 2**20)  # 16 MiB: an mmap of its own by default, in the heap once tuned
+heap = [l.split()[0].split("-") for l in open("/proc/self/maps") if l.rstrip().endswith("[heap]")]
+in_heap = any(int(a, 16) <= p < int(b, 16) for a, b in heap)
+print(json.dumps({"tuned": tuned, "in_heap": in_heap}))
+"""
+
+
+@pytest.mark.parametrize(
+    "env, want",
+    [
+        ({}, {"tuned": True, "in_heap": True}),
+        ({runtime.MALLOC_ENV: "default"}, {"tuned": False, "in_heap": False}),
+        ({"MALLOC_TOP_PAD_": "0"}, {"tuned": False, "in_heap": False}),  # the user's own setting
+    ],
+)
+def test_the_allocator_keeps_large_blocks_in_the_heap(env, want):
+    """configure_allocator: a 16 MiB block comes from the heap (reused call to call) instead of
+    an mmap of its own (fresh pages, faulted in on every call), unless the user opted out."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    clean.pop(runtime.MALLOC_ENV, None)
+    out = subprocess.run(
+        [sys.executable, "-c", _HEAP_PROBE],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == want

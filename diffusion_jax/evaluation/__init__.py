@@ -135,10 +135,13 @@ def prepare(
     config: ml_collections.ConfigDict, check_data: bool = True
 ) -> ml_collections.ConfigDict:
     """The config with its defaults filled in, checked whole (``config.validate`` and the
-    evaluators' keys): what every mode starts from. ``check_data=False``: see ``validate``."""
+    evaluators' keys), ``model.conv_impl`` "auto" resolved for this platform (so a run's
+    config.json names the formulation it ran): what every mode starts from.
+    ``check_data=False``: see ``validate``."""
     config = config_lib.with_defaults(config)
     config_lib.validate(config, check_data)
     check_config(config)
+    config.model.conv_impl = models.resolve_conv_impl(config.model.conv_impl)
     return config
 
 

@@ -22,9 +22,17 @@ import ml_collections
 
 from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax.models import layers, mlp, unet
+from diffusion_jax.models.layers import resolve_conv_impl
 from diffusion_jax.models.unet import check_image_size
 
-__all__ = ["MODELS", "check_config", "check_image_size", "get_model", "model_fn"]
+__all__ = [
+    "MODELS",
+    "check_config",
+    "check_image_size",
+    "get_model",
+    "model_fn",
+    "resolve_conv_impl",
+]
 
 MODELS: dict[str, ModuleType] = {"unet": unet, "mlp": mlp}
 

@@ -271,7 +271,11 @@ class Conv(nn.Module):
             else None
         )
         x, kernel, bias = flax_dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = conv2d(x, kernel, strides, self.padding, self.precision)
+        y = self._convolve(x, kernel, strides)
         if bias is not None:
             y = y + bias
         return y.reshape((*batch_shape, *y.shape[1:]))
+
+    def _convolve(self, x: Array, kernel: Array, strides: tuple[int, int]) -> Array:
+        """[N, H, W, C] x [KH, KW, C, O] -> [N, HO, WO, O]; subclasses change the formulation."""
+        return conv2d(x, kernel, strides, self.padding, self.precision)

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.models import fast_conv
+from diffusion_jax.models import fast_conv, winograd
 
 Dtype = Any
 
@@ -44,14 +44,30 @@ def kernel_init(zero: bool = False) -> nn.initializers.Initializer:
 #   "xla":  flax.linen.Conv, gradients by XLA's transpose rules.
 #   "fast": fast_conv.Conv, the same forward with a hand-written backward pass that is faster on
 #           XLA:CPU (strided input gradients by phase); reverse-mode only (no jax.jvp through it).
-CONV_IMPLS: dict[str, type[nn.Module]] = {"xla": nn.Conv, "fast": fast_conv.Conv}
+#   "winograd": winograd.Conv, F(4x4, 3x3) for the 3x3 stride-1 layers `winograd.applies` names,
+#           lax.conv_general_dilated for the others.
+CONV_IMPLS: dict[str, type[nn.Module]] = {
+    "xla": nn.Conv,
+    "fast": fast_conv.Conv,
+    "winograd": winograd.Conv,
+}
+
+
+def resolve_conv_impl(impl: str, platform: str | None = None) -> str:
+    """`config.model.conv_impl` -> a key of CONV_IMPLS: "auto" is "winograd" on CPU (faster there:
+    README, "Performance") and "xla" on GPU/TPU (cuDNN's and XLA's own convolutions); `platform`
+    defaults to ``jax.default_backend()``."""
+    check_conv_impl(impl)
+    if impl != "auto":
+        return impl
+    return "winograd" if (platform or jax.default_backend()) == "cpu" else "xla"
 
 
 def check_conv_impl(impl: str) -> None:
-    """Raise ValueError unless `impl` names a registered convolution implementation."""
-    if impl not in CONV_IMPLS:
+    """Raise ValueError unless `impl` is "auto" or names a registered convolution implementation."""
+    if impl != "auto" and impl not in CONV_IMPLS:
         raise ValueError(
-            f"config.model.conv_impl={impl!r} is not available; allowed: {tuple(CONV_IMPLS)}."
+            f"config.model.conv_impl={impl!r} is not available; allowed: {('auto', *CONV_IMPLS)}."
         )
 
 
@@ -66,8 +82,7 @@ def conv(
     name: str | None = None,
 ) -> nn.Module:
     """A square 'SAME'-padded 2-D convolution (NHWC) with bias, float32 parameters."""
-    check_conv_impl(impl)
-    return CONV_IMPLS[impl](
+    return CONV_IMPLS[resolve_conv_impl(impl)](
         features,
         (kernel_size, kernel_size),
         strides=(strides, strides),

@@ -19,8 +19,10 @@ the output and both gradients against ``lax.conv_general_dilated`` with autodiff
   vjp_swap     as vjp_im2col, kernel gradient as a convolution of dy by x with the roles of the
                two swapped (batch = output channels); opt-in (--forms), XLA:CPU does not offload
                it to YNNPACK and it is ~100x slower.
-  winograd     Winograd F(2x2, 3x3) (3x3, stride 1, even sizes; other shapes fall back to xla):
-               input/kernel/output transforms as jnp ops around 16 batched matmuls; autodiff.
+  winograd     diffusion_jax.models.winograd: F(4x4, 3x3) for every 3x3, stride-1 'SAME' shape
+               with sizes in tiles of 4 (also those below the product's MIN_SIZE / MIN_CHANNELS),
+               xla for the others. (An F(2x2, 3x3) tried before, its transforms fused in one
+               pass, was 2-3x slower than xla forward.)
   torch        (with --peer_python) torch.nn.functional.conv2d, NCHW, as the PyTorch peer runs it.
 
 GFLOP/s counts 2*N*HO*WO*KH*KW*C*O per forward, per input gradient (dx) and per kernel
@@ -46,7 +48,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from diffusion_jax.models import fast_conv  # noqa: E402
+from diffusion_jax.models import fast_conv, winograd  # noqa: E402
 
 DN = fast_conv.DIMENSION_NUMBERS
 
@@ -146,40 +148,10 @@ def _dw_swap(x, g, wshape, s, pad):
     return out[:, ::-1, ::-1, :].transpose(1, 2, 3, 0)
 
 
-_WINO_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
-_WINO_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
-_WINO_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
-
-
-def _combine(mat, xs):
-    """[sum_j mat[i][j] * xs[j] for each row i], skipping zero coefficients."""
-    out = []
-    for row in mat:
-        terms = [
-            v if c == 1 else (-v if c == -1 else c * v) for c, v in zip(row, xs, strict=True) if c
-        ]
-        out.append(functools.reduce(jnp.add, terms))
-    return out
-
-
 def winograd_conv(x, w, s, pad):
-    n, h, wd, c = x.shape
-    if s != 1 or w.shape[:2] != (3, 3) or pad != "SAME" or h % 2 or wd % 2:
+    if not winograd.applies(x.shape, w.shape, (s, s), pad, x.dtype, min_size=4, min_channels=1):
         return xla_conv(x, w, s, pad)
-    o = w.shape[-1]
-    th, tw = h // 2, wd // 2
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    rows = _combine(_WINO_BT, [xp[:, i : i + 2 * th : 2] for i in range(4)])
-    v = [
-        t for r in rows for t in _combine(_WINO_BT, [r[:, :, j : j + 2 * tw : 2] for j in range(4)])
-    ]
-    v = jnp.stack(v).reshape(16, n * th * tw, c)
-    g = jnp.asarray(_WINO_G, x.dtype)
-    u = jnp.einsum("ai,ijco,bj->abco", g, w, g).reshape(16, c, o)
-    m = jnp.einsum("xpc,xco->xpo", v, u).reshape(4, 4, n, th, tw, o)
-    a = _combine(_WINO_AT, [m[i] for i in range(4)])
-    y = jnp.stack([jnp.stack(_combine(_WINO_AT, [ai[j] for j in range(4)])) for ai in a])
-    return y.transpose(2, 3, 0, 4, 1, 5).reshape(n, h, wd, o)
+    return winograd.winograd_conv3x3(x, w)
 
 
 FORMS = {

@@ -26,6 +26,10 @@ import time
 def _kind(line: str, body: str) -> str:
     op_name = re.search(r'op_name="([^"]+)"', line)
     backward = op_name is not None and "transpose(" in op_name.group(1)
+    if op_name is not None and "winograd" in op_name.group(1):  # models/winograd.py's scope
+        if " dot(" in body or " dot(" in line:
+            return "winograd products"
+        return "winograd transforms"
     if " convolution(" in body or " convolution(" in line:
         labels = re.search(r"dim_labels=(\S+?),", body + line)
         labels = labels.group(1) if labels else ""
@@ -47,11 +51,13 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--cpu_conv_library", default="eigen")
+    p.add_argument("--conv_impl", default="", help="config.model.conv_impl (default: the config's)")
     args = p.parse_args()
 
     from diffusion_jax import runtime
 
     runtime.configure_cpu_convolutions(args.cpu_conv_library)
+    malloc_tuned = runtime.configure_allocator()
     import importlib.util
 
     import jax
@@ -63,7 +69,10 @@ def main() -> None:
     spec = importlib.util.spec_from_file_location("cfg", args.config)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    built = benchmark.compile_train_step(module.get_config(), args.batch_size)
+    config = module.get_config()
+    if args.conv_impl:
+        config.model.conv_impl = args.conv_impl
+    built = benchmark.compile_train_step(config, args.batch_size)
     compiled, state, batch, keys = built["compiled"], built["state"], built["batch"], built["keys"]
     hlo = compiled.as_text()
     for _ in range(2):
@@ -107,6 +116,8 @@ def main() -> None:
         config=args.config,
         batch_size=args.batch_size,
         cpu_conv_library=args.cpu_conv_library,
+        conv_impl=built["config"].model.conv_impl,
+        malloc_tuned=malloc_tuned,
         step_wall_ms=round(1e3 * float(np.median(walls)), 1),
         step_cpu_ms=round(cpu_ms, 1),
         traced_ms={k: round(v, 1) for k, v in per_kind.most_common()},
