@@ -52,6 +52,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--cpu_conv_library", default="eigen")
     p.add_argument("--conv_impl", default="", help="config.model.conv_impl (default: the config's)")
+    p.add_argument("--dtype", default="", help="config.model.dtype (default: the config's)")
     args = p.parse_args()
 
     from diffusion_jax import runtime
@@ -72,6 +73,8 @@ def main() -> None:
     config = module.get_config()
     if args.conv_impl:
         config.model.conv_impl = args.conv_impl
+    if args.dtype:
+        config.model.dtype = args.dtype
     built = benchmark.compile_train_step(config, args.batch_size)
     compiled, state, batch, keys = built["compiled"], built["state"], built["batch"], built["keys"]
     hlo = compiled.as_text()
@@ -99,17 +102,17 @@ def main() -> None:
     with open(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0], "rb") as f:
         space.ParseFromString(f.read())
     per_kind = collections.Counter()
+    threads = collections.Counter()
     for plane in space.planes:
         names = {k: v.name for k, v in plane.event_metadata.items()}
         for line in plane.lines:
-            if "XLAEigen" not in line.name:  # the executor's threads
-                continue
             for event in line.events:
                 name = names.get(event.metadata_id)
                 if name in lines:
                     callee = re.search(r"calls=%([\w.\-]+)", lines[name])
                     body = bodies.get(callee.group(1), "") if callee else ""
                     per_kind[_kind(lines[name], body)] += event.duration_ps / 1e9 / args.steps
+                    threads[line.name] += event.duration_ps / 1e9 / args.steps
 
     cpu_ms = 1e3 * float(np.median(cpus))
     out = dict(
@@ -132,6 +135,7 @@ def main() -> None:
         ms = out["conv_by_difference_ms"]
         share = 100 * ms / cpu_ms
         print(f"  {ms:8.1f} ms  {share:5.1f} % of CPU  convolutions (Eigen, by difference)")
+    print("by thread:", {k: round(v, 1) for k, v in threads.items()})
     print(json.dumps(out))
 
 
