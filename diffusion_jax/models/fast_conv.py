@@ -18,13 +18,13 @@ the same products, summed in another order). What differs is the program XLA is 
 - Kernel gradient: XLA's own rule (a "batch-as-feature" convolution), which XLA:CPU hands to
   YNNPACK. Every alternative measured was slower: im2col(x)^T @ dy and per-tap matmuls (slices are
   materialised; 1.1-3x slower), lax.conv_general_dilated_patches (2-3x), swapping the roles of x
-  and dy (not offloaded to YNNPACK: >50x), Winograd F(2x2, 3x3) through autodiff (forward 2-3x,
-  forward+backward 1.04-1.9x slower). See experiments/perf/conv_bench.py.
+  and dy (not offloaded to YNNPACK: >50x), a Winograd F(2x2, 3x3) with its transforms fused in one
+  pass (forward 2-3x, forward+backward 1.04-1.9x slower). See experiments/perf/conv_bench.py.
 
 With ``--cpu_conv_library=eigen`` (the default, ``diffusion_jax.runtime``) XLA:CPU runs
 every convolution with Eigen, whose kernel gradient is as fast as its forward pass; on the whole
 CIFAR-10 U-Net train step this module then measures within the run-to-run noise of "xla"
-(README, "Performance"), so the configs keep ``conv_impl = "xla"``.
+(README, "Performance"); the CPU default (``conv_impl = "auto"``) is models/winograd.py instead.
 
 The forward pass is ``lax.conv_general_dilated`` (the dot for 1x1), so inference is unchanged.
 Forward-mode differentiation (``jax.jvp``) is not available through a custom VJP: a model that
