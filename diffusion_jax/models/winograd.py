@@ -22,10 +22,11 @@ YNNPACK's batched matrix product and the transforms are elementwise fusions, eac
 two separable passes (rows, then columns) kept apart by ``lax.optimization_barrier`` (fused into
 one, XLA recomputes the row pass for every column output: 8x slower). Gradients are JAX's
 transposes of these linear steps: the input gradient is the same three steps run backwards, the
-kernel gradient 36 products [C, tiles] x [tiles, O]. Where it is faster is a question of shape,
-measured (experiments/perf/conv_bench.py, form "winograd"); `config.model.conv_impl = "winograd"`
-uses it for the shapes `applies` accepts and ``lax.conv_general_dilated`` for every other one, a
-rule fixed in code, so the same config always runs the same program.
+kernel gradient 36 products [C, tiles] x [tiles, O]. `config.model.conv_impl = "winograd"` (and
+"auto" on CPU) uses it for the shapes `applies` accepts, chosen by timing the whole CIFAR-10 train
+step (README, "Performance"; per shape: experiments/perf/conv_bench.py, form "winograd"), and
+``lax.conv_general_dilated`` for every other one: a rule fixed in code, never measured at run
+time, so the same config always runs the same program.
 """
 
 from __future__ import annotations

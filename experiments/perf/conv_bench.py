@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from diffusion_jax import runtime  # noqa: E402
 from diffusion_jax.models import fast_conv, winograd  # noqa: E402
 
 DN = fast_conv.DIMENSION_NUMBERS
@@ -285,6 +286,7 @@ def main():
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--peer_python", default="", help="a python with torch: adds 'torch' rows")
     args = p.parse_args()
+    runtime.configure_allocator()  # as main and the benchmark run (README, "Performance")
     forms = [f for f in args.forms.split(",") if f]
     unknown = set(forms) - set(FORMS)
     if unknown:
