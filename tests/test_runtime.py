@@ -144,7 +144,7 @@ def test_the_library_is_the_processs_unless_an_old_config_sets_it(monkeypatch):
 
 
 _HEAP_PROBE = """
-import ctypes, ctypes.util, json, os, sys
+import ctypes, ctypes.util, json
 from diffusion_jax import runtime
 tuned = runtime.configure_allocator()
 libc = ctypes.CDLL(ctypes.util.find_library("c"))

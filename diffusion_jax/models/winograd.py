@@ -193,7 +193,7 @@ class Conv(fast_conv.Conv):
     """Drop-in for ``flax.linen.Conv`` (2-D, NHWC): Winograd F(4x4, 3x3) where `applies`,
     ``lax.conv_general_dilated`` (autodiff) elsewhere. Same parameters as ``nn.Conv``."""
 
-    def _convolve(self, x, kernel, strides):
+    def _convolve(self, x: Array, kernel: Array, strides: tuple[int, int]) -> Array:
         if applies(x.shape, kernel.shape, strides, self.padding, x.dtype):
             return winograd_conv3x3(x, kernel)
         pads = fast_conv.resolve_padding(self.padding, x.shape[1:3], kernel.shape[:2], strides)

@@ -23,6 +23,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = "configs/cifar10_ddpm.py"
+PRINTED = ("train_images_per_s", "train_vs_peer", "sample_images_per_s", "sample_vs_peer")
 
 
 def cases(bf16: bool) -> list[dict]:
@@ -80,8 +81,7 @@ def main() -> None:
         for case in cases(args.bf16):
             res = run_case(case, args, peak)
             runs[case["name"]].append(res)
-            keep = ("train_images_per_s", "train_vs_peer", "sample_images_per_s", "sample_vs_peer")
-            line = {k: res.get(k) for k in keep}
+            line = {k: res.get(k) for k in PRINTED}
             line |= {"round": r, "case": case["name"], "peer": res["peer"]}
             line |= {"contention": res["contention"], "train_gflops": res["train_gflops"]}
             print(json.dumps(line), flush=True)

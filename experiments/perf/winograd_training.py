@@ -24,10 +24,12 @@ import numpy as np
 
 def make_data(path: str) -> None:
     """digits' train/test splits, each pixel repeated 4x4: [N, 32, 32, 1], levels 0..16."""
+    from configs import digits
     from diffusion_jax import input_pipeline
 
+    config = digits.get_config()
     up = lambda a: np.kron(a, np.ones((1, 4, 4, 1), np.uint8))  # noqa: E731
-    splits = {s: up(input_pipeline._load_digits(s)[0]) for s in ("train", "test")}
+    splits = {s: up(input_pipeline.load_split(config, s).images) for s in ("train", "test")}
     np.savez(path, **splits)
 
 
