@@ -70,7 +70,15 @@ def get_config() -> ml_collections.ConfigDict:
     # How training draws t (ddpm objective): uniform, or loss_aware (Improved DDPM 3.3:
     # p_t ~ sqrt(E[loss_t^2]) over the last 10 losses of each t, kept in the train state; the
     # loss reweighted by 1/(T p_t)).
+    # loss_aware_vb (loss_type hybrid): the importance-sampled t drives only the vb term, the mse
+    # term keeps a uniform t of its own (two network calls per example, in one batch).
     config.diffusion.t_sampler = "uniform"
+    # The mse term's weight over t: none (L_simple) | min_snr (Hang et al. 2023: min(SNR, gamma)
+    # on the x0-error).
+    config.diffusion.mse_weighting = "none"
+    config.diffusion.min_snr_gamma = 5.0
+    config.diffusion.hybrid_lambda = 0.001  # lambda of L_hybrid = L_simple + lambda L_vlb
+    config.diffusion.hybrid_train_mean = False  # hybrid: the vb term also trains the mean
 
     # Optimiser (optax): Adam with linear warmup and global-norm clipping; EMA of the parameters.
     config.optim = ml_collections.ConfigDict()
@@ -141,10 +149,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.classifier_num_bootstrap = 50  # resamplings of the samples for the stderr
 
     config.sampling = ml_collections.ConfigDict()
-    # sampling.SAMPLERS: ancestral | ddim | dpmpp_2m | heun (DDPM); langevin (NCSN)
+    # sampling.SAMPLERS: ancestral | ddim | dpmpp_2m | dpmpp_2m_sde | heun (DDPM); langevin (NCSN)
     config.sampling.method = "ancestral"
     config.sampling.num_steps = 0  # network calls; 0: all T. Fewer respaces ancestral/DDIM
     config.sampling.eta = 0.0  # ddim only
+    # dpmpp_2m_sde only: its noise scale (k-diffusion's eta; 1 = the reverse SDE, 0 = the ODE).
+    config.sampling.sde_eta = 1.0
+    # dpmpp_2m / dpmpp_2m_sde: the step into t = 0 first order when there are fewer than 10
+    # steps (the official DPM-Solver++'s lower_order_final); False: second order throughout.
+    config.sampling.lower_order_final = False
     config.sampling.num_samples = 64
     config.sampling.batch_size = 64
     config.sampling.clip_denoised = True

@@ -21,7 +21,8 @@ from diffusion_jax import score as score_lib
 
 # loss_fn(params, x0, key, labels=None) -> {"loss": [B], ...}: per-example losses of a training
 # batch (labels [B] the classes of a conditional model's batch); the ddpm one also takes t=[B]
-# (drawn by the train step for diffusion.t_sampler='loss_aware').
+# and weights=[B] (drawn by the train step for diffusion.t_sampler='loss_aware*'; with
+# 'loss_aware_vb' the weights are applied inside, to the vb term, and "vb_loss" is returned).
 LossFn = Callable[..., dict[str, jax.Array]]
 
 _LABEL_DROP_TAG = 0x1AB  # fold_in(step key, .): the label dropout's key (the others unchanged)
@@ -49,7 +50,13 @@ def loss_aware(config: ml_collections.ConfigDict) -> bool:
     """Whether training importance-samples t from a loss history (the train state's
     ``loss_history``): ``diffusion.t_sampler="loss_aware"`` under the ddpm objective; the ncsn
     objective, which ignores the diffusion section, draws its noise levels uniformly."""
-    return config.training.objective == "ddpm" and config.diffusion.t_sampler == "loss_aware"
+    return config.training.objective == "ddpm" and config.diffusion.t_sampler != "uniform"
+
+
+def loss_aware_vb(config: ml_collections.ConfigDict) -> bool:
+    """Whether the importance-sampled t drives only the hybrid loss's vb term
+    (``diffusion.t_sampler="loss_aware_vb"``; the mse term keeps a uniform t)."""
+    return loss_aware(config) and config.diffusion.t_sampler == "loss_aware_vb"
 
 
 def run_keys(seed: int) -> dict[str, jax.Array]:
@@ -80,18 +87,28 @@ def training_labels(
 def _ddpm_loss(config: ml_collections.ConfigDict, model) -> LossFn:
     d = make_diffusion(config)
 
-    def loss_fn(params, x0, key, labels=None, t=None):
+    c = config.diffusion
+    split = loss_aware_vb(config)
+
+    def loss_fn(params, x0, key, labels=None, t=None, weights=None):
         labels = training_labels(config, key, labels)
         dropout_key, loss_key = jax.random.split(key)
+        if labels is not None and split:  # the mse and the vb halves of one network call
+            labels = jnp.concatenate([labels, labels])
         net = models.model_fn(model, params, train=True, dropout_key=dropout_key, labels=labels)
+        t_kw = dict(t_vb=t, vb_weights=weights) if split else dict(t=t)
         return diffusion_lib.training_losses(
             d,
             net,
             x0,
             loss_key,
-            loss_type=config.diffusion.loss_type,
-            t=t,
+            loss_type=c.loss_type,
             num_bins=config.data.num_bins,
+            mse_weighting=c.mse_weighting,
+            min_snr_gamma=c.min_snr_gamma,
+            hybrid_lambda=c.hybrid_lambda,
+            hybrid_train_mean=c.hybrid_train_mean,
+            **t_kw,
         )
 
     return loss_fn
@@ -117,11 +134,26 @@ def _check_ddpm(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.diffusion.loss_type={loss_type!r} is not one of {diffusion_lib.LOSS_TYPES}."
         )
-    sampler = config.diffusion.t_sampler
+    c = config.diffusion
+    sampler = c.t_sampler
     if sampler not in diffusion_lib.T_SAMPLERS:
         raise ValueError(
             f"config.diffusion.t_sampler={sampler!r} is not one of {diffusion_lib.T_SAMPLERS}."
         )
+    if sampler == "loss_aware_vb" and loss_type != "hybrid":
+        raise ValueError(
+            f"config.diffusion.t_sampler='loss_aware_vb' samples t for the vb term of "
+            f"loss_type='hybrid'; got loss_type={loss_type!r} (use t_sampler 'loss_aware')."
+        )
+    if c.mse_weighting not in diffusion_lib.MSE_WEIGHTINGS:
+        raise ValueError(
+            f"config.diffusion.mse_weighting={c.mse_weighting!r} is not one of "
+            f"{diffusion_lib.MSE_WEIGHTINGS}."
+        )
+    if not c.min_snr_gamma > 0:
+        raise ValueError(f"config.diffusion.min_snr_gamma={c.min_snr_gamma!r} must be > 0.")
+    if not c.hybrid_lambda >= 0:
+        raise ValueError(f"config.diffusion.hybrid_lambda={c.hybrid_lambda!r} must be >= 0.")
 
 
 def _check_ncsn(config: ml_collections.ConfigDict) -> None:

@@ -212,21 +212,26 @@ def dpmpp_2m_update(
     x: jax.Array,
     x0: jax.Array,
     x0_prev: jax.Array,
-    ratio_sigma: jax.Array,
-    alpha_next: jax.Array,
-    h: jax.Array,
+    noise: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    n: jax.Array,
     c: jax.Array,
 ) -> jax.Array:
-    """One DPM-Solver++(2M) step (Lu et al. 2022b, Algorithm 2), from t_i to t_{i+1}:
+    """One DPM-Solver++(2M) step (Lu et al. 2022b: Algorithm 2 at eta = 0; the SDE solver of
+    their section 4 in k-diffusion's midpoint form, noise scale eta > 0), t_i to t_{i+1}:
 
-      D_i = (1 + 1/(2 r_i)) x0_i - 1/(2 r_i) x0_{i-1},  r_i = h_{i-1} / h_i,
-      x_{i+1} = (sigma_{i+1} / sigma_i) x_i - alpha_{i+1} (e^{-h_i} - 1) D_i,
+      D_i = (1 + c) x0_i - c x0_{i-1},  c = 1/(2 r_i) = h_i / (2 h_{i-1}),
+      x_{i+1} = (sigma_{i+1} / sigma_i) e^{-eta h_i} x_i + alpha_{i+1} (1 - e^{-(1+eta) h_i}) D_i
+                + sigma_{i+1} sqrt(1 - e^{-2 eta h_i}) z,   z ~ N(0, I) (``noise``),
 
-    with h_i = lambda_{i+1} - lambda_i and c = 1/(2 r_i) (c = 0: the first-order step, DDIM).
-    ``h`` = inf (sigma_{i+1} = 0, alpha_{i+1} = 1) gives x_{i+1} = D_i: pass ratio_sigma = 0.
+    h_i = lambda_{i+1} - lambda_i, with a, b, n the three coefficients (``dpmpp_2m_schedule``);
+    c = 0 is the first-order step (DDIM at eta = 0). At eta = 0 this is the probability-flow
+    ODE's x_{i+1} = (sigma_{i+1} / sigma_i) x_i - alpha_{i+1} (e^{-h_i} - 1) D_i; eta = 1 is the
+    variance-preserving reverse SDE's solver (k-diffusion's default).
     """
     denoised = x0 + c * (x0 - x0_prev)
-    return ratio_sigma * x - alpha_next * jnp.expm1(-h) * denoised
+    return a * x + b * denoised + n * noise
 
 
 def hutchinson_divergence(
@@ -297,33 +302,68 @@ def _full(x: jax.Array, value: jax.Array) -> jax.Array:
 # DPM-Solver++(2M)
 
 
-def dpmpp_2m_schedule(d: diffusion.GaussianDiffusion, num_steps: int) -> dict[str, jax.Array]:
-    """The steps of ``dpmpp_2m_sample``, each [num_steps]: t_i (lambda uniform from
-    lambda(T-1) to lambda(0), as Lu et al. recommend for few steps; t_0 = T-1, t_{M-1} = 0) and
-    the ``dpmpp_2m_update`` coefficients of step i (t_i -> t_{i+1}, t_M: sigma = 0):
-    ratio_sigma, alpha_next, h and c (0 at the first and the last step)."""
+def dpmpp_2m_schedule(
+    d: diffusion.GaussianDiffusion,
+    num_steps: int,
+    eta: float = 0.0,
+    lower_order_final: bool = False,
+) -> dict[str, jax.Array]:
+    """The steps of ``dpmpp_2m_sample`` (``eta`` = 0) and ``dpmpp_2m_sde_sample``, each
+    [num_steps]: t_i (lambda uniform from lambda(T-1) to lambda(0), as Lu et al. recommend for
+    few steps; t_0 = T-1, t_{M-1} = 0) and the coefficients of step i (t_i -> t_{i+1}, t_M:
+    sigma = 0) in ``dpmpp_2m_update``'s form x_{i+1} = a x_i + b D_i + n z:
+
+      a = (sigma_{i+1} / sigma_i) e^{-eta h_i},  b = alpha_{i+1} (1 - e^{-(1 + eta) h_i}),
+      n = sigma_{i+1} sqrt(1 - e^{-2 eta h_i}),
+
+    and c = 1/(2 r_i) = h_i / (2 h_{i-1}) of D_i (0 at the first and the last step). The last
+    step (h = inf) is a = n = 0, b = 1: x_M = x0_hat(x_{M-1}, t = 0). ``lower_order_final``
+    (the official DPM-Solver++'s rule): with fewer than 10 steps between t_0 and t_{M-1}, the
+    step into t_{M-1} is first order too (c = 0).
+    """
     _check_num_steps(num_steps)
+    if not eta >= 0.0:
+        raise ValueError(f"eta (the SDE's noise scale) must be >= 0, got {eta!r}.")
     lam = jnp.linspace(lambda_from_t(d, d.num_timesteps - 1), lambda_from_t(d, 0), num_steps)
     t = t_from_lambda(d, lam).at[-1].set(0.0).at[0].set(d.num_timesteps - 1)
     h = lam[1:] - lam[:-1]  # [M - 1]
     log_var = jax.nn.log_sigmoid(-2.0 * lam)  # log sigma^2
-    one = jnp.ones((1,), lam.dtype)
-    ratio_sigma = jnp.concatenate([jnp.exp(0.5 * (log_var[1:] - log_var[:-1])), 0 * one])
-    alpha_next = jnp.concatenate([jnp.exp(0.5 * jax.nn.log_sigmoid(2.0 * lam[1:])), one])
-    h = jnp.concatenate([h, jnp.inf * one])
-    c = jnp.concatenate([0 * one, h[1:-1] / (2.0 * h[:-2]), 0 * one]) if num_steps > 1 else 0 * one
-    return dict(t=t, ratio_sigma=ratio_sigma, alpha_next=alpha_next, h=h, c=c)
+    sigma_next = jnp.exp(0.5 * log_var[1:])  # [M - 1]
+    alpha_next = jnp.exp(0.5 * jax.nn.log_sigmoid(2.0 * lam[1:]))
+    ratio_sigma = jnp.exp(0.5 * (log_var[1:] - log_var[:-1]))
+    zero, one = jnp.zeros((1,), lam.dtype), jnp.ones((1,), lam.dtype)
+    a = jnp.concatenate([ratio_sigma * jnp.exp(-eta * h), zero])
+    b = jnp.concatenate([-alpha_next * jnp.expm1(-(1.0 + eta) * h), one])
+    n = jnp.concatenate([sigma_next * jnp.sqrt(-jnp.expm1(-2.0 * eta * h)), zero])
+    c = jnp.concatenate([zero, h[1:] / (2.0 * h[:-1]), zero]) if num_steps > 1 else zero
+    if lower_order_final and 2 <= num_steps - 1 < 10:
+        c = c.at[num_steps - 2].set(0.0)
+    return dict(t=t, a=a, b=b, n=n, c=c)
 
 
-def _dpmpp_2m_step(d, model_fn, num_steps: int, clip_denoised: bool) -> Callable:
-    sched = dpmpp_2m_schedule(d, num_steps)
+def _dpmpp_2m_step(
+    d,
+    model_fn,
+    num_steps: int,
+    clip_denoised: bool,
+    eta: float = 0.0,
+    lower_order_final: bool = False,
+    key: jax.Array | None = None,
+) -> Callable:
+    """Step i of the solver: the state holds x and the previous x0 prediction; for eta > 0,
+    fold_in(key, i) draws step i's noise."""
+    if eta and key is None:
+        raise ValueError(f"eta={eta} (the SDE solver) needs the key of the steps' noise.")
+    sched = dpmpp_2m_schedule(d, num_steps, eta, lower_order_final)
 
     def step(i, state):
         x, x0_prev = state["x"], state["x0_prev"]  # [B, ...] each
         _, x0 = eps_and_x0(d, model_fn, x, _full(x, sched["t"][i]), clip_denoised)
-        coef = {k: sched[k][i].astype(x.dtype) for k in ("ratio_sigma", "alpha_next", "h", "c")}
-        x = dpmpp_2m_update(x, x0, x0_prev, **coef)
-        return dict(x=x, x0_prev=x0)
+        coef = {k: sched[k][i].astype(x.dtype) for k in ("a", "b", "n", "c")}
+        noise = 0.0
+        if eta:
+            noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+        return dict(x=dpmpp_2m_update(x, x0, x0_prev, noise, **coef), x0_prev=x0)
 
     return step
 
@@ -344,12 +384,16 @@ def dpmpp_2m_steps(
     count: int,
     num_steps: int,
     clip_denoised: bool = True,
+    eta: float = 0.0,
+    lower_order_final: bool = False,
+    key: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
-    """Steps start, ..., start + count - 1 of ``dpmpp_2m_sample`` (num_steps steps in all, one
-    network call each; steps >= num_steps are skipped), in one fori_loop; ``start`` may be
-    traced. Running steps 0..num_steps-1 in segments from ``dpmpp_2m_init`` gives
-    ``dpmpp_2m_sample``: the result is state["x"]."""
-    step = _dpmpp_2m_step(d, model_fn, num_steps, clip_denoised)
+    """Steps start, ..., start + count - 1 of ``dpmpp_2m_sample`` (or, with eta > 0 and the
+    noise's ``key``, of ``dpmpp_2m_sde_sample``): num_steps steps in all, one network call
+    each; steps >= num_steps are skipped; one fori_loop, ``start`` may be traced. Running steps
+    0..num_steps-1 in segments from ``dpmpp_2m_init`` gives the whole solver: the result is
+    state["x"]."""
+    step = _dpmpp_2m_step(d, model_fn, num_steps, clip_denoised, eta, lower_order_final, key)
     return _range_steps(step, state, start, count, num_steps)
 
 
@@ -359,18 +403,38 @@ def dpmpp_2m_sample(
     x_T: jax.Array,
     num_steps: int,
     clip_denoised: bool = True,
+    lower_order_final: bool = False,
 ) -> jax.Array:
     """DPM-Solver++(2M) (Lu et al. 2022b), multistep second order in the data-prediction form,
     from x_T at t = T-1 to t = 0, in one ``lax.scan``; returns x0 [B, ...].
 
     ``num_steps`` = M network calls, one per step, at t_0 = T-1, ..., t_{M-1} = 0 uniform in
     lambda (``dpmpp_2m_schedule``). Step 0 is first order (DDIM); steps 1..M-2 use the previous
-    x0 prediction (``dpmpp_2m_update``); the last step, from t = 0 to sigma = 0, returns the x0
-    prediction at t = 0 (first order, as the paper's final step and DDIM's last step). Between
-    integer steps the network is called at fractional t. M = 1 returns x0_hat(x_T, T-1).
-    ``clip_denoised`` clips each x0 prediction to [-1, 1].
+    x0 prediction (``dpmpp_2m_update``, eta = 0); the last step, from t = 0 to sigma = 0,
+    returns the x0 prediction at t = 0 (first order, as the paper's final step and DDIM's last
+    step). Between integer steps the network is called at fractional t. M = 1 returns
+    x0_hat(x_T, T-1). ``clip_denoised`` clips each x0 prediction to [-1, 1];
+    ``lower_order_final``: see ``dpmpp_2m_schedule``.
     """
-    step = _dpmpp_2m_step(d, model_fn, num_steps, clip_denoised)
+    step = _dpmpp_2m_step(d, model_fn, num_steps, clip_denoised, 0.0, lower_order_final)
+    return _scan_steps(step, dpmpp_2m_init(d, x_T, num_steps), num_steps)["x"]
+
+
+def dpmpp_2m_sde_sample(
+    d: diffusion.GaussianDiffusion,
+    model_fn: ModelFn,
+    x_T: jax.Array,
+    key: jax.Array,
+    num_steps: int,
+    eta: float = 1.0,
+    clip_denoised: bool = True,
+    lower_order_final: bool = False,
+) -> jax.Array:
+    """DPM-Solver++(2M) SDE (Lu et al. 2022b; ``dpmpp_2m_update``): the steps of
+    ``dpmpp_2m_sample`` with noise of scale ``eta`` (1: k-diffusion's default; 0: the ODE
+    solver) injected at every step but the last, step i's from fold_in(key, i); one
+    ``lax.scan``, returns x0 [B, ...]. Needs M >= 2 network calls to add any noise."""
+    step = _dpmpp_2m_step(d, model_fn, num_steps, clip_denoised, eta, lower_order_final, key)
     return _scan_steps(step, dpmpp_2m_init(d, x_T, num_steps), num_steps)["x"]
 
 

@@ -135,13 +135,17 @@ def _ode_chain(
     steps_fn: Callable,
     num_steps_of: Callable[[int], int],
     calls_per_step: int,
+    options: Callable[[ml_collections.ConfigDict], dict] = lambda config: {},
+    stochastic: bool = False,
 ) -> Chain:
-    """A probability-flow ODE solver of ``ode`` (its ``*_init`` and ``*_steps``), spending
-    ``sampling.num_steps`` network calls (0: T) in ``num_steps_of(calls)`` steps; the network is
-    called at fractional t between the integer steps."""
+    """A solver of ``ode`` (its ``*_init`` and ``*_steps``), spending ``sampling.num_steps``
+    network calls (0: T) in ``num_steps_of(calls)`` steps; the network is called at fractional t
+    between the integer steps. ``options(config)``: the solver's keyword arguments from the
+    config; ``stochastic``: the steps take the chain's key for their noise."""
     d = objectives.make_diffusion(config)
     calls = config.sampling.num_steps or d.num_timesteps
     clip = config.sampling.clip_denoised
+    kw = options(config)
 
     def init(key, shape):
         x_T, key = _gaussian_init(key, shape)
@@ -149,9 +153,24 @@ def _ode_chain(
 
     def run(params, labels, state, key, done, count):
         fn = net(config, model, params, labels)
-        return steps_fn(d, fn, state, done, count, calls, clip_denoised=clip)
+        noise = dict(key=key) if stochastic else {}
+        return steps_fn(d, fn, state, done, count, calls, clip_denoised=clip, **kw, **noise)
 
     return Chain(num_steps_of(calls), calls_per_step, init, run, lambda params, s: s["x"])
+
+
+def _dpmpp_options(config: ml_collections.ConfigDict, sde: bool = False) -> dict:
+    s = config.sampling
+    kw = dict(lower_order_final=s.lower_order_final)
+    return dict(kw, eta=s.sde_eta) if sde else kw
+
+
+_DPMPP = dict(
+    init_fn=ode.dpmpp_2m_init,
+    steps_fn=ode.dpmpp_2m_steps,
+    num_steps_of=lambda calls: calls,
+    calls_per_step=1,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,14 +182,14 @@ class Sampler:
 SAMPLERS: dict[str, Sampler] = {
     "ancestral": Sampler(("ddpm",), _ancestral),
     "ddim": Sampler(("ddpm",), _ddim),
-    "dpmpp_2m": Sampler(
+    "dpmpp_2m": Sampler(("ddpm",), functools.partial(_ode_chain, **_DPMPP, options=_dpmpp_options)),
+    "dpmpp_2m_sde": Sampler(
         ("ddpm",),
         functools.partial(
             _ode_chain,
-            init_fn=ode.dpmpp_2m_init,
-            steps_fn=ode.dpmpp_2m_steps,
-            num_steps_of=lambda calls: calls,
-            calls_per_step=1,
+            **_DPMPP,
+            options=functools.partial(_dpmpp_options, sde=True),
+            stochastic=True,
         ),
     ),
     "heun": Sampler(
@@ -214,6 +233,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             f"config.sampling.guidance_scale={s.guidance_scale} and sampling.class_label="
             f"{s.class_label} need a class-conditional model (model.num_classes > 0); an "
             "unconditional one takes 0 and -1."
+        )
+    if not s.sde_eta >= 0:
+        raise ValueError(
+            f"config.sampling.sde_eta={s.sde_eta} must be >= 0 (dpmpp_2m_sde's noise scale; "
+            "1: k-diffusion's default, 0: the ODE solver dpmpp_2m)."
         )
     if s.guidance_scale < 0:
         raise ValueError(

@@ -87,14 +87,15 @@ def make_loss_fn(config: ml_collections.ConfigDict, model) -> Callable:
     ``weights`` when t was importance-sampled), the batch means of every per-example term, and
     the losses themselves. ``labels`` [B]: the batch's classes (a conditional model)."""
     per_example = objectives.get_objective(config).make_loss_fn(config, model)
+    inside = objectives.loss_aware_vb(config)  # the weights go to the vb term, in the loss
 
     def loss_fn(params, x0, key, labels=None, t=None, weights=None):
-        kw = {} if t is None else {"t": t}
+        kw = {} if t is None else {"t": t, "weights": weights}
         terms = per_example(params, x0, key, labels=labels, **kw)
         losses = terms["loss"]  # [B]
         metrics = {k: jnp.mean(v) for k, v in terms.items()}
-        loss = metrics["loss"] if weights is None else jnp.mean(weights * losses)
-        return loss, (metrics, losses)
+        loss = metrics["loss"] if weights is None or inside else jnp.mean(weights * losses)
+        return loss, (metrics, terms.get("vb_loss", losses))
 
     return loss_fn
 

@@ -46,6 +46,11 @@ def test_the_convolution_formulation_may_change_on_resume():
         ("diffusion.var_type", "learned", "('fixedlarge', 'fixedsmall', 'learned_range')"),
         ("optim.optimizer", "sgd", "('adam', 'adamw')"),
         ("training.objective", "sde", "('ddpm', 'ncsn')"),
+        ("diffusion.mse_weighting", "snr", "('none', 'min_snr')"),
+        ("diffusion.min_snr_gamma", 0.0, "must be > 0"),
+        ("diffusion.hybrid_lambda", -1.0, "must be >= 0"),
+        ("diffusion.t_sampler", "loss_aware_vb", "loss_type='hybrid'; got loss_type='vlb'"),
+        ("sampling.sde_eta", -0.5, "must be >= 0"),
     ],
 )
 def test_validate_names_the_key_the_value_and_the_allowed_ones(key, value, allowed):
@@ -80,6 +85,8 @@ def test_workdir_config_is_the_runs_own_and_passes_the_check(tmp_path):
     config = tiny_config(**{"model.ch": 16, "model.fourier_features": (4, 5)})
     saved = config.to_dict()
     del saved["diffusion"]["t_sampler"]  # a run of the version before this key existed
+    for key in ("mse_weighting", "min_snr_gamma", "hybrid_lambda", "hybrid_train_mean"):
+        del saved["diffusion"][key]  # ... and before these
     (tmp_path / "config.json").write_text(json.dumps(saved))
     loaded = config_lib.with_defaults(workdir_config.get_config(str(tmp_path)))
     config_lib.check_workdir(loaded, str(tmp_path))

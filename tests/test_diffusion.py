@@ -383,6 +383,101 @@ def test_hybrid_freezes_the_mean_in_the_bound():
     np.testing.assert_allclose(values["loss"], expected, rtol=1e-6)
 
 
+def test_min_snr_weight_is_min_snr_gamma_on_the_x0_error():
+    """Float64 NumPy from the betas: SNR = abar / (1 - abar); the eps weight min(SNR, 5) / SNR,
+    x0 min(SNR, 5), v min(SNR, 5) / (SNR + 1); 1 where SNR <= gamma for eps."""
+    betas = schedules.get_beta_schedule("linear", 50, beta_start=1e-4, beta_end=0.2)
+    abar = np.cumprod(1 - betas)
+    snr = abar / (1 - abar)
+    t = jnp.arange(50, dtype=jnp.int32)
+    want = {
+        "eps": np.minimum(snr, 5) / snr,
+        "x0": np.minimum(snr, 5),
+        "v": np.minimum(snr, 5) / (snr + 1),
+    }
+    for mean_type, w in want.items():
+        d = dl.GaussianDiffusion.create(betas, mean_type=mean_type)
+        np.testing.assert_allclose(dl.min_snr_weight(d, t, 5.0), w, rtol=1e-4)
+    assert dl.mse_weight(d, t, "none") is None
+    with pytest.raises(ValueError, match=r"mse_weighting 'snr'; allowed: \['none', 'min_snr'\]"):
+        dl.mse_weight(d, t, "snr")
+    d = make(var_type="learned_range")
+    x0 = _grid_data(np.random.default_rng(0), (8, 4))
+    model = lambda x, t: jnp.concatenate([0.3 * x, jnp.tanh(x)], axis=-1)
+    t = jnp.array([0, 1, 3, 7, 12, 20, 33, 49], jnp.int32)
+    plain = dl.training_losses(d, model, x0, jax.random.key(1), t=t)
+    weighted = dl.training_losses(
+        d, model, x0, jax.random.key(1), t=t, mse_weighting="min_snr", min_snr_gamma=2.0
+    )
+    np.testing.assert_allclose(weighted["mse"], plain["mse"])  # reported unweighted
+    np.testing.assert_allclose(
+        weighted["loss"], dl.min_snr_weight(d, t, 2.0) * plain["mse"], rtol=1e-6
+    )
+
+
+def test_hybrid_with_its_own_t_for_the_vb_term():
+    """t_vb: the mse term at t (noise as given), the vb term at t_vb with its own noise, times
+    the weights; the network sees the 2B examples in one call. The two terms equal single-t
+    losses computed apart; hybrid_train_mean lets the vb term train the mean too."""
+    d = make(var_type="learned_range")
+    x0 = _grid_data(np.random.default_rng(5), (8, 4))
+    t = jnp.array([0, 1, 3, 7, 12, 20, 33, 49], jnp.int32)
+    t_vb = jnp.array([49, 0, 2, 30, 5, 1, 17, 40], jnp.int32)
+    weights = jnp.linspace(0.5, 2.0, 8)
+    calls = []
+
+    def model_of(params):
+        w_mean, w_var = params
+
+        def model(x, tt):
+            calls.append(x.shape[0])
+            return jnp.concatenate([w_mean * x + 0.01 * tt[:, None], jnp.tanh(w_var * x)], -1)
+
+        return model
+
+    key = jax.random.key(3)
+    noise = jax.random.normal(jax.random.key(4), x0.shape)
+    params = (jnp.float32(0.3), jnp.float32(0.5))
+    out = dl.training_losses(
+        d, model_of(params), x0, key, "hybrid", t=t, noise=noise, t_vb=t_vb, vb_weights=weights
+    )
+    assert calls == [16]
+    apart = dl.training_losses(d, model_of(params), x0, key, "hybrid", t=t, noise=noise)
+    np.testing.assert_allclose(out["mse"], apart["mse"], rtol=1e-6)
+    noise_vb = dl._normal(jax.random.fold_in(jax.random.split(key)[1], 1), x0.shape, x0.dtype)
+    kl = dl.training_losses(d, model_of(params), x0, key, "kl", t=t_vb, noise=noise_vb)
+    np.testing.assert_allclose(out["vb"], kl["vb"], rtol=1e-5)
+    np.testing.assert_allclose(out["vb_loss"], 50 * kl["vb"], rtol=1e-5)
+    expected = apart["mse"] + dl.HYBRID_LAMBDA * 50 * kl["vb"] * weights
+    np.testing.assert_allclose(out["loss"], expected, rtol=1e-5)
+
+    def mean_grad(train_mean):
+        def f(p):
+            o = dl.training_losses(
+                d,
+                model_of(p),
+                x0,
+                key,
+                "hybrid",
+                t=t,
+                noise=noise,
+                t_vb=t_vb,
+                hybrid_lambda=0.1,
+                hybrid_train_mean=train_mean,
+            )
+            return jnp.mean(o["loss"])
+
+        return jax.grad(f)(params)[0]
+
+    def simple_grad(p):
+        return jnp.mean(dl.training_losses(d, model_of(p), x0, key, t=t, noise=noise)["loss"])
+
+    np.testing.assert_allclose(mean_grad(False), jax.grad(simple_grad)(params)[0], rtol=1e-5)
+    assert abs(float(mean_grad(True) - mean_grad(False))) > 1e-3
+    with pytest.raises(ValueError, match="t_vb .* needs loss_type 'hybrid', got 'vlb'"):
+        dl.training_losses(d, model_of(params), x0, key, "vlb", t_vb=t_vb)
+
+
 def test_training_losses_sample_t_uniformly():
     """With zero noise and a model that outputs t, the eps-MSE is t^2: read t back."""
     d = make()

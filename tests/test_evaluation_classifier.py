@@ -144,6 +144,43 @@ def test_fd_and_is_against_textbook_formulas_and_scale(trained):
         assert 0 < m["is_classifier_stderr"] < 0.5 * (real["is_classifier"] - fake["is_classifier"])
 
 
+def test_kid_and_precision_recall_of_the_classifier_features(trained):
+    """KID on the features in units of the reference's RMS coordinate (an independent unbiased
+    MMD² here), precision / recall on equal-size sets; real digits score near the real-vs-real
+    values, noise images far from them, apart by many standard errors."""
+    config, workdir, model, params, _ = trained
+    bins = config.data.num_bins
+    train = input_pipeline.load_split(config, "train").images
+    test = input_pipeline.load_split(config, "test").images
+    noise = np.random.default_rng(0).integers(0, bins, (400, 8, 8, 1), dtype=np.uint8)
+    _, ref = clf.predict(model, params, test, bins)
+    scale = np.sqrt(np.mean(np.square(ref.astype(np.float64))))
+    real = clf.classifier_metrics(config, train[:400], workdir)
+    fake = clf.classifier_metrics(config, noise, workdir)
+    for m, images in ((real, train[:400]), (fake, noise)):
+        _, feats = clf.predict(model, params, images, bins)
+        x, y = feats / scale, ref / scale
+        k = lambda a, b: (a @ b.T / a.shape[1] + 1.0) ** 3
+        kxx, kyy = k(x, x), k(y, y)
+        want = (
+            (kxx.sum() - np.trace(kxx)) / (len(x) * (len(x) - 1))
+            + (kyy.sum() - np.trace(kyy)) / (len(y) * (len(y) - 1))
+            - 2 * k(x, y).mean()
+        )
+        assert m["kid_classifier"] == pytest.approx(want, rel=1e-6)
+        assert m["classifier_pr_num"] == 297  # the 400 samples cut to the reference's size
+        for key in clf.KID_KEYS + clf.PR_KEYS:
+            assert key in m
+    assert fake["kid_classifier"] > real["kid_classifier"] + 10 * fake["kid_classifier_stderr"]
+    assert fake["precision_classifier"] < 0.1 < 0.8 < real["precision_classifier"]
+    assert real["precision_classifier"] - fake["precision_classifier"] > 10 * (
+        real["precision_classifier_stderr"] + fake["precision_classifier_stderr"]
+    )
+    assert real["recall_classifier"] > 0.8 and fake["recall_classifier"] < 0.5
+    assert abs(real["kid_classifier_real"]) < 0.1 * fake["kid_classifier"]
+    assert real["precision_classifier_real"] > 0.8 and real["recall_classifier_real"] > 0.8
+
+
 def test_samples_that_are_not_levels_are_refused(trained):
     config, workdir, *_ = trained
     with pytest.raises(ValueError, match=r"uint8 levels below data.num_bins=17.*got float32"):
@@ -162,7 +199,7 @@ def untrained(config):
 
 def test_the_evaluators_end_to_end(tmp_path, monkeypatch):
     config = digits_config(
-        metrics=("bpd", "fd_classifier", "is_classifier"),
+        metrics=("bpd", *clf.METRICS),
         classifier_num_samples=8,
         classifier_train_steps=20,
         classifier_num_bootstrap=5,
@@ -177,11 +214,11 @@ def test_the_evaluators_end_to_end(tmp_path, monkeypatch):
         evaluation.EvalContext(config, model, params, mesh, str(tmp_path))
     )
     saved = json.load(open(tmp_path / "eval" / "metrics.json"))
-    for key in clf.FD_KEYS + clf.IS_KEYS + ("bpd",):
+    for key in clf.FD_KEYS + clf.IS_KEYS + clf.KID_KEYS + clf.PR_KEYS + ("bpd",):
         assert key in saved and saved[key] == out[key]
     assert out["classifier_num_samples"] == 8 and "failed" not in saved
     assert np.isfinite(out["fd_classifier"]) and 1 <= out["is_classifier"] <= 10
-    # One sample set for both evaluators, drawn by the config's sampler, 8 samples.
+    # One sample set for the four evaluators, drawn by the config's sampler, 8 samples.
     assert len(calls) == 1 and calls[0].sampling.num_samples == 8
     folder = tmp_path / "eval" / "classifier"
     (npz,) = [f for f in os.listdir(folder) if f.startswith("samples_")]

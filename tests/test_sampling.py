@@ -87,11 +87,13 @@ def test_make_sample_fn_equals_the_one_scan_chain():
 
 def test_the_registry_refuses_what_does_not_fit():
     config = tiny_config(**{"sampling.method": "euler"})
-    allowed = r"\('ancestral', 'ddim', 'dpmpp_2m', 'heun', 'langevin'\)"
+    allowed = r"\('ancestral', 'ddim', 'dpmpp_2m', 'dpmpp_2m_sde', 'heun', 'langevin'\)"
     with pytest.raises(ValueError, match=r"'euler' is not one of " + allowed):
         sampling.check_config(config)
     config = tiny_config(**{"sampling.method": "langevin"})
-    with pytest.raises(ValueError, match=r"objective='ddpm'.*'ddim', 'dpmpp_2m', 'heun'\)"):
+    with pytest.raises(
+        ValueError, match=r"objective='ddpm'.*'ddim', 'dpmpp_2m', 'dpmpp_2m_sde', 'heun'\)"
+    ):
         sampling.check_config(config)
     config = tiny_config(**{"training.objective": "ncsn"})
     with pytest.raises(ValueError, match=r"allowed: \('langevin',\)"):
@@ -101,18 +103,25 @@ def test_the_registry_refuses_what_does_not_fit():
         sampling.check_config(config)
 
 
-@pytest.mark.parametrize("method, calls", [("dpmpp_2m", 7), ("heun", 9)])
+@pytest.mark.parametrize(
+    "method, calls", [("dpmpp_2m", 7), ("dpmpp_2m_sde", 7), ("heun", 9), ("dpmpp_2m_lof", 7)]
+)
 def test_ode_samplers_in_segments_equal_their_one_scan_solvers(method, calls):
-    """The registry's ODE chains (segments of 2 steps, 2 devices) against ``ode.*_sample``."""
+    """The registry's ODE / SDE chains (segments of 2 steps, 2 devices) against
+    ``ode.*_sample``: the SDE's noise from the chain's step key, ``sampling.sde_eta`` and
+    ``sampling.lower_order_final`` ("_lof") passed through."""
+    lof = method.endswith("_lof")
+    method = method.removesuffix("_lof")
     config = tiny_config(
-        **{"sampling.method": method, "sampling.num_steps": calls, "sampling.batch_size": 4}
+        **{"sampling.method": method, "sampling.num_steps": calls, "sampling.batch_size": 4},
+        **{"sampling.sde_eta": 0.7, "sampling.lower_order_final": lof},
     )
     model = models.get_model(config)
     params = model.init(
         jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32), train=False
     )["params"]
     old = sampling.STEPS_PER_CALL
-    sampling.STEPS_PER_CALL = 2 if method == "dpmpp_2m" else 4  # 2 steps of 2 calls per call
+    sampling.STEPS_PER_CALL = 4 if method == "heun" else 2  # 2 steps of 2 calls per call
     try:
         samples = sampling.make_sample_fn(config, model, sharding.make_mesh())(
             params, jax.random.key(5)
@@ -120,10 +129,16 @@ def test_ode_samplers_in_segments_equal_their_one_scan_solvers(method, calls):
     finally:
         sampling.STEPS_PER_CALL = old
     d, net = objectives.make_diffusion(config), models.model_fn(model, params)
-    noise_key, _ = jax.random.split(jax.random.fold_in(jax.random.key(5), 0))
+    noise_key, key = jax.random.split(jax.random.fold_in(jax.random.key(5), 0))
     x_T = jax.random.normal(noise_key, (4, 8, 8, 1))
-    solver = ode.dpmpp_2m_sample if method == "dpmpp_2m" else ode.heun_sample
-    ref = solver(d, net, x_T, calls)
+    if method == "heun":
+        ref = ode.heun_sample(d, net, x_T, calls)
+    elif method == "dpmpp_2m":
+        ref = ode.dpmpp_2m_sample(d, net, x_T, calls, lower_order_final=lof)
+    else:
+        _, key_steps = dl.chain_keys(key)
+        ref = ode.dpmpp_2m_sde_sample(d, net, x_T, key_steps, calls, eta=0.7)
+        assert not np.allclose(ref, ode.dpmpp_2m_sample(d, net, x_T, calls), atol=1e-3)
     np.testing.assert_allclose(samples, ref, atol=2e-5)
     assert np.abs(np.asarray(ref)).max() <= 1.0  # clip_denoised: the last x0_hat is clipped
 

@@ -212,10 +212,9 @@ def test_an_interrupt_is_labelled_by_what_sent_it():
 def _loss_aware(**overrides):
     # T = 4 and 16 examples a step: each t's 10 slots fill within a few steps, so the later steps
     # draw t from the history.
-    return tiny_config(
-        **{"diffusion.t_sampler": "loss_aware", "diffusion.num_timesteps": 4},
-        **{"training.batch_size": 16, "training.eval_at_end": False, **overrides},
-    )
+    keys = {"diffusion.t_sampler": "loss_aware", "diffusion.num_timesteps": 4}
+    keys |= {"training.batch_size": 16, "training.eval_at_end": False}
+    return tiny_config(**(keys | overrides))
 
 
 def test_loss_aware_t_sampler_resumes_bit_identical(tmp_path):
@@ -226,6 +225,25 @@ def test_loss_aware_t_sampler_resumes_bit_identical(tmp_path):
     train.train_and_evaluate(_loss_aware(**{"training.num_train_steps": 4}), workdir)
     resumed = train.train_and_evaluate(_loss_aware(), workdir)
     assert int(resumed.step) == 6
+    _assert_trees_equal(resumed, reference)
+
+
+def test_loss_aware_vb_draws_t_for_the_vb_term_and_resumes_bit_identical(tmp_path):
+    """t_sampler loss_aware_vb (hybrid, learned variances, conditional: the labels are doubled
+    for the two halves): the history fills with the vb term's T vb; resume is bit-identical."""
+    overrides = {
+        "diffusion.t_sampler": "loss_aware_vb",
+        "diffusion.loss_type": "hybrid",
+        "diffusion.var_type": "learned_range",
+        "diffusion.hybrid_train_mean": True,
+        "model.num_classes": 10,
+    }
+    reference = train.train_and_evaluate(_loss_aware(**overrides), str(tmp_path / "full"))
+    history = np.asarray(reference.loss_history)
+    assert history.shape == (4, 10) and np.isfinite(history).all()
+    workdir = str(tmp_path / "resumed")
+    train.train_and_evaluate(_loss_aware(**overrides, **{"training.num_train_steps": 4}), workdir)
+    resumed = train.train_and_evaluate(_loss_aware(**overrides), workdir)
     _assert_trees_equal(resumed, reference)
 
 

@@ -84,6 +84,12 @@ EVALUATORS: dict[str, Evaluator] = {
     "is": Evaluator("metric", fid_lib.inception_score_metric, _needs_images),
     "fd_classifier": Evaluator("metric", classifier_lib.fd_classifier, classifier_lib.needs_labels),
     "is_classifier": Evaluator("metric", classifier_lib.is_classifier, classifier_lib.needs_labels),
+    "kid_classifier": Evaluator(
+        "metric", classifier_lib.kid_classifier, classifier_lib.needs_labels
+    ),
+    "precision_recall_classifier": Evaluator(
+        "metric", classifier_lib.precision_recall_classifier, classifier_lib.needs_labels
+    ),
     "class_match": Evaluator(
         "metric", classifier_lib.class_match_classifier, classifier_lib.needs_conditional
     ),
@@ -114,7 +120,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.eval.bpd_splits must be a tuple of split names, got {e.bpd_splits!r}."
         )
-    if {"fd_classifier", "is_classifier", "class_match"} & set(e.metrics):
+    if {*classifier_lib.METRICS, "class_match"} & set(e.metrics):
         classifier_lib.check_config(config)
     if "fid" in e.metrics or "is" in e.metrics:
         sharding.check_batch_size(e.fid_batch_size, "eval.fid_batch_size")

@@ -10,8 +10,17 @@ dense ones) and reports, for a set of samples,
 - ``is_classifier``: exp(E_x KL(p(y | x) || p(y))), p(y) the mean of p(y | x) over the samples:
   ``fid.inception_score`` over one split, so between 1 and the number of classes K;
 
+- ``kid_classifier``: the Kernel Inception Distance (``sample_metrics.kid_with_stderr``: the
+  unbiased cubic-kernel MMD², its standard error by the jackknife over the samples) of the same
+  features against the reference split's;
+- ``precision_classifier`` / ``recall_classifier`` (the evaluator ``precision_recall_classifier``):
+  the k-NN manifold precision and recall, k = 3 (``sample_metrics.precision_recall``, binomial
+  standard errors), on equal numbers of samples and reference images;
+  (both on features in units of the reference's RMS coordinate: ``_kid_pr``)
+
 each with, for scale, the same statistic of as many real training images as samples (``_real``:
-FD real train vs the reference split; IS of those real images), and a bootstrap standard error
+FD real train vs the reference split; IS of those real images), and for FD and IS a bootstrap
+standard error
 (``_stderr``): the standard deviation (ddof 1) of the statistic over
 ``eval.classifier_num_bootstrap`` resamplings of the samples with replacement (the reference
 statistics held fixed), rows from key fold_in(fold_in(key(seed), 0xB007), N). It measures the
@@ -53,6 +62,7 @@ from flax import serialization
 
 from diffusion_jax import input_pipeline, objectives, reporting, sampling
 from diffusion_jax.evaluation import fid as fid_lib
+from diffusion_jax.evaluation import sample_metrics
 from diffusion_jax.evaluation.context import EvalContext
 from diffusion_jax.models.classifier import Classifier
 
@@ -61,6 +71,8 @@ _TRAIN_TAG = 0xC1A5  # fold_in(key(seed), ·): the classifier's init and batches
 _SAMPLE_TAG = 0xC15A  # fold_in(run sample key, ·): the samples judged
 _REAL_TAG = 0x5EA1  # fold_in(key(seed), ·): the real training images of the real-vs-real values
 _BOOTSTRAP_TAG = 0xB007  # fold_in(key(seed), ·): the bootstrap resamplings
+_PR_TAG = 0x9E  # fold_in(key(seed), ·): the equal-size subsets of precision / recall
+_REAL_VERSION = 2  # of the cached real-vs-real values: another value computes them again
 _LOG_STEPS = 100  # training steps between progress-bar updates
 _EVAL_BATCH = 500  # images per forward pass when judging
 
@@ -81,6 +93,30 @@ IS_KEYS = (
     "classifier_num_samples",
     "classifier_num_real",
 )
+KID_KEYS = (
+    "kid_classifier",
+    "kid_classifier_stderr",
+    "kid_classifier_real",
+    "classifier_test_accuracy",
+    "classifier_num_samples",
+    "classifier_num_real",
+    "classifier_reference",
+)
+PR_KEYS = (
+    "precision_classifier",
+    "precision_classifier_stderr",
+    "precision_classifier_real",
+    "recall_classifier",
+    "recall_classifier_stderr",
+    "recall_classifier_real",
+    "classifier_pr_k",
+    "classifier_pr_num",
+    "classifier_test_accuracy",
+    "classifier_num_samples",
+    "classifier_num_real",
+    "classifier_reference",
+)
+METRICS = ("fd_classifier", "is_classifier", "kid_classifier", "precision_recall_classifier")
 
 
 def classifier_dir(workdir: str) -> str:
@@ -352,15 +388,17 @@ def _stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _reference(
     config: ml_collections.ConfigDict, model: Classifier, params: Any, info: dict, cache_dir: str
 ) -> dict[str, np.ndarray]:
-    """mu [F], sigma [F, F] of the reference split's features, cached beside the classifier."""
+    """mu [F], sigma [F, F] and the features [N, F] of the reference split, cached beside the
+    classifier (a cache of an earlier version, without the features, is computed again)."""
     path = os.path.join(cache_dir, f"reference_{_cache_tag(info)}.npz")
     if os.path.exists(path):
         with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
+            if "features" in f.files:
+                return {k: f[k] for k in f.files}
     test = _labelled_split(config, reference_split(config))
     _, features = predict(model, params, test.images, config.data.num_bins)
     mu, sigma = _stats(features)
-    out = dict(mu=mu, sigma=sigma, num_examples=np.int64(len(features)))
+    out = dict(mu=mu, sigma=sigma, features=features, num_examples=np.int64(len(features)))
     _save_npz(path, out)
     return out
 
@@ -380,7 +418,9 @@ def _real_values(
     path = os.path.join(cache_dir, f"real_{num}_{_cache_tag(info)}.json")
     if os.path.exists(path):
         with open(path) as f:
-            return json.load(f)
+            cached = json.load(f)
+        if cached.get("version") == _REAL_VERSION:  # else an earlier version's: again
+            return cached
     real_split = config.data.train_split
     if reference_split(config) == real_split:
         real_split = config.eval.split
@@ -392,10 +432,46 @@ def _real_values(
     out = dict(
         fd_classifier_real=fid_lib.frechet_distance(mu, sigma, reference["mu"], reference["sigma"]),
         is_classifier_real=fid_lib.inception_score(_softmax(logits), 1)[0],
+        **{
+            f"{k}_real": v
+            for k, v in _kid_pr(config, features, reference["features"]).items()
+            if k in ("kid_classifier", "precision_classifier", "recall_classifier")
+        },
         classifier_num_real=len(rows),
+        version=_REAL_VERSION,
     )
     reporting.write_json(path, out)
     return out
+
+
+def _kid_pr(config: ml_collections.ConfigDict, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """KID (± jackknife) and precision / recall (± binomial) of features x [m, F] against the
+    reference's y [n, F], under this module's key names.
+
+    Both on features divided by the reference's root-mean-square coordinate (one fixed scale
+    per judge, so that y·y / F averages 1, the scale of Inception features for which KID's
+    kernel (a·b / F + 1)^3 was made; unscaled, this classifier's features make it a sum of huge
+    powers). Precision and recall on sets of equal size (Kynkäänniemi et al. compare equal
+    numbers: a k-NN manifold of fewer points has larger balls): the larger set is cut to the
+    smaller's size by a seeded permutation (key fold_in(key(seed), 0x9E)).
+    """
+    scale = np.sqrt(np.mean(np.square(np.asarray(y, np.float64))))
+    x, y = np.asarray(x, np.float64) / scale, np.asarray(y, np.float64) / scale
+    kid, kid_stderr = sample_metrics.kid_with_stderr(x, y)
+    n = min(len(x), len(y))
+    key = jax.random.fold_in(jax.random.key(config.seed), _PR_TAG)
+    x_pr = x[np.asarray(jax.random.permutation(jax.random.fold_in(key, 0), len(x)))[:n]]
+    y_pr = y[np.asarray(jax.random.permutation(jax.random.fold_in(key, 1), len(y)))[:n]]
+    pr = sample_metrics.precision_recall(x_pr, y_pr)
+    return dict(
+        kid_classifier=kid,
+        kid_classifier_stderr=kid_stderr,
+        precision_classifier=pr["precision"],
+        precision_classifier_stderr=pr["precision_stderr"],
+        recall_classifier=pr["recall"],
+        recall_classifier_stderr=pr["recall_stderr"],
+        classifier_pr_num=n,
+    )
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -474,6 +550,7 @@ def classifier_metrics(
     mu, sigma = _stats(features)
     fd = fid_lib.frechet_distance(mu, sigma, reference["mu"], reference["sigma"])
     score = fid_lib.inception_score(probs, 1)[0]
+    kid_pr = _kid_pr(config, features, reference["features"])
 
     num_boot = config.eval.classifier_num_bootstrap
     key = jax.random.fold_in(jax.random.key(config.seed), _BOOTSTRAP_TAG)
@@ -491,6 +568,11 @@ def classifier_metrics(
         is_classifier=score,
         is_classifier_stderr=float(np.std(scores, ddof=1)),
         is_classifier_real=float(real["is_classifier_real"]),
+        **kid_pr,
+        kid_classifier_real=float(real["kid_classifier_real"]),
+        precision_classifier_real=float(real["precision_classifier_real"]),
+        recall_classifier_real=float(real["recall_classifier_real"]),
+        classifier_pr_k=sample_metrics.PR_K,
         classifier_test_accuracy=float(info["test_accuracy"]),
         classifier_num_samples=len(samples),
         classifier_num_real=int(real["classifier_num_real"]),
@@ -507,7 +589,8 @@ def classifier_metrics(
         )
     logging.info(
         "Classifier metrics of %d samples vs %d %s examples: FD %.4g ± %.2g (real %.4g), "
-        "IS %.4g ± %.2g (real %.4g).",
+        "IS %.4g ± %.2g (real %.4g), KID %.4g ± %.2g (real %.4g), precision %.4g (real %.4g), "
+        "recall %.4g (real %.4g).",
         len(samples),
         int(reference["num_examples"]),
         info["test_split"],
@@ -517,6 +600,13 @@ def classifier_metrics(
         score,
         out["is_classifier_stderr"],
         out["is_classifier_real"],
+        out["kid_classifier"],
+        out["kid_classifier_stderr"],
+        out["kid_classifier_real"],
+        out["precision_classifier"],
+        out["precision_classifier_real"],
+        out["recall_classifier"],
+        out["recall_classifier_real"],
     )
     return out
 
@@ -596,6 +686,18 @@ def is_classifier(ctx: EvalContext) -> dict[str, Any]:
     """``is_classifier`` (± ``_stderr``, ``_real`` for scale) and the classifier's accuracy."""
     m = _metrics(ctx)
     return {k: m[k] for k in IS_KEYS}
+
+
+def kid_classifier(ctx: EvalContext) -> dict[str, Any]:
+    """``kid_classifier`` (± ``_stderr``, ``_real`` for scale) and the classifier's accuracy."""
+    m = _metrics(ctx)
+    return {k: m[k] for k in KID_KEYS}
+
+
+def precision_recall_classifier(ctx: EvalContext) -> dict[str, Any]:
+    """``precision_classifier`` and ``recall_classifier`` (± ``_stderr``, ``_real``), k = 3."""
+    m = _metrics(ctx)
+    return {k: m[k] for k in PR_KEYS}
 
 
 def needs_conditional(ctx: EvalContext) -> str | None:
