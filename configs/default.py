@@ -50,7 +50,8 @@ def get_config() -> ml_collections.ConfigDict:
     # GPU/TPU, resolved when a run starts and recorded so in its config.json.
     config.model.conv_impl = "auto"
     # Fourier features of x_t as extra input channels: exponents n of sin/cos(2^n pi x_t) (VDM).
-    # () = none. For L grey levels, 2^n = (L - 1) / 2 is periodic in the grid (configs/digits.py).
+    # () = none. For L grey levels, 2^n = L - 1 (or a multiple) is periodic in the grid
+    # (models.layers.fourier_features).
     config.model.fourier_features = ()
     # > 0: a class-conditional model of that many classes (an embedding added to the time
     # embedding, plus a "no class" entry); 0: unconditional. Needs a labelled data set.

@@ -469,10 +469,14 @@ def test_fourier_features_against_a_loop():
 
 
 def test_fourier_features_are_periodic_in_a_17_level_grid():
-    # 2^4 = (17 - 1) / 2: every level of the digits' grid gets the same features.
+    # 2^4 = 17 - 1 (and 2^5, 2^6, its multiples): every level of the digits' grid gets the same
+    # features; 2^3 = (17 - 1) / 2 does not (its sine changes sign from level to level).
     grid = jnp.linspace(-1.0, 1.0, 17)[:, None]  # [17, 1]
     feats = np.asarray(layers.fourier_features(grid, (4, 5, 6)))[:, 1:]
     np.testing.assert_allclose(feats, np.broadcast_to(feats[:1], feats.shape), atol=1e-4)
+    half = np.asarray(layers.fourier_features(grid + 0.05, (3,)))[:, 1]  # sin, off the levels
+    np.testing.assert_allclose(half[1:], -half[:-1], atol=1e-4)
+    assert np.abs(half).min() > 0.1
 
 
 def test_fourier_features_widen_only_the_input_convolution():

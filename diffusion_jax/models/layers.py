@@ -146,8 +146,10 @@ def fourier_features(x: jax.Array, exponents: Sequence[int]) -> jax.Array:
     """x with sin(2^n pi x) and cos(2^n pi x) for each n in ``exponents`` appended as channels
     (Kingma et al. 2021, VDM, appendix C): fine detail of x_t the network resolves at low noise.
 
-    For data on a grid of L levels in [-1, 1] (spacing 2 / (L - 1)), 2^n = (L - 1) / 2 makes the
-    features periodic in the grid, so they measure x_t's offset from the nearest level.
+    For data on a grid of L levels 2k / (L - 1) - 1 in [-1, 1], sin/cos(2^n pi x) take one value
+    on every level when 2^n pi times the spacing 2 / (L - 1) is a multiple of 2 pi, i.e. when
+    2^n is a multiple of L - 1 (n = 4 for 17 levels; 2^n = (L - 1) / 2 alternates sign from
+    level to level): then they measure x_t's offset from the nearest level.
 
     Args:
       x: [..., C].
