@@ -49,7 +49,6 @@ def test_the_convolution_formulation_may_change_on_resume():
         ("diffusion.mse_weighting", "snr", "('none', 'min_snr')"),
         ("diffusion.min_snr_gamma", 0.0, "must be > 0"),
         ("diffusion.hybrid_lambda", -1.0, "must be >= 0"),
-        ("diffusion.t_sampler", "loss_aware_vb", "loss_type='hybrid'; got loss_type='vlb'"),
         ("sampling.sde_eta", -0.5, "must be >= 0"),
     ],
 )
@@ -57,6 +56,12 @@ def test_validate_names_the_key_the_value_and_the_allowed_ones(key, value, allow
     with pytest.raises(ValueError) as e:
         config_lib.validate(tiny_config(**{key: value}))
     assert f"config.{key}={value!r}" in str(e.value) and allowed in str(e.value)
+
+
+def test_the_vb_terms_own_t_needs_the_hybrid_loss():
+    config = tiny_config(**{"diffusion.t_sampler": "loss_aware_vb", "diffusion.loss_type": "vlb"})
+    with pytest.raises(ValueError, match="t_sampler='loss_aware_vb'.*got loss_type='vlb'"):
+        config_lib.validate(config)
 
 
 def test_defaults_are_the_default_config():
