@@ -24,7 +24,8 @@ def get_config():
     config.model.dropout = 0.1
     # Sin/cos(2^n pi x_t), n = 4, 5, 6: 2^4 = 17 - 1 (and its multiples) makes them periodic in
     # the 17-level grid, so they give x_t's offset from the nearest level, what the network must
-    # resolve at low noise ((4, 5, 6) beat (3, 4, 5, 6) and (4, 5, 6, 7) in 2,000-step screens: README).
+    # resolve at low noise ((4, 5, 6) beat (3, 4, 5, 6) and (4, 5, 6, 7) in 2,000-step screens:
+    # README).
     config.model.fourier_features = (4, 5, 6)
 
     # Samples and bound together (README): L_simple at a uniform t (what shapes a digit) plus
