@@ -155,6 +155,22 @@ def toy_dist():
 # ------------------------------------------------------------------------------ output
 
 
+def read_runs(parser: argparse.ArgumentParser, specs: list[str]) -> dict[str, tuple[str, dict]]:
+    """``label=WORKDIR`` arguments -> {label: (workdir, its eval/metrics.json)}; a bad argument
+    or a missing file is a parser error naming it."""
+    runs = {}
+    for spec in specs:
+        label, sep, workdir = spec.partition("=")
+        if not sep or not label:
+            parser.error(f"--runs takes label=WORKDIR, got {spec!r}")
+        path = os.path.join(workdir, "eval", "metrics.json")
+        if not os.path.exists(path):
+            parser.error(f"{path} does not exist: run --mode eval on {workdir} first")
+        with open(path) as f:
+            runs[label] = (workdir, json.load(f))
+    return runs
+
+
 def fmt(v) -> str:
     if isinstance(v, float | np.floating):
         return f"{v:.4g}"

@@ -13,7 +13,6 @@ score of the samples) and writes ``likelihood_curves.png`` and ``likelihood_comp
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -52,18 +51,11 @@ def main(argv=None) -> str:
     parser.add_argument("--outdir", default=os.path.join(ROOT, "experiments/results/likelihood"))
     args = parser.parse_args(argv)
 
+    import common
+
     from diffusion_jax.evaluation import plots
 
-    runs = {}
-    for spec in args.runs:
-        label, sep, workdir = spec.partition("=")
-        if not sep or not label:
-            parser.error(f"--runs takes label=WORKDIR, got {spec!r}")
-        path = os.path.join(workdir, "eval", "metrics.json")
-        if not os.path.exists(path):
-            parser.error(f"{path} does not exist: run --mode eval on {workdir} first")
-        with open(path) as f:
-            runs[label] = json.load(f)
+    runs = {label: m for label, (_, m) in common.read_runs(parser, args.runs).items()}
     text = table(runs)
     print(text, end="")
     os.makedirs(args.outdir, exist_ok=True)

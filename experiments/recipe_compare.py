@@ -211,15 +211,9 @@ def main(argv=None) -> list[dict]:
     references = args.references.split(",")
 
     rows = []
-    for spec in args.runs:
-        label, sep, workdir = spec.partition("=")
-        if not sep or not label:
-            parser.error(f"--runs takes label=WORKDIR, got {spec!r}")
-        path = os.path.join(workdir, "eval", "metrics.json")
-        if not os.path.exists(path):
-            parser.error(f"{path} does not exist: run --mode eval on {workdir} first")
-        with open(path) as f:
-            metrics = json.load(f)
+    import common
+
+    for label, (workdir, metrics) in common.read_runs(parser, args.runs).items():
         for sampler in samplers:
             images, seconds, step = draw(workdir, sampler, args.num_samples, args.batch_size)
             quality = {ref: judge(workdir, images, ref, args.judge_dir) for ref in references}

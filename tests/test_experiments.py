@@ -244,3 +244,45 @@ def test_likelihood_compare_table_and_curves(tmp_path):
     assert (tmp_path / "out" / "likelihood_curves.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         likelihood_compare.main(["--runs", f"x={tmp_path / 'none'}"])
+
+
+def test_recipe_compare_table_plots_and_caches(tmp_path):
+    """recipe_compare.py on a 2-step digits run: two samplers (one with a sampling key), both
+    references, every metric with its error; the samples are cached per run and sampler, so a
+    second call draws nothing and gives the same numbers."""
+    import recipe_compare
+    from helpers import run_main
+
+    workdir = str(tmp_path / "digits")
+    run_main(
+        workdir,
+        **{
+            "training.num_train_steps": 2,
+            "training.checkpoint_every": 2,
+            "eval.num_examples": 8,
+            "eval.batch_size": 8,
+            "eval.figures": (),
+            "eval.classifier_train_steps": 20,
+        },
+    )
+    argv = ["--runs", f"a={workdir}", "--num_samples", "8", "--judge_dir", str(tmp_path / "j")]
+    argv += ["--samplers", "dpmpp_2m_sde:5", "ancestral:4:clip_denoised=false"]
+    rows = recipe_compare.main([*argv, "--outdir", str(tmp_path / "out")])
+    assert [(r["sampler"], r["calls"], r["step"]) for r in rows] == [
+        ("dpmpp_2m_sde:5", 5, 2),
+        ("ancestral:4:clip_denoised=false", 4, 2),
+    ]
+    for r in rows:
+        assert set(r["quality"]) == {"train", "test"} and r["num_samples"] == 8
+        for q in r["quality"].values():
+            for m in recipe_compare.METRICS:
+                assert all(math.isfinite(q[m + s]) for s in ("", "_stderr", "_real"))
+    bpd = json.load(open(os.path.join(workdir, "eval", "metrics.json")))["bpd"]
+    assert rows[0]["bpd"] == bpd
+    out = tmp_path / "out"
+    assert (out / "bound_vs_quality.png").stat().st_size > 0
+    assert "| a | " in (out / "recipe_compare.md").read_text()
+    again = recipe_compare.main([*argv, "--outdir", str(out), "--plot", "calls"])
+    assert again == rows and (out / "quality_vs_calls.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="METHOD:CALLS"):
+        recipe_compare.parse_sampler("ddim")

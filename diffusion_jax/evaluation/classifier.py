@@ -9,14 +9,13 @@ dense ones) and reports, for a set of samples,
   reference split (``eval.classifier_split``, "" = ``eval.split``);
 - ``is_classifier``: exp(E_x KL(p(y | x) || p(y))), p(y) the mean of p(y | x) over the samples:
   ``fid.inception_score`` over one split, so between 1 and the number of classes K;
-
 - ``kid_classifier``: the Kernel Inception Distance (``sample_metrics.kid_with_stderr``: the
   unbiased cubic-kernel MMD², its standard error by the jackknife over the samples) of the same
   features against the reference split's;
 - ``precision_classifier`` / ``recall_classifier`` (the evaluator ``precision_recall_classifier``):
   the k-NN manifold precision and recall, k = 3 (``sample_metrics.precision_recall``, binomial
-  standard errors), on equal numbers of samples and reference images;
-  (both on features in units of the reference's RMS coordinate: ``_kid_pr``)
+  standard errors), on equal numbers of samples and reference images; KID and these two on the
+  features in units of the reference's RMS coordinate (``_kid_pr``);
 
 each with, for scale, the same statistic of as many real training images as samples (``_real``:
 FD real train vs the reference split; IS of those real images), and for FD and IS a bootstrap
