@@ -216,7 +216,11 @@ def main(argv=None) -> list[dict]:
     for label, (workdir, metrics) in common.read_runs(parser, args.runs).items():
         for sampler in samplers:
             images, seconds, step = draw(workdir, sampler, args.num_samples, args.batch_size)
-            quality = {ref: judge(workdir, images, ref, args.judge_dir) for ref in references}
+            # One cache folder per reference: the judge's fingerprint names its test split.
+            quality = {
+                ref: judge(workdir, images, ref, os.path.join(args.judge_dir, ref))
+                for ref in references
+            }
             extra = ",".join(f"{k}={v}" for k, v in sampler["extra"].items())
             rows.append(
                 dict(
