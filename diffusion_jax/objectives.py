@@ -48,8 +48,9 @@ def make_sigmas(config: ml_collections.ConfigDict) -> jax.Array:
 
 def loss_aware(config: ml_collections.ConfigDict) -> bool:
     """Whether training importance-samples t from a loss history (the train state's
-    ``loss_history``): ``diffusion.t_sampler="loss_aware"`` under the ddpm objective; the ncsn
-    objective, which ignores the diffusion section, draws its noise levels uniformly."""
+    ``loss_history``): ``diffusion.t_sampler`` "loss_aware" or "loss_aware_vb" under the ddpm
+    objective; the ncsn objective, which ignores the diffusion section, draws its noise levels
+    uniformly."""
     return config.training.objective == "ddpm" and config.diffusion.t_sampler != "uniform"
 
 
