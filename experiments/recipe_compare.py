@@ -50,8 +50,8 @@ def parse_sampler(spec: str) -> dict:
 
 
 def draw(workdir: str, sampler: dict, num: int, batch_size: int) -> tuple:
-    """(uint8 levels [num, H, W, C], seconds, checkpoint step) of one run and sampler (the
-    newest checkpoint, as ``load_params`` reads it)."""
+    """(uint8 levels [num, H, W, C], seconds, checkpoint step, the run's checked config) of one
+    run and sampler (the newest checkpoint, as ``load_params`` reads it)."""
     import jax
     import numpy as np
 
@@ -66,7 +66,8 @@ def draw(workdir: str, sampler: dict, num: int, batch_size: int) -> tuple:
         sharding,
     )
 
-    config = evaluation.prepare(workdir_config.get_config(workdir))
+    run_config = evaluation.prepare(workdir_config.get_config(workdir))
+    config = run_config.copy_and_resolve_references()
     folder = checkpoints.checkpoint_dir(workdir)
     step = max((int(n) for n in os.listdir(folder) if n.isdigit()), default=None)
     if step is None:
@@ -75,7 +76,7 @@ def draw(workdir: str, sampler: dict, num: int, batch_size: int) -> tuple:
     path = os.path.join(workdir, "eval", "compare", f"{name}_n{num}_step{step}.npz")
     if os.path.exists(path):
         with np.load(path) as f:
-            return f["images"], float(f["seconds"]), step
+            return f["images"], float(f["seconds"]), step, run_config
     with config.unlocked():
         s = config.sampling
         s.method, s.num_steps = sampler["method"], sampler["num_steps"]
@@ -96,17 +97,15 @@ def draw(workdir: str, sampler: dict, num: int, batch_size: int) -> tuple:
     images = input_pipeline.to_uint8_levels(x, config.data.num_bins)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     np.savez(path, images=images, seconds=seconds)
-    return images, seconds, step
+    return images, seconds, step, run_config
 
 
-def judge(workdir: str, images, reference: str, judge_dir: str) -> dict:
+def judge(config, images, reference: str, judge_dir: str) -> dict:
     """The classifier metrics of ``images`` against split ``reference`` (one judge per data set
     and seed, cached in ``judge_dir``), under short names: fd, fd_stderr, fd_real, ..."""
-    from configs import workdir as workdir_config
-    from diffusion_jax import evaluation
     from diffusion_jax.evaluation import classifier
 
-    config = evaluation.prepare(workdir_config.get_config(workdir))
+    config = config.copy_and_resolve_references()
     with config.unlocked():
         config.eval.classifier_split = reference
     m = classifier.classifier_metrics(config, images, judge_dir)
@@ -215,10 +214,12 @@ def main(argv=None) -> list[dict]:
 
     for label, (workdir, metrics) in common.read_runs(parser, args.runs).items():
         for sampler in samplers:
-            images, seconds, step = draw(workdir, sampler, args.num_samples, args.batch_size)
+            images, seconds, step, config = draw(
+                workdir, sampler, args.num_samples, args.batch_size
+            )
             # One cache folder per reference: the judge's fingerprint names its test split.
             quality = {
-                ref: judge(workdir, images, ref, os.path.join(args.judge_dir, ref))
+                ref: judge(config, images, ref, os.path.join(args.judge_dir, ref))
                 for ref in references
             }
             extra = ",".join(f"{k}={v}" for k, v in sampler["extra"].items())

@@ -663,7 +663,7 @@ def classifier_samples(ctx: EvalContext) -> np.ndarray:
 
 
 def _metrics(ctx: EvalContext) -> dict[str, Any]:
-    """Every classifier number of the run's samples; computed once for all three evaluators.
+    """Every classifier number of the run's samples; computed once for all the evaluators.
     A conditional model's sample i was drawn for class ``sampling.sample_labels``'s i."""
     if "classifier_metrics" not in ctx.cache:
         get_classifier(ctx)  # first: a data set it cannot learn fails before any sampling
@@ -675,28 +675,24 @@ def _metrics(ctx: EvalContext) -> dict[str, Any]:
     return ctx.cache["classifier_metrics"]
 
 
-def fd_classifier(ctx: EvalContext) -> dict[str, Any]:
-    """``fd_classifier`` (± ``_stderr``, ``_real`` for scale) and the classifier's accuracy."""
-    m = _metrics(ctx)
-    return {k: m[k] for k in FD_KEYS}
+def _evaluator(keys: tuple[str, ...], doc: str):
+    """An evaluator returning ``keys`` of the run's classifier numbers (``_metrics``)."""
+
+    def run(ctx: EvalContext) -> dict[str, Any]:
+        m = _metrics(ctx)
+        return {k: m[k] for k in keys}
+
+    run.__doc__ = doc
+    return run
 
 
-def is_classifier(ctx: EvalContext) -> dict[str, Any]:
-    """``is_classifier`` (± ``_stderr``, ``_real`` for scale) and the classifier's accuracy."""
-    m = _metrics(ctx)
-    return {k: m[k] for k in IS_KEYS}
-
-
-def kid_classifier(ctx: EvalContext) -> dict[str, Any]:
-    """``kid_classifier`` (± ``_stderr``, ``_real`` for scale) and the classifier's accuracy."""
-    m = _metrics(ctx)
-    return {k: m[k] for k in KID_KEYS}
-
-
-def precision_recall_classifier(ctx: EvalContext) -> dict[str, Any]:
-    """``precision_classifier`` and ``recall_classifier`` (± ``_stderr``, ``_real``), k = 3."""
-    m = _metrics(ctx)
-    return {k: m[k] for k in PR_KEYS}
+_SCALE = "(± ``_stderr``, ``_real`` for scale) and the classifier's accuracy."
+fd_classifier = _evaluator(FD_KEYS, f"``fd_classifier`` {_SCALE}")
+is_classifier = _evaluator(IS_KEYS, f"``is_classifier`` {_SCALE}")
+kid_classifier = _evaluator(KID_KEYS, f"``kid_classifier`` {_SCALE}")
+precision_recall_classifier = _evaluator(
+    PR_KEYS, f"``precision_classifier`` and ``recall_classifier``, k = 3, {_SCALE}"
+)
 
 
 def needs_conditional(ctx: EvalContext) -> str | None:
