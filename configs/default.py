@@ -25,6 +25,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.num_bins = 256  # grey levels of the discrete data (for bits/dim)
     config.data.random_flip = True
     config.data.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir
+    # fashion_mnist / mnist without a prepared tfds copy: the folder of their four IDX files
+    # ("" = /usr/share/datasets/fashion-mnist for fashion_mnist, from Debian's
+    # dataset-fashion-mnist package; mnist has no default).
+    config.data.idx_dir = ""
     # How a tfds name is read: "load" (tfds.load through TensorFlow, the split decoded whole into
     # memory) | "data_source" (tfds.data_source: random access to a set prepared with `tfds build
     # NAME --file_format=array_record`, decoded as batches ask; no TensorFlow).
@@ -53,6 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
     # () = none. For L grey levels, 2^n = L - 1 (or a multiple) is periodic in the grid
     # (models.layers.fourier_features).
     config.model.fourier_features = ()
+    # True: the frequencies are 2^n (L - 1) pi, L = data.num_bins, so n = 0 has one period per
+    # grey level for any L (for 256 levels no 2^n is a multiple of 255). False: 2^n pi.
+    config.model.fourier_grid = False
     # > 0: a class-conditional model of that many classes (an embedding added to the time
     # embedding, plus a "no class" entry); 0: unconditional. Needs a labelled data set.
     config.model.num_classes = 0

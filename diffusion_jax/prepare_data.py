@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 
 from diffusion_jax import input_pipeline, reporting
+from diffusion_jax.data import folder, npz
 
 _CHUNK = 4096  # images per write
 
@@ -56,8 +57,8 @@ def prepare(input_path: str, output: str, image_size: int, split: str) -> dict:
             keys = [k for k in f.files if not k.endswith("_labels") and k != "labels"]
             for key in keys:
                 name = split if key == "images" else key
-                _, label_key = input_pipeline._npz_keys(f.files, name, input_path)
-                images = input_pipeline._npz_array(f, key, input_path)
+                _, label_key = npz.npz_keys(f.files, name, input_path)
+                images = npz.npz_array(f, key, input_path)
                 if images.dtype != np.uint8 or images.ndim != 4:
                     raise input_pipeline.DatasetError(
                         f"{input_path}: array {key!r} must be uint8 images [N, H, W, C]; got "
@@ -66,13 +67,13 @@ def prepare(input_path: str, output: str, image_size: int, split: str) -> dict:
                 labels = None
                 if label_key is not None:
                     where = f"{input_path} (array {label_key!r})"
-                    labels = input_pipeline._checked_labels(f[label_key], len(images), where)
+                    labels = input_pipeline.checked_labels(f[label_key], len(images), where)
                 splits[name] = write_split(output, name, images, labels)
     else:
-        files = input_pipeline._folder_files(input_path)
+        files = folder.folder_files(input_path)
         if not files:
             raise input_pipeline.DatasetError(f"--input={input_path!r} holds no images.")
-        labels, names = input_pipeline._folder_classes(input_path, files)
+        labels, names = folder.folder_classes(input_path, files)
         images = input_pipeline.folder_images(tuple(files), image_size, input_path)
         splits[split] = write_split(output, split, images, labels)
     meta = {"source": os.path.abspath(input_path), "class_names": list(names), "splits": splits}

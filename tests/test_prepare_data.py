@@ -7,6 +7,7 @@ import pytest
 from configs import default, digits
 from diffusion_jax import input_pipeline as ip
 from diffusion_jax import prepare_data
+from diffusion_jax.data import folder
 
 
 def _folder(tmp_path, n=12, size=10):
@@ -85,7 +86,7 @@ def test_digits_prepared_from_an_npz_train_bit_for_bit_like_digits(tmp_path):
 def test_a_large_folder_decodes_lazily_the_same_images(tmp_path, monkeypatch):
     root = _folder(tmp_path)
     eager = ip.load_split(_config(root), "train")
-    monkeypatch.setattr(ip, "IN_MEMORY_MAX_BYTES", 0)  # every folder counts as large
+    monkeypatch.setattr(folder, "IN_MEMORY_MAX_BYTES", 0)  # every folder counts as large
     lazy = ip.load_split(_config(root), "train")
     assert isinstance(lazy.images, ip.LazyImages) and lazy.images.shape == (12, 8, 8, 3)
     config = _config(root, random_flip=True)
@@ -100,7 +101,7 @@ def test_a_large_folder_decodes_lazily_the_same_images(tmp_path, monkeypatch):
 
 def test_a_file_that_fails_to_decode_mid_run_stops_the_batches_naming_it(tmp_path, monkeypatch):
     root = _folder(tmp_path)
-    monkeypatch.setattr(ip, "IN_MEMORY_MAX_BYTES", 0)
+    monkeypatch.setattr(folder, "IN_MEMORY_MAX_BYTES", 0)
     config = _config(root)
     source = ip.load_split(config, "train")
     bad = root / "cat" / "001.png"

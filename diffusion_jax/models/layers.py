@@ -142,9 +142,10 @@ def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
     return emb
 
 
-def fourier_features(x: jax.Array, exponents: Sequence[int]) -> jax.Array:
-    """x with sin(2^n pi x) and cos(2^n pi x) for each n in ``exponents`` appended as channels
+def fourier_features(x: jax.Array, exponents: Sequence[int], scale: float = 1.0) -> jax.Array:
+    """x with sin(2^n s pi x) and cos(2^n s pi x) for each n in ``exponents`` appended as channels
     (Kingma et al. 2021, VDM, appendix C): fine detail of x_t the network resolves at low noise.
+    s is ``scale``: 1 (VDM's powers of two), or the grid frequency L - 1 (``fourier_scale``).
 
     For data on a grid of L levels 2k / (L - 1) - 1 in [-1, 1], sin/cos(2^n pi x) take one value
     on every level when 2^n pi times the spacing 2 / (L - 1) is a multiple of 2 pi, i.e. when
@@ -154,13 +155,14 @@ def fourier_features(x: jax.Array, exponents: Sequence[int]) -> jax.Array:
     Args:
       x: [..., C].
       exponents: the n's; empty returns x unchanged.
+      scale: s, multiplying every frequency.
 
     Returns:
       [..., C (1 + 2 len(exponents))], channels [x, sin(n_0), cos(n_0), sin(n_1), ...] per n.
     """
     if not exponents:
         return x
-    freqs = jnp.asarray([2.0**n * math.pi for n in exponents], jnp.float32)  # [F]
+    freqs = jnp.asarray([2.0**n * scale * math.pi for n in exponents], jnp.float32)  # [F]
     args = x.astype(jnp.float32)[..., None, :] * freqs[:, None]  # [..., F, C]
     feats = jnp.stack([jnp.sin(args), jnp.cos(args)], axis=-3)  # [..., 2, F, C]
     feats = jnp.moveaxis(feats, -3, -2).reshape(*x.shape[:-1], -1)  # [..., F * 2 * C]
@@ -171,6 +173,14 @@ def learned_variance(config: Any) -> bool:
     """Whether the network also outputs a variance: ``diffusion.var_type="learned_range"`` under
     the ddpm objective (the diffusion section is the ddpm objective's; an NCSN ignores it)."""
     return config.training.objective == "ddpm" and config.diffusion.var_type == "learned_range"
+
+
+def fourier_scale(config: Any) -> float:
+    """The frequencies' factor s: with ``model.fourier_grid`` the grid frequency L - 1 of
+    ``data.num_bins`` = L levels, so n = 0 is periodic in the grid (one period per level) for any
+    L (256 levels: 2^n is never 255); without it (the default, and every config.json written
+    before the key) 1, VDM's plain powers of two."""
+    return float(config.data.num_bins - 1) if config.model.get("fourier_grid", False) else 1.0
 
 
 def check_fourier_features(exponents: Sequence[int]) -> None:

@@ -57,6 +57,7 @@ class MLP(nn.Module):
     dropout: float = 0.0
     learned_variance: bool = False
     dtype: Dtype = jnp.float32
+    fourier_scale: float = 1.0  # s of sin/cos(2^n s pi x_t) (layers.fourier_scale)
     fourier_features: tuple[int, ...] = ()  # exponents n of sin/cos(2^n pi x_t) inputs
     num_classes: int = 0  # > 0: class-conditional, labels embedded into temb
 
@@ -78,7 +79,8 @@ class MLP(nn.Module):
             temb = temb + layers.ClassEmbedding(
                 self.num_classes, self.hidden_dim, self.dtype, name="class"
             )(y, b)  # [B, F]
-        h = layers.fourier_features(x.reshape(b, -1), self.fourier_features)  # [B, D (1 + 2F)]
+        h = x.reshape(b, -1)  # [B, D]
+        h = layers.fourier_features(h, self.fourier_features, self.fourier_scale)  # [B, D (1 + 2F)]
         h = h.astype(self.dtype)
         h = layers.dense(self.hidden_dim, dtype=self.dtype, name="dense_in")(h)  # [B, F]
         for i in range(self.num_layers):
@@ -101,6 +103,7 @@ def build(config: ml_collections.ConfigDict) -> MLP:
         learned_variance=layers.learned_variance(config),
         dtype=layers.compute_dtype(m.dtype),
         fourier_features=tuple(m.fourier_features),
+        fourier_scale=layers.fourier_scale(config),
         num_classes=m.num_classes,
     )
 

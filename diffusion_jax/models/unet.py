@@ -110,6 +110,7 @@ class UNet(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool = False
     conv_impl: str = "xla"
+    fourier_scale: float = 1.0  # s of sin/cos(2^n s pi x_t) (layers.fourier_scale)
     fourier_features: tuple[int, ...] = ()  # exponents n of sin/cos(2^n pi x_t) input channels
     num_classes: int = 0  # > 0: class-conditional, labels embedded into temb
 
@@ -144,7 +145,7 @@ class UNet(nn.Module):
             )  # [B, 4ch]
 
         # Down: keep every intermediate output for the skip connections.
-        h = layers.fourier_features(x, self.fourier_features)  # [B, H, W, C (1 + 2 F)]
+        h = layers.fourier_features(x, self.fourier_features, self.fourier_scale)  # [B, H, W, C']
         hs = [conv(h.astype(dt), self.ch, "conv_in")]  # [B, H, W, ch]
         for i, mult in enumerate(self.ch_mult):
             for j in range(self.num_res_blocks):
@@ -199,6 +200,7 @@ def build(config: ml_collections.ConfigDict) -> UNet:
         remat=m.remat,
         conv_impl=m.conv_impl,
         fourier_features=tuple(m.fourier_features),
+        fourier_scale=layers.fourier_scale(config),
         num_classes=m.num_classes,
     )
 
