@@ -120,6 +120,13 @@ def get_config() -> ml_collections.ConfigDict:
     # The bound's x0_hat clipped to [-1, 1] in the mean of p(x_{t-1} | x_t), as in Ho et al.'s
     # evaluation (False: the unclipped mean, what runs before this key was added reported).
     config.eval.clip_denoised = True
+    # The bound's sum of L_t (bpd, bpd_splits): 0 = every t (T network calls per example, and the
+    # per-t curves); K > 0 = an unbiased estimate from K timesteps per example (K + 1 calls; L_0
+    # and L_T exact), its standard error counting both examples and t. bound_t_sampler: how they
+    # are drawn: "stratified" (one in each of K equal strata of t) | "importance" (the run's
+    # loss-aware distribution over t, reweighted; diffusion.t_sampler loss_aware* runs only).
+    config.eval.bound_num_t = 0
+    config.eval.bound_t_sampler = "stratified"
     # evaluation.EVALUATORS of kind "metric": bpd | bpd_ode | fid | is | fd_classifier |
     # is_classifier | class_match (conditional models: share of samples of the requested class)
     config.eval.metrics = ("bpd",)

@@ -199,6 +199,13 @@ def load_params(workdir: str, step: int | None = None, ema: bool = True) -> Any:
         params = checkpoints.load_params("runs/digits")
         model.apply({"params": params}, x_t, t, train=False)
     """
+    return load_state_item(workdir, "ema_params" if ema else "params", step)
+
+
+def load_state_item(workdir: str, name: str, step: int | None = None) -> Any:
+    """One field of the train state (``params``, ``ema_params``, ``loss_history``, ...) of
+    ``step`` or of the newest checkpoint that restores; KeyError naming the fields when the
+    checkpoint has no ``name``."""
     options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
     directory = checkpoint_dir(workdir)
     manager = ocp.CheckpointManager(directory, options=options, item_handlers=_handlers())
@@ -210,10 +217,10 @@ def load_params(workdir: str, step: int | None = None, ema: bool = True) -> Any:
             raise FileNotFoundError(
                 f"No checkpoint of step {step} in {directory}; there are {sorted(steps)}."
             )
-        return _load_params(manager, step, ema)
+        return _load_item(manager, step, name)
     for s in steps:
         try:
-            return _load_params(manager, s, ema)
+            return _load_item(manager, s, name)
         except Exception as e:  # orbax, tensorstore, JSON and key errors alike
             logging.warning(
                 "Checkpoint %d cannot be restored (%s); trying the one before.", s, _reason(e)
@@ -221,7 +228,7 @@ def load_params(workdir: str, step: int | None = None, ema: bool = True) -> Any:
     raise CheckpointError(f"None of the checkpoints {steps} in {directory} could be restored.")
 
 
-def _load_params(manager: ocp.CheckpointManager, step: int, ema: bool) -> Any:
+def _load_item(manager: ocp.CheckpointManager, step: int, name: str) -> Any:
     # Restore onto this run's devices, replicated, whatever the devices of the run that saved it
     # (a checkpoint of 8 GPUs loads in a 1-CPU notebook). On several processes, all must call this.
     replicated = sharding.replicated(sharding.make_mesh())
@@ -233,5 +240,7 @@ def _load_params(manager: ocp.CheckpointManager, step: int, ema: bool) -> Any:
     restored = manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
     )
-    params = restored.state["ema_params" if ema else "params"]
-    return jax.tree.map(jax.numpy.asarray, params)
+    if restored.state.get(name) is None:
+        have = sorted(k for k, v in restored.state.items() if v is not None)
+        raise KeyError(f"Checkpoint {step} has no {name!r}; it holds {have}.")
+    return jax.tree.map(jax.numpy.asarray, restored.state[name])

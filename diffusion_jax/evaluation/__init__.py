@@ -27,6 +27,7 @@ from absl import logging
 
 from diffusion_jax import checkpoints, models, objectives, reporting, sampling, sharding
 from diffusion_jax import config as config_lib
+from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax.evaluation import bpd as bpd_lib
 from diffusion_jax.evaluation import classifier as classifier_lib
 from diffusion_jax.evaluation import fid as fid_lib
@@ -63,7 +64,11 @@ def _needs_images(ctx: EvalContext) -> str | None:
 
 
 def _needs_bpd(ctx: EvalContext) -> str | None:
-    return None if "terms_bpd_per_t" in ctx.metrics else "needs the bpd metric"
+    if "terms_bpd_per_t" in ctx.metrics:
+        return None
+    if ctx.config.eval.bound_num_t:
+        return "needs the full bound's per-t terms (eval.bound_num_t=0)"
+    return "needs the bpd metric"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +114,27 @@ def wanted(config: ml_collections.ConfigDict) -> list[str]:
     return [n for n, ev in EVALUATORS.items() if n in asked[ev.kind]]
 
 
+def _check_bound_estimate(config: ml_collections.ConfigDict) -> None:
+    e, num_t = config.eval, config.diffusion.num_timesteps
+    k = e.bound_num_t
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= num_t - 1:
+        raise ValueError(
+            f"config.eval.bound_num_t={k!r} must be 0 (every t) or an integer in [1, T - 1 = "
+            f"{num_t - 1}] (timesteps per example of the bound's estimate)."
+        )
+    if e.bound_t_sampler not in diffusion_lib.BOUND_T_SAMPLERS:
+        raise ValueError(
+            f"config.eval.bound_t_sampler={e.bound_t_sampler!r} is not one of "
+            f"{diffusion_lib.BOUND_T_SAMPLERS}."
+        )
+    if k and e.bound_t_sampler == "importance" and not objectives.loss_aware(config):
+        raise ValueError(
+            "config.eval.bound_t_sampler='importance' draws t from the run's loss history, "
+            f"which only a loss-aware run keeps (diffusion.t_sampler={config.diffusion.t_sampler!r}"
+            "): use 'stratified'."
+        )
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raise ValueError for a bad key of ``config.eval``; compiles and reads nothing."""
     e = config.eval
@@ -120,6 +146,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.eval.bpd_splits must be a tuple of split names, got {e.bpd_splits!r}."
         )
+    _check_bound_estimate(config)
     if {*classifier_lib.METRICS, "class_match"} & set(e.metrics):
         classifier_lib.check_config(config)
     if "fid" in e.metrics or "is" in e.metrics:

@@ -16,8 +16,17 @@ from diffusion_jax.evaluation.context import EvalContext
 
 
 def bpd_of_split(ctx: EvalContext, split: str, num_examples: int) -> dict[str, Any]:
-    """Bits/dim of the first ``num_examples`` of ``split`` (0: all) from ``ctx.bound_sums``."""
-    total = ctx.bound_sums(split, num_examples)
+    """Bits/dim of the first ``num_examples`` of ``split`` (0: all): the full bound
+    (``ctx.bound_sums``, every t, with the per-t curves) or, with ``eval.bound_num_t`` = K > 0,
+    its unbiased estimate from K timesteps per example (``ctx.bound_estimate_sums``); the key
+    ``bound_estimate`` says which."""
+    e = ctx.config.eval
+    if e.bound_num_t:
+        total = ctx.bound_estimate_sums(split, num_examples)
+        estimate = {"kind": e.bound_t_sampler, "num_t": int(e.bound_num_t)}
+    else:
+        total = ctx.bound_sums(split, num_examples)
+        estimate = {"kind": "full", "num_t": ctx.diffusion.num_timesteps}
     n = float(total["count"])
     bpd = float(total["bpd"]) / n
     var = max(float(total["bpd_sq"]) / n - bpd**2, 0.0)
@@ -33,18 +42,21 @@ def bpd_of_split(ctx: EvalContext, split: str, num_examples: int) -> dict[str, A
         "split": split,
         "clip_denoised": bool(ctx.config.eval.clip_denoised),
         "bound": _bound_name(ctx),
-        "terms_bpd_per_t": (total["terms_bpd"] / n).tolist(),
-        "mse_per_t": (total["mse"] / n).tolist(),
+        "bound_estimate": estimate,
     }
+    if not e.bound_num_t:
+        out["terms_bpd_per_t"] = (total["terms_bpd"] / n).tolist()
+        out["mse_per_t"] = (total["mse"] / n).tolist()
     t = out["bpd_terms"]
     logging.info(
-        "bits/dim %.4f ± %.4f on %d %s examples (L_0 %.3g, sum L_t %.4f, L_T %.3g)",
+        "bits/dim %.4f ± %.4f on %d %s examples (L_0 %.3g, sum L_t %.4f%s, L_T %.3g)",
         bpd,
         out["bpd_stderr"],
         n,
         split,
         t["decoder_L0"],
         t["sum_Lt"],
+        f" from {e.bound_num_t} {e.bound_t_sampler} t per example" if e.bound_num_t else "",
         t["prior_LT"],
     )
     return out
@@ -66,7 +78,16 @@ def bpd_splits(ctx: EvalContext) -> dict[str, Any]:
     ``eval.num_examples``)."""
     e = ctx.config.eval
     n = e.num_examples if e.bpd_splits_num_examples < 0 else e.bpd_splits_num_examples
-    keys = ("bpd", "bpd_stderr", "bpd_terms", "num_examples", "split", "clip_denoised", "bound")
+    keys = (
+        "bpd",
+        "bpd_stderr",
+        "bpd_terms",
+        "num_examples",
+        "split",
+        "clip_denoised",
+        "bound",
+        "bound_estimate",
+    )
     out = {}
     for split in e.bpd_splits:
         if split != ctx.metrics.get("split"):

@@ -14,8 +14,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from diffusion_jax import (
+    checkpoints,
+    input_pipeline,
+    models,
+    objectives,
+    reporting,
+    sampling,
+    sharding,
+)
 from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import input_pipeline, models, objectives, reporting, sampling, sharding
 
 
 @dataclasses.dataclass
@@ -114,5 +122,77 @@ class EvalContext:
                     bar.update(min(per_call, num_t - t_start))
                 sums = reduce_fn(parts, batch, mask)
                 total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+        self.cache[cache_key] = jax.tree.map(np.asarray, jax.device_get(total))
+        return self.cache[cache_key]
+
+    def bound_t_probs(self) -> jax.Array:
+        """p_t [T] of ``eval.bound_t_sampler = "importance"``: the run's own importance
+        distribution over t (``diffusion.importance_probs`` of the newest checkpoint's loss
+        history, what its loss-aware training drew t from)."""
+        if "bound_t_probs" not in self.cache:
+            history = checkpoints.load_state_item(self.workdir, "loss_history")
+            self.cache["bound_t_probs"] = diffusion_lib.importance_probs(history)
+        return self.cache["bound_t_probs"]
+
+    def bound_estimate_sums(self, split: str, num_examples: int) -> dict[str, np.ndarray]:
+        """Σ over the first ``num_examples`` of ``split`` (0: all) of the bound with Σ_t L_t
+        estimated from ``eval.bound_num_t`` = K timesteps per example (``eval.bound_t_sampler``:
+        stratified, or the run's importance distribution), L_0 and L_T exact
+        (``diffusion.sampled_bound_terms``): K + 1 network calls per example instead of T.
+
+        Each example's estimate is unbiased and its t are drawn independently of the other
+        examples' (batch i from fold_in(fold_in(run eval key, 0xB0), i)), so the spread of the
+        per-example totals counts both the images and the t: ``bpd_sq`` gives the standard
+        error of both. Cached per (split, num_examples).
+        """
+        cache_key = ("bound_estimate", split, num_examples)
+        if cache_key in self.cache:
+            return self.cache[cache_key]
+        config, d, mesh = self.config, self.diffusion, self.mesh
+        e, num_bins = config.eval, config.data.num_bins
+        probs = self.bound_t_probs() if e.bound_t_sampler == "importance" else None
+        repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
+
+        def sums(params, batch, mask, key):
+            x0 = input_pipeline.to_model_space(batch["image"], num_bins)  # [B, ...]
+            t_key, noise_key = jax.random.split(key)
+            b = x0.shape[0]
+            if probs is None:
+                t, w = diffusion_lib.stratified_bound_timesteps(
+                    t_key, b, d.num_timesteps, e.bound_num_t
+                )
+            else:
+                t, w = diffusion_lib.importance_bound_timesteps(t_key, probs, b, e.bound_num_t)
+            net = models.model_fn(self.model, params, labels=batch.get("label"))
+            out = diffusion_lib.sampled_bound_terms(
+                d, net, x0, noise_key, t, w, e.clip_denoised, num_bins
+            )
+            prior = diffusion_lib.prior_bpd(d, x0)  # [B]
+            total = out["decoder_bpd"] + out["kl_bpd"] + prior  # [B]
+            return dict(
+                bpd=jnp.sum(total * mask),
+                bpd_sq=jnp.sum(total**2 * mask),
+                decoder_bpd=jnp.sum(out["decoder_bpd"] * mask),
+                kl_bpd=jnp.sum(out["kl_bpd"] * mask),
+                prior_bpd=jnp.sum(prior * mask),
+                count=jnp.sum(mask),
+            )
+
+        sums_fn = jax.jit(sums, in_shardings=(repl, data, data, repl), out_shardings=repl)
+        source = input_pipeline.load_split(config, split)
+        n = source.num_examples if num_examples <= 0 else min(num_examples, source.num_examples)
+        batches = input_pipeline.eval_batches(
+            source, e.batch_size, n, jax.process_index(), jax.process_count(), self.conditional
+        )
+        key = jax.random.fold_in(objectives.run_keys(config.seed)["eval"], 0xB0)
+        total = None
+        label = f"bound, {e.bound_num_t} t per example ({split})"
+        with reporting.progress_bar(n, label, unit="example") as bar:
+            for i, (batch, mask) in enumerate(batches):
+                batch = sharding.global_batch(mesh, batch)
+                mask = sharding.global_batch(mesh, mask)
+                part = sums_fn(self.params, batch, mask, jax.random.fold_in(key, i))
+                total = part if total is None else jax.tree.map(jnp.add, total, part)
+                bar.update(int(min(e.batch_size, n - i * e.batch_size)))
         self.cache[cache_key] = jax.tree.map(np.asarray, jax.device_get(total))
         return self.cache[cache_key]
