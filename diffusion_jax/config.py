@@ -32,6 +32,7 @@ RESUMABLE_KEYS = (
     "training.keep_checkpoints",
     "training.eval_at_end",
     "data.data_dir",
+    "data.idx_dir",  # where the IDX files lie, not what they hold (checked when read)
     "data.num_workers",
     "data.prefetch_batches",
     "eval.",

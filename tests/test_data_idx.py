@@ -226,3 +226,19 @@ def test_fashion_mnist_config_trains_from_idx_files(tmp_path):
     assert metrics["bound_estimate"] == {"kind": "stratified", "num_t": 4}
     assert metrics["num_examples"] == 8 and np.isfinite(metrics["bpd"])
     assert "terms_bpd_per_t" not in metrics
+    # t from the run's own loss-aware distribution, read from its checkpoint's loss history.
+    run_main(
+        tmp_path / "run",
+        "--mode=eval",
+        config="configs/fashion_mnist.py",
+        **{
+            "data.idx_dir": str(tmp_path / "idx"),
+            "diffusion.num_timesteps": 20,
+            "eval.bound_num_t": 4,
+            "eval.bound_t_sampler": "importance",
+            "eval.num_examples": 8,
+        },
+    )
+    metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    assert metrics["bound_estimate"] == {"kind": "importance", "num_t": 4}
+    assert np.isfinite(metrics["bpd"])

@@ -56,6 +56,44 @@ def test_bound_sums_equal_calc_bpd_loop(run, tmp_path):
     assert out["bpd_stderr"] == pytest.approx(float(total.std(ddof=1) / np.sqrt(10)), rel=1e-3)
 
 
+@pytest.mark.parametrize("sampler", ["stratified", "importance"])
+def test_bound_estimate_is_the_sampled_bound_of_each_batch(run, tmp_path, sampler):
+    """eval.bound_num_t = 5: bpd, its terms and standard error are those of
+    diffusion.sampled_bound_terms on each batch, t drawn from the batch's key (importance: from
+    the run's t distribution), L_T exact; metrics say which estimate; no per-t curves."""
+    ctx = context(run, tmp_path, bound_num_t=5, bound_t_sampler=sampler)
+    config, model, params, _ = run
+    d, net = objectives.make_diffusion(ctx.config), models.model_fn(model, params)
+    probs = jnp.asarray(np.random.default_rng(0).dirichlet(np.ones(20)), jnp.float32)
+    ctx.cache["bound_t_probs"] = probs  # what bound_t_probs reads from a checkpoint
+    out = evaluation.bpd_lib.bpd_of_split(ctx, "test", 10)
+    from diffusion_jax import input_pipeline
+
+    images = input_pipeline.load_split(config, "test").images[:10]
+    x0 = input_pipeline.to_model_space(jnp.asarray(images), config.data.num_bins)
+    key = jax.random.fold_in(objectives.run_keys(config.seed)["eval"], 0xB0)
+    totals, decoder = [], []
+    for i, rows in enumerate((slice(0, 8), slice(8, 10))):
+        t_key, noise_key = jax.random.split(jax.random.fold_in(key, i))
+        if sampler == "stratified":
+            t, w = dl.stratified_bound_timesteps(t_key, 8, 20, 5)
+        else:
+            t, w = dl.importance_bound_timesteps(t_key, probs, 8, 5)
+        xb = x0[rows] if i == 0 else jnp.concatenate([x0[rows], jnp.repeat(x0[:1], 6, 0)])
+        o = dl.sampled_bound_terms(d, net, xb, noise_key, t, w, config.eval.clip_denoised, 17)
+        n = 8 if i == 0 else 2
+        totals.append((o["decoder_bpd"] + o["kl_bpd"] + dl.prior_bpd(d, xb))[:n])
+        decoder.append(o["decoder_bpd"][:n])
+    total = np.concatenate(totals)
+    assert out["bound_estimate"] == {"kind": sampler, "num_t": 5}
+    assert out["bpd"] == pytest.approx(float(total.mean()), rel=1e-5)
+    assert out["bpd_stderr"] == pytest.approx(float(total.std(ddof=1) / np.sqrt(10)), rel=1e-3)
+    L0 = float(np.concatenate(decoder).mean())
+    assert out["bpd_terms"]["decoder_L0"] == pytest.approx(L0, rel=1e-3, abs=1e-8)
+    assert "terms_bpd_per_t" not in out and out["num_examples"] == 10
+    assert "eval.bound_num_t=0" in evaluation.EVALUATORS["lt_curve"].skip(ctx)
+
+
 def test_every_evaluator_end_to_end(run, tmp_path):
     """Another split's bpd, L_t plot, rate-distortion, progressive strip; FID requested without
     weights -> skipped with a reason, no number."""
@@ -134,6 +172,18 @@ def test_the_eval_config_is_checked():
     config.eval.inception_sha256 = ""
     config.eval.fid_batch_size = 3  # 2 devices
     with pytest.raises(ValueError, match="eval.fid_batch_size=3"):
+        evaluation.check_config(config)
+    config = evaluation.prepare(tiny_config())  # T = 20
+    for bad in (-1, 20):
+        config.eval.bound_num_t = bad
+        with pytest.raises(ValueError, match=r"eval.bound_num_t=.* must be 0 .* \[1, T - 1 = 19\]"):
+            evaluation.check_config(config)
+    config.eval.bound_num_t, config.eval.bound_t_sampler = 5, "sobol"
+    with pytest.raises(ValueError, match=r"bound_t_sampler='sobol' is not one of \('strat"):
+        evaluation.check_config(config)
+    config.eval.bound_t_sampler, config.diffusion.t_sampler = "importance", "uniform"
+    config.diffusion.loss_type = "simple"
+    with pytest.raises(ValueError, match=r"only a loss-aware run keeps .*'uniform'"):
         evaluation.check_config(config)
 
 
