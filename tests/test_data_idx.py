@@ -207,6 +207,7 @@ def test_read_idx_reads_every_type_code_big_endian(tmp_path):
         assert got.dtype == np.dtype(dtype) and got.dtype.isnative
 
 
+@pytest.mark.system
 def test_fashion_mnist_config_trains_from_idx_files(tmp_path):
     """configs/fashion_mnist.py (shrunk by the tiny overrides) on IDX files: training, a
     sample, and the bound estimated from 4 t per example."""

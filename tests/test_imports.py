@@ -14,6 +14,7 @@ LAYERS = {
     "infrastructure": (
         "sharding",
         "reporting",
+        "data",
         "input_pipeline",
         "checkpoints",
         "runtime",
