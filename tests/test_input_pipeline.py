@@ -471,3 +471,28 @@ def test_tfds_load_without_tensorflow_is_one_line_naming_the_extra(monkeypatch):
     message = str(e.value)
     assert "pip install 'diffusion_jax[tfds]'" in message and "\n" not in message
     assert "--config.data.tfds_reader=data_source" in message
+
+
+def test_each_name_goes_to_its_source_in_the_registry(tmp_path):
+    """data.SOURCES in matching order: digits, toy names, IDX sets, a prepared folder, a .npz, a
+    folder, and any other name to tfds (by data.tfds_reader)."""
+    from diffusion_jax import data
+
+    assert all(isinstance(s, data.Source) for s in data.SOURCES.values())
+    (tmp_path / "prep").mkdir()
+    (tmp_path / "prep" / "dataset.json").write_text("{}")
+    (tmp_path / "pics").mkdir()
+    config = default.get_config()
+    expected = {
+        "digits": "digits",
+        "moons": "toy",
+        str(tmp_path / "prep"): "prepared",
+        str(tmp_path / "x.npz"): "npz",
+        str(tmp_path / "pics"): "folder",
+        "cifar10": "tfds_load",
+    }
+    for name, kind in expected.items():
+        assert ip.dataset_kind(name, config.data) == kind, name
+    config.data.tfds_reader = "data_source"
+    assert ip.dataset_kind("cifar10", config.data) == "tfds_source"
+    assert ip.dataset_kind("digits") == "digits"  # without a config: the keys' defaults

@@ -479,6 +479,29 @@ def test_fourier_features_are_periodic_in_a_17_level_grid():
     assert np.abs(half).min() > 0.1
 
 
+def test_fourier_grid_frequencies_are_periodic_in_a_256_level_grid():
+    """model.fourier_grid: s = 255 for 256 levels, so n = 0 takes one value on every level and
+    n = -1 alternates from level to level; no power of two (VDM's 2^7, 2^8) does either. A config
+    without the key (an old config.json) keeps s = 1, and the model gets s from the config."""
+    grid = jnp.linspace(-1.0, 1.0, 256)[:, None]  # [256, 1]
+    on = np.asarray(layers.fourier_features(grid, (0,), 255.0), np.float64)[:, 1:]
+    np.testing.assert_allclose(on, np.broadcast_to(on[:1], on.shape), atol=2e-3)
+    half = np.asarray(layers.fourier_features(grid + 0.002, (-1,), 255.0))[:, 1]
+    np.testing.assert_allclose(half[1:], -half[:-1], atol=2e-3)
+    for n in (7, 8):
+        powers = np.asarray(layers.fourier_features(grid, (n,)))[:, 1:]
+        assert np.ptp(powers[:, 0]) > 0.5  # the sine drifts across the grid
+    config = tiny_config()
+    config.data.num_bins = 256
+    assert layers.fourier_scale(config) == 1.0
+    config.model.fourier_grid = True
+    assert layers.fourier_scale(config) == 255.0
+    assert models.get_model(config).fourier_scale == 255.0
+    with config.unlocked():
+        del config.model["fourier_grid"]
+    assert layers.fourier_scale(config) == 1.0
+
+
 def test_fourier_features_widen_only_the_input_convolution():
     config = tiny_config(channels=3)
     plain = abstract_params(models.get_model(config), (1, 8, 8, 3))
