@@ -221,6 +221,7 @@ def test_fashion_mnist_config_trains_from_idx_files(tmp_path):
             "eval.bound_num_t": 4,
             "eval.num_examples": 8,
             "eval.rd_num_examples": 8,
+            "eval.metrics": ("bpd",),  # the classifier metrics train a classifier: not here
         },
     )
     metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
@@ -238,6 +239,7 @@ def test_fashion_mnist_config_trains_from_idx_files(tmp_path):
             "eval.bound_num_t": 4,
             "eval.bound_t_sampler": "importance",
             "eval.num_examples": 8,
+            "eval.metrics": ("bpd",),
         },
     )
     metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
