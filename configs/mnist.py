@@ -1,6 +1,9 @@
-"""DDPM on MNIST (28x28, tensorflow-datasets ``mnist``; downloaded by tfds where allowed).
+"""DDPM on MNIST (28x28): a prepared tensorflow-datasets ``mnist`` copy, else the four IDX files
+of the original release in ``data.idx_dir`` (else tfds downloads it where it is installed and the
+network allows).
 
-python -m diffusion_jax.main --config configs/mnist.py --workdir runs/mnist
+python -m diffusion_jax.main --config configs/mnist.py --workdir runs/mnist \
+    --config.data.idx_dir=DIR
 """
 
 from configs import default
