@@ -52,6 +52,21 @@ class EvalContext:
     def diffusion(self) -> diffusion_lib.GaussianDiffusion:
         return objectives.make_diffusion(self.config)
 
+    def eval_batches(self, split: str, num_examples: int) -> tuple[int, Any]:
+        """(n, this host's padded and masked batches of ``eval.batch_size``) over the first
+        ``num_examples`` of ``split`` (0: all), with labels for a conditional model."""
+        source = input_pipeline.load_split(self.config, split)
+        n = source.num_examples if num_examples <= 0 else min(num_examples, source.num_examples)
+        batches = input_pipeline.eval_batches(
+            source,
+            self.config.eval.batch_size,
+            n,
+            jax.process_index(),
+            jax.process_count(),
+            labels=self.conditional,
+        )
+        return n, batches
+
     def bound_sums(self, split: str, num_examples: int) -> dict[str, np.ndarray]:
         """Σ over the first ``num_examples`` of ``split`` (0: all) of every term of the bound,
         per example and per t, and the distortion of x0_hat (``diffusion.bound_terms``).
@@ -97,16 +112,7 @@ class EvalContext:
 
         terms_fn = jax.jit(terms, in_shardings=(repl, data, repl, repl), out_shardings=data)
         reduce_fn = jax.jit(reduce, out_shardings=repl)
-        source = input_pipeline.load_split(config, split)
-        n = source.num_examples if num_examples <= 0 else min(num_examples, source.num_examples)
-        batches = input_pipeline.eval_batches(
-            source,
-            config.eval.batch_size,
-            n,
-            jax.process_index(),
-            jax.process_count(),
-            labels=self.conditional,
-        )
+        n, batches = self.eval_batches(split, num_examples)
         key = objectives.run_keys(config.seed)["eval"]
         num_batches = -(-n // config.eval.batch_size)
         total = None
@@ -179,11 +185,7 @@ class EvalContext:
             )
 
         sums_fn = jax.jit(sums, in_shardings=(repl, data, data, repl), out_shardings=repl)
-        source = input_pipeline.load_split(config, split)
-        n = source.num_examples if num_examples <= 0 else min(num_examples, source.num_examples)
-        batches = input_pipeline.eval_batches(
-            source, e.batch_size, n, jax.process_index(), jax.process_count(), self.conditional
-        )
+        n, batches = self.eval_batches(split, num_examples)
         key = jax.random.fold_in(objectives.run_keys(config.seed)["eval"], 0xB0)
         total = None
         label = f"bound, {e.bound_num_t} t per example ({split})"
