@@ -101,7 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.ema_decay = 0.9999
 
     config.training = ml_collections.ConfigDict()
-    config.training.objective = "ddpm"  # ddpm | ncsn
+    config.training.objective = "ddpm"  # ddpm | ncsn | vdm
     config.training.batch_size = 128  # global: over all devices and hosts
     config.training.num_train_steps = 800_000
     config.training.log_every = 100
@@ -164,7 +164,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.classifier_num_bootstrap = 50  # resamplings of the samples for the stderr
 
     config.sampling = ml_collections.ConfigDict()
-    # sampling.SAMPLERS: ancestral | ddim | dpmpp_2m | dpmpp_2m_sde | heun (DDPM); langevin (NCSN)
+    # sampling.SAMPLERS: ancestral | ddim | dpmpp_2m | dpmpp_2m_sde | heun (DDPM); langevin (NCSN);
+    # vdm_ancestral | vdm_ddim | vdm_dpmpp_2m (VDM: num_steps steps on the uniform t grid)
     config.sampling.method = "ancestral"
     config.sampling.num_steps = 0  # network calls; 0: all T. Fewer respaces ancestral/DDIM
     config.sampling.eta = 0.0  # ddim only
@@ -181,6 +182,29 @@ def get_config() -> ml_collections.ConfigDict:
     # gets class i mod model.num_classes).
     config.sampling.guidance_scale = 0.0
     config.sampling.class_label = -1
+
+    # Continuous-time diffusion (training.objective = "vdm"; Kingma et al. 2021): the bound
+    # L_0 + 1/2 E_t[gamma'(t) |eps - eps_hat|^2] + L_1 with gamma(t) = log sigma^2/alpha^2.
+    config.vdm = ml_collections.ConfigDict()
+    config.vdm.gamma = "learned"  # learned (VDM's monotone network) | linear | cosine | beta_linear
+    config.vdm.gamma_min = -13.3  # gamma(0); learned from here with learn_endpoints
+    config.vdm.gamma_max = 5.0  # gamma(1)
+    config.vdm.learn_endpoints = True  # learned schedule: train gamma(0), gamma(1) by the bound
+    config.vdm.gamma_hidden = 1024  # units of the learned schedule's monotone network
+    # How the learned schedule's shape trains: "elbo" (the loss's gradient; the bound does not
+    # depend on the shape, so it only drifts) | "variance" (VDM section 4: the gradient of the
+    # squared diffusion loss, minimising its variance over t).
+    config.vdm.schedule_grad = "variance"
+    config.vdm.t_sampler = "low_discrepancy"  # low_discrepancy | uniform
+    # Kingma & Gao (2023) w(lambda) of the training diffusion term: elbo (1: the bound) |
+    # sigmoid (sigmoid(bias - lambda)) | edm | min_snr (min(1, min_snr_gamma / SNR)). The
+    # evaluated bound always has w = 1.
+    config.vdm.weighting = "elbo"
+    config.vdm.sigmoid_bias = 2.0
+    config.vdm.min_snr_gamma = 5.0
+    # Evaluation: the continuous bound, and the chain of eval_num_steps steps' bound beside it
+    # (0: only the continuous one); eval.bound_num_t stratified t per image (0 counts as 1).
+    config.vdm.eval_num_steps = 1000
 
     # Score matching / NCSN (training.objective = "ncsn").
     config.ncsn = ml_collections.ConfigDict()

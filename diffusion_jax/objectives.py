@@ -18,6 +18,7 @@ import ml_collections
 from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import models, schedules
 from diffusion_jax import score as score_lib
+from diffusion_jax import vdm as vdm_lib
 
 # loss_fn(params, x0, key, labels=None) -> {"loss": [B], ...}: per-example losses of a training
 # batch (labels [B] the classes of a conditional model's batch); the ddpm one also takes t=[B]
@@ -128,6 +129,115 @@ def _ncsn_loss(config: ml_collections.ConfigDict, model) -> LossFn:
     return loss_fn
 
 
+def gamma_fn(model, params: Any) -> vdm_lib.GammaFn:
+    """The noise schedule ``t [B] -> γ(t) [B]`` of a vdm model (``models.continuous``) and its
+    parameters."""
+    return lambda t: model.apply({"params": params}, t, method="gamma")
+
+
+SCHEDULE_GRADS = ("elbo", "variance")
+
+
+def _vdm_loss(config: ml_collections.ConfigDict, model) -> LossFn:
+    """VDM's bound (Kingma et al. 2021, eq. 17) in bits/dim per example, its diffusion term
+    under ``vdm.weighting`` (Kingma & Gao 2023): L_0 + L_w + L_1; t by ``vdm.t_sampler``."""
+    c, num_bins = config.vdm, config.data.num_bins
+    variance = c.gamma == "learned" and c.schedule_grad == "variance"
+
+    def loss_fn(params, x0, key, labels=None):
+        labels = training_labels(config, key, labels)
+        dropout_key, t_key, noise_key, dec_key = jax.random.split(key, 4)
+        b = x0.shape[0]
+        t = vdm_lib.sample_t(t_key, b, c.t_sampler)  # [B]
+        noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
+
+        def apply(p, *args, method, **kw):
+            return model.apply({"params": p}, *args, method=method, **kw)
+
+        g0, g1 = apply(params, method="endpoints")
+        s, ds = jax.jvp(lambda u: apply(params, u, method="shape"), (t,), (jnp.ones_like(t),))
+
+        def diffusion(rest, s, ds):  # [B] nats; s, ds: the normalised shape at t and s'(t)
+            p, g0, g1 = rest
+            gamma_t = g0 + (g1 - g0) * s
+            w = vdm_lib.weight(c.weighting, -gamma_t, c.sigmoid_bias, c.min_snr_gamma)
+            rngs = {"dropout": dropout_key}
+
+            def eps_fn(z, g):
+                return apply(p, z, g, labels, train=True, rngs=rngs, method="eps")
+
+            dgamma = (g1 - g0) * ds
+            loss = vdm_lib.diffusion_loss_from_gamma(eps_fn, x0, gamma_t, dgamma, noise, w)
+            return loss * scale  # bits/dim
+
+        scale = vdm_lib.bits_per_dim_scale(x0)
+        if variance:  # the shape's gradient minimises the diffusion loss's variance (VDM §4)
+            diffusion = vdm_lib.variance_gradient(diffusion)
+        diff = diffusion((params, g0, g1), s, ds)
+        decoder = vdm_lib.reconstruction_loss(
+            x0, jnp.full((b,), g0), jax.random.normal(dec_key, x0.shape, x0.dtype), num_bins
+        )
+        prior = vdm_lib.prior_loss(x0, jnp.full((b,), g1))
+        return {
+            "loss": (decoder + prior) * scale + diff,
+            "decoder_bpd": decoder * scale,
+            "diffusion_bpd": diff,
+            "prior_bpd": prior * scale,
+            "gamma_0": jnp.full((b,), g0),
+            "gamma_1": jnp.full((b,), g1),
+        }
+
+    return loss_fn
+
+
+def _check_vdm(config: ml_collections.ConfigDict) -> None:
+    c = config.vdm
+    if not config.data.image_size:
+        raise ValueError(
+            "config.training.objective='vdm' bounds -log P(x) of images of data.num_bins grey "
+            "levels; it needs image data (data.image_size > 0)."
+        )
+    for key, allowed in (
+        ("gamma", vdm_lib.GAMMAS),
+        ("weighting", vdm_lib.WEIGHTINGS),
+        ("t_sampler", vdm_lib.T_SAMPLERS),
+        ("schedule_grad", SCHEDULE_GRADS),
+    ):
+        if c[key] not in allowed:
+            raise ValueError(f"config.vdm.{key}={c[key]!r} is not one of {allowed}.")
+    lo, hi = c.gamma_min, c.gamma_max
+    if not (-1e3 < lo < hi < 1e3):
+        raise ValueError(
+            f"config.vdm.gamma_min={lo!r} and vdm.gamma_max={hi!r} must be finite with "
+            "gamma_min < gamma_max (gamma = log sigma^2/alpha^2 at t = 0 and t = 1)."
+        )
+    if c.gamma == "beta_linear":
+        make_diffusion(config)  # the betas it takes its continuous form from
+    if not (isinstance(c.gamma_hidden, int) and c.gamma_hidden >= 1):
+        raise ValueError(f"config.vdm.gamma_hidden={c.gamma_hidden!r} must be an integer >= 1.")
+    if not (isinstance(c.eval_num_steps, int) and c.eval_num_steps >= 0):
+        raise ValueError(
+            f"config.vdm.eval_num_steps={c.eval_num_steps!r} must be an integer >= 0 (0: only "
+            "the continuous bound)."
+        )
+    if not c.min_snr_gamma > 0 or not abs(c.sigmoid_bias) < 1e3:
+        raise ValueError(
+            f"config.vdm.min_snr_gamma={c.min_snr_gamma!r} must be > 0 and vdm.sigmoid_bias="
+            f"{c.sigmoid_bias!r} finite."
+        )
+    d = config.diffusion
+    if d.var_type == "learned_range":
+        raise ValueError(
+            "config.diffusion.var_type='learned_range' has no meaning under training.objective="
+            "'vdm': the continuous bound needs no learned variance (the network outputs eps)."
+        )
+    if d.t_sampler != "uniform":
+        raise ValueError(
+            f"config.diffusion.t_sampler={d.t_sampler!r}: the vdm objective draws t by "
+            "vdm.t_sampler (low_discrepancy | uniform); leave diffusion.t_sampler='uniform'."
+        )
+
+
 def _check_ddpm(config: ml_collections.ConfigDict) -> None:
     make_diffusion(config)  # schedule arguments (T >= 1, betas in (0, 1)), mean and variance types
     loss_type = config.diffusion.loss_type
@@ -185,6 +295,7 @@ class Objective:
 OBJECTIVES: dict[str, Objective] = {
     "ddpm": Objective(_ddpm_loss, "ancestral", True, _check_ddpm),
     "ncsn": Objective(_ncsn_loss, "langevin", False, _check_ncsn),
+    "vdm": Objective(_vdm_loss, "vdm_ancestral", True, _check_vdm),
 }
 
 

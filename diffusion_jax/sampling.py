@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import input_pipeline, models, objectives, ode, reporting, sharding
 from diffusion_jax import score as score_lib
+from diffusion_jax import vdm as vdm_lib
 
 STEPS_PER_CALL = 50  # chain steps per compiled call: a few seconds each for the digits model
 
@@ -173,6 +174,32 @@ _DPMPP = dict(
 )
 
 
+def _vdm_chain(config: ml_collections.ConfigDict, model, kind: str) -> Chain:
+    """A continuous-time model's chain of ``sampling.num_steps`` steps (0: diffusion.num_timesteps)
+    from t = 1 to 0 on the uniform grid in t, γ the model's own schedule: ``ancestral`` (VDM's
+    sampler), ``ddim`` (``sampling.eta``) or ``dpmpp_2m`` (DPM-Solver++(2M))."""
+    s = config.sampling
+    n = s.num_steps or config.diffusion.num_timesteps
+    clip = s.clip_denoised
+
+    def init(key, shape):
+        z, key = _gaussian_init(key, shape)
+        return (vdm_lib.dpmpp_2m_init(z) if kind == "dpmpp_2m" else z), key
+
+    def run(params, labels, state, key, done, count):
+        fn, gamma = net(config, model, params, labels), objectives.gamma_fn(model, params)
+        if kind == "dpmpp_2m":
+            return vdm_lib.dpmpp_2m_steps(fn, gamma, state, done, count, n, clip)
+        eta = s.eta if kind == "ddim" else None
+        return vdm_lib.ancestral_steps(fn, gamma, state, key, done, count, n, clip, eta)
+
+    def finish(params, state):
+        z = state["x"] if kind == "dpmpp_2m" else state
+        return vdm_lib.finish(objectives.gamma_fn(model, params), z)
+
+    return Chain(n, 1, init, run, finish)
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampler:
     objectives: tuple[str, ...]  # the training objectives whose models it samples
@@ -203,6 +230,9 @@ SAMPLERS: dict[str, Sampler] = {
         ),
     ),
     "langevin": Sampler(("ncsn",), _langevin),
+    "vdm_ancestral": Sampler(("vdm",), functools.partial(_vdm_chain, kind="ancestral")),
+    "vdm_ddim": Sampler(("vdm",), functools.partial(_vdm_chain, kind="ddim")),
+    "vdm_dpmpp_2m": Sampler(("vdm",), functools.partial(_vdm_chain, kind="dpmpp_2m")),
 }
 
 
@@ -221,6 +251,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     num_t = config.diffusion.num_timesteps
     if objective == "ddpm" and not 0 <= s.num_steps <= num_t:
         raise ValueError(f"config.sampling.num_steps={s.num_steps} must be in [0, {num_t}].")
+    if objective == "vdm" and not (isinstance(s.num_steps, int) and s.num_steps >= 0):
+        raise ValueError(
+            f"config.sampling.num_steps={s.num_steps!r} must be an integer >= 0 (steps of the "
+            f"continuous model's chain; 0: diffusion.num_timesteps = {num_t})."
+        )
     sharding.check_batch_size(s.batch_size, "sampling.batch_size")
     k = config.model.num_classes
     if k and not -1 <= s.class_label < k:

@@ -59,6 +59,17 @@ def _needs_bound(ctx: EvalContext) -> str | None:
     return None
 
 
+def _needs_chain(ctx: EvalContext) -> str | None:
+    """The figures and the ODE likelihood built on the discrete chain (``ctx.diffusion``)."""
+    if ctx.config.training.objective != "ddpm":
+        return "works on the discrete chain of the ddpm objective"
+    return _needs_bound(ctx)
+
+
+def _needs_vdm(ctx: EvalContext) -> str | None:
+    return None if ctx.config.training.objective == "vdm" else "needs training.objective='vdm'"
+
+
 def _needs_images(ctx: EvalContext) -> str | None:
     return None if ctx.config.data.image_size else "needs image data"
 
@@ -66,6 +77,8 @@ def _needs_images(ctx: EvalContext) -> str | None:
 def _needs_bpd(ctx: EvalContext) -> str | None:
     if "terms_bpd_per_t" in ctx.metrics:
         return None
+    if ctx.config.training.objective != "ddpm":
+        return "needs the discrete chain's per-t terms (training.objective='ddpm')"
     if ctx.config.eval.bound_num_t:
         return "needs the full bound's per-t terms (eval.bound_num_t=0)"
     return "needs the bpd metric"
@@ -81,10 +94,11 @@ class Evaluator:
 EVALUATORS: dict[str, Evaluator] = {
     "bpd": Evaluator("metric", bpd_lib.bpd, _needs_bound),
     "bpd_splits": Evaluator("splits", bpd_lib.bpd_splits, _needs_bound),
-    "bpd_ode": Evaluator("metric", bpd_lib.bpd_ode, _needs_bound),
+    "bpd_ode": Evaluator("metric", bpd_lib.bpd_ode, _needs_chain),
     "lt_curve": Evaluator("figure", bpd_lib.lt_curve, _needs_bpd),
-    "rate_distortion": Evaluator("figure", rd_lib.rate_distortion, _needs_bound),
-    "progressive": Evaluator("figure", progressive_lib.progressive, _needs_bound),
+    "rate_distortion": Evaluator("figure", rd_lib.rate_distortion, _needs_chain),
+    "progressive": Evaluator("figure", progressive_lib.progressive, _needs_chain),
+    "gamma_schedule": Evaluator("figure", bpd_lib.gamma_schedule, _needs_vdm),
     "fid": Evaluator("metric", fid_lib.fid, _needs_images),
     "is": Evaluator("metric", fid_lib.inception_score_metric, _needs_images),
     "fd_classifier": Evaluator("metric", classifier_lib.fd_classifier, classifier_lib.needs_labels),

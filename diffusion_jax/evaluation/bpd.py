@@ -6,11 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
 from diffusion_jax import input_pipeline, models, objectives, ode, reporting, sampling, sharding
+from diffusion_jax import vdm as vdm_lib
 from diffusion_jax.evaluation import plots
 from diffusion_jax.evaluation.context import EvalContext
 
@@ -21,6 +23,8 @@ def bpd_of_split(ctx: EvalContext, split: str, num_examples: int) -> dict[str, A
     its unbiased estimate from K timesteps per example (``ctx.bound_estimate_sums``); the key
     ``bound_estimate`` says which."""
     e = ctx.config.eval
+    if ctx.config.training.objective == "vdm":
+        return _continuous_bpd(ctx, split, num_examples)
     if e.bound_num_t:
         total = ctx.bound_estimate_sums(split, num_examples)
         estimate = {"kind": e.bound_t_sampler, "num_t": int(e.bound_num_t)}
@@ -58,6 +62,60 @@ def bpd_of_split(ctx: EvalContext, split: str, num_examples: int) -> dict[str, A
         t["sum_Lt"],
         f" from {e.bound_num_t} {e.bound_t_sampler} t per example" if e.bound_num_t else "",
         t["prior_LT"],
+    )
+    return out
+
+
+def _mean_stderr(total: dict, suffix: str = "") -> tuple[float, float]:
+    n = float(total["count"])
+    mean = float(total["bpd" + suffix]) / n
+    var = max(float(total["bpd_sq" + suffix]) / n - mean**2, 0.0)
+    return mean, (var / max(n - 1, 1)) ** 0.5
+
+
+def _continuous_bpd(ctx: EvalContext, split: str, num_examples: int) -> dict[str, Any]:
+    """A vdm model's bits/dim (``ctx.continuous_bound_sums``): ``bpd`` the continuous bound,
+    ``bpd_finite`` the ``vdm.eval_num_steps``-step chain's from the same t and noise."""
+    config = ctx.config
+    total = ctx.continuous_bound_sums(split, num_examples)
+    n = float(total["count"])
+    bpd, stderr = _mean_stderr(total)
+    num_t = max(int(config.eval.bound_num_t), 1)
+    out = {
+        "bpd": bpd,
+        "bpd_stderr": stderr,
+        "bpd_terms": {
+            "decoder_L0": float(total["decoder_bpd"]) / n,
+            "diffusion": float(total["kl_bpd"]) / n,
+            "prior_L1": float(total["prior_bpd"]) / n,
+        },
+        "num_examples": int(n),
+        "split": split,
+        "bound": _bound_name(ctx),
+        "bound_estimate": {"kind": "continuous", "num_t": num_t},
+    }
+    steps = int(config.vdm.eval_num_steps)
+    if steps:
+        bpd_t, stderr_t = _mean_stderr(total, "_finite")
+        out["bpd_finite"] = {
+            "num_steps": steps,
+            "bpd": bpd_t,
+            "bpd_stderr": stderr_t,
+            "diffusion": float(total["kl_bpd_finite"]) / n,
+        }
+    t = out["bpd_terms"]
+    logging.info(
+        "bits/dim %.4f ± %.4f on %d %s examples, continuous time (L_0 %.3g, diffusion %.4f from "
+        "%d t per example, L_1 %.3g)%s",
+        bpd,
+        stderr,
+        n,
+        split,
+        t["decoder_L0"],
+        t["diffusion"],
+        num_t,
+        t["prior_L1"],
+        f"; {steps} steps: {out['bpd_finite']['bpd']:.4f}" if steps else "",
     )
     return out
 
@@ -182,3 +240,30 @@ def bpd_ode(ctx: EvalContext) -> dict[str, Any]:
         ", ".join(map(str, nfes)),
     )
     return out
+
+
+def gamma_schedule(ctx: EvalContext) -> dict[str, Any]:
+    """The figure of the model's γ(t) beside the fixed schedules (``vdm`` linear and cosine at
+    the configured endpoints, DDPM's linear β), and ``gamma_endpoints`` [γ(0), γ(1)]."""
+    config = ctx.config
+    c, d = config.vdm, config.diffusion
+    t = np.linspace(0.0, 1.0, 201)
+    gamma = np.asarray(objectives.gamma_fn(ctx.model, ctx.params)(jnp.asarray(t, jnp.float32)))
+    curves = {
+        f"{c.gamma} (this model)": (t, gamma),
+        "linear": (t, np.asarray(vdm_lib.gamma_linear(t, c.gamma_min, c.gamma_max))),
+        "cosine": (t, np.asarray(vdm_lib.gamma_cosine(t, c.gamma_min, c.gamma_max))),
+        "DDPM linear beta": (
+            t,
+            np.asarray(vdm_lib.gamma_beta_linear(t, d.beta_start, d.beta_end, d.num_timesteps)),
+        ),
+    }
+    path = ctx.figure_path("gamma_schedule")
+    if jax.process_index() == 0:
+        plots.plot_gamma_schedules(
+            curves, path, f"gamma(0) = {gamma[0]:.3f}, gamma(1) = {gamma[-1]:.3f}"
+        )
+    return {
+        "figures": {**ctx.metrics.get("figures", {}), "gamma_schedule": path},
+        "gamma_endpoints": [float(gamma[0]), float(gamma[-1])],
+    }

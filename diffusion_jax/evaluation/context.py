@@ -24,6 +24,7 @@ from diffusion_jax import (
     sharding,
 )
 from diffusion_jax import diffusion as diffusion_lib
+from diffusion_jax import vdm as vdm_lib
 
 
 @dataclasses.dataclass
@@ -190,6 +191,53 @@ class EvalContext:
         total = None
         label = f"bound, {e.bound_num_t} t per example ({split})"
         with reporting.progress_bar(n, label, unit="example") as bar:
+            for i, (batch, mask) in enumerate(batches):
+                batch = sharding.global_batch(mesh, batch)
+                mask = sharding.global_batch(mesh, mask)
+                part = sums_fn(self.params, batch, mask, jax.random.fold_in(key, i))
+                total = part if total is None else jax.tree.map(jnp.add, total, part)
+                bar.update(int(min(e.batch_size, n - i * e.batch_size)))
+        self.cache[cache_key] = jax.tree.map(np.asarray, jax.device_get(total))
+        return self.cache[cache_key]
+
+    def continuous_bound_sums(self, split: str, num_examples: int) -> dict[str, np.ndarray]:
+        """Σ over the first ``num_examples`` of ``split`` (0: all) of a vdm model's bound
+        (``vdm.bound_terms``: L_0, the continuous diffusion term from ``eval.bound_num_t`` = K
+        stratified t per example (0 counts as 1), L_1) and, with ``vdm.eval_num_steps`` = T > 0,
+        of the T-step chain's bound from the same t and noise (keys ``*_finite``). Batch i from
+        fold_in(fold_in(run eval key, 0xC0), i). Cached per (split, num_examples)."""
+        cache_key = ("continuous_bound", split, num_examples)
+        if cache_key in self.cache:
+            return self.cache[cache_key]
+        config, mesh = self.config, self.mesh
+        e, num_bins = config.eval, config.data.num_bins
+        num_t, num_steps = max(int(e.bound_num_t), 1), int(config.vdm.eval_num_steps)
+        repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
+
+        def sums(params, batch, mask, key):
+            x0 = input_pipeline.to_model_space(batch["image"], num_bins)  # [B, ...]
+            net = models.model_fn(self.model, params, labels=batch.get("label"))
+            gamma = objectives.gamma_fn(self.model, params)
+            out = {}
+            for suffix, steps in (("", 0), ("_finite", num_steps))[: 2 if num_steps else 1]:
+                terms = vdm_lib.bound_terms(net, gamma, x0, key, num_bins, num_t, steps)
+                out |= {
+                    "bpd" + suffix: jnp.sum(terms["total"] * mask),
+                    "bpd_sq" + suffix: jnp.sum(terms["total"] ** 2 * mask),
+                    "kl_bpd" + suffix: jnp.sum(terms["diffusion"] * mask),
+                }
+            out |= dict(
+                decoder_bpd=jnp.sum(terms["decoder"] * mask),
+                prior_bpd=jnp.sum(terms["prior"] * mask),
+                count=jnp.sum(mask),
+            )
+            return out
+
+        sums_fn = jax.jit(sums, in_shardings=(repl, data, data, repl), out_shardings=repl)
+        n, batches = self.eval_batches(split, num_examples)
+        key = jax.random.fold_in(objectives.run_keys(config.seed)["eval"], 0xC0)
+        total = None
+        with reporting.progress_bar(n, f"continuous bound, {num_t} t ({split})", "example") as bar:
             for i, (batch, mask) in enumerate(batches):
                 batch = sharding.global_batch(mesh, batch)
                 mask = sharding.global_batch(mesh, mask)

@@ -94,3 +94,24 @@ def plot_rate_distortion(rd: dict[str, Any], path: str) -> None:
     b.set_title(f"rate-distortion, {rd.get('num_examples', '?')} examples", fontsize=9)
     b.grid(alpha=0.3)
     _save(fig, path)
+
+
+def plot_gamma_schedules(curves: dict[str, tuple[Any, Any]], path: str, title: str = "") -> None:
+    """PNG of γ(t) = log σ²/α² against t ∈ [0, 1], one line per schedule: ``curves`` maps a
+    label to (t [N], γ [N])."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.8, 3.4), dpi=100)
+    for label, (t, gamma) in curves.items():
+        ax.plot(
+            np.asarray(t),
+            np.asarray(gamma),
+            lw=1.5 if label.startswith("learned") else 1,
+            label=label,
+        )
+    ax.set_xlabel("t")
+    ax.set_ylabel("gamma(t) = log sigma^2 / alpha^2")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=8)
+    _save(fig, path)

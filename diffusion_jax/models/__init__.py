@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax.models import layers, mlp, unet
+from diffusion_jax.models import continuous, layers, mlp, unet
 from diffusion_jax.models.layers import resolve_conv_impl
 from diffusion_jax.models.unet import check_image_size
 
@@ -57,11 +57,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def get_model(config: ml_collections.ConfigDict) -> nn.Module:
-    """The network named by `config.model.name` ("unet" | "mlp"), configured from `config`."""
+    """The network named by `config.model.name` ("unet" | "mlp"), configured from `config`;
+    under ``training.objective="vdm"`` wrapped with its noise schedule
+    (``continuous.ContinuousTimeNet``: called at continuous t in [0, 1])."""
     model_module = _lookup(config.model.name)
     layers.compute_dtype(config.model.dtype)
     layers.check_conv_impl(config.model.conv_impl)
-    return model_module.build(config)
+    net = model_module.build(config)
+    return continuous.wrap(config, net) if config.training.objective == "vdm" else net
 
 
 def model_fn(
