@@ -196,6 +196,7 @@ def get_config() -> ml_collections.ConfigDict:
     # squared diffusion loss, minimising its variance over t).
     config.vdm.schedule_grad = "variance"
     config.vdm.t_sampler = "low_discrepancy"  # low_discrepancy | uniform
+    config.vdm.t_per_example = 1  # times each example is diffused at per step (one batch of k B)
     # Kingma & Gao (2023) w(lambda) of the training diffusion term: elbo (1: the bound) |
     # sigmoid (sigmoid(bias - lambda)) | edm | min_snr (min(1, min_snr_gamma / SNR)). The
     # evaluated bound always has w = 1.

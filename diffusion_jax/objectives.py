@@ -140,15 +140,21 @@ SCHEDULE_GRADS = ("elbo", "variance")
 
 def _vdm_loss(config: ml_collections.ConfigDict, model) -> LossFn:
     """VDM's bound (Kingma et al. 2021, eq. 17) in bits/dim per example, its diffusion term
-    under ``vdm.weighting`` (Kingma & Gao 2023): L_0 + L_w + L_1; t by ``vdm.t_sampler``."""
+    under ``vdm.weighting`` (Kingma & Gao 2023): L_0 + L_w + L_1; t by ``vdm.t_sampler``, the
+    diffusion term the mean over ``vdm.t_per_example`` times of each example."""
     c, num_bins = config.vdm, config.data.num_bins
     variance = c.gamma == "learned" and c.schedule_grad == "variance"
+
+    k = c.t_per_example
 
     def loss_fn(params, x0, key, labels=None):
         labels = training_labels(config, key, labels)
         dropout_key, t_key, noise_key, dec_key = jax.random.split(key, 4)
         b = x0.shape[0]
-        t = vdm_lib.sample_t(t_key, b, c.t_sampler)  # [B]
+        if k > 1:  # each example at k times: one network batch of k B, the t spread over it
+            x0 = jnp.concatenate([x0] * k)
+            labels = None if labels is None else jnp.concatenate([labels] * k)
+        t = vdm_lib.sample_t(t_key, k * b, c.t_sampler)  # [k B]
         noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
 
         def apply(p, *args, method, **kw):
@@ -173,7 +179,8 @@ def _vdm_loss(config: ml_collections.ConfigDict, model) -> LossFn:
         scale = vdm_lib.bits_per_dim_scale(x0)
         if variance:  # the shape's gradient minimises the diffusion loss's variance (VDM §4)
             diffusion = vdm_lib.variance_gradient(diffusion)
-        diff = diffusion((params, g0, g1), s, ds)
+        diff = diffusion((params, g0, g1), s, ds).reshape(k, b).mean(axis=0)  # [B]
+        x0 = x0[:b]
         decoder = vdm_lib.reconstruction_loss(
             x0, jnp.full((b,), g0), jax.random.normal(dec_key, x0.shape, x0.dtype), num_bins
         )
@@ -213,6 +220,11 @@ def _check_vdm(config: ml_collections.ConfigDict) -> None:
         )
     if c.gamma == "beta_linear":
         make_diffusion(config)  # the betas it takes its continuous form from
+    if not (isinstance(c.t_per_example, int) and c.t_per_example >= 1):
+        raise ValueError(
+            f"config.vdm.t_per_example={c.t_per_example!r} must be an integer >= 1 (the times "
+            "each training example is diffused at, in one network batch)."
+        )
     if not (isinstance(c.gamma_hidden, int) and c.gamma_hidden >= 1):
         raise ValueError(f"config.vdm.gamma_hidden={c.gamma_hidden!r} must be an integer >= 1.")
     if not (isinstance(c.eval_num_steps, int) and c.eval_num_steps >= 0):

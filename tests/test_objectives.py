@@ -69,6 +69,7 @@ def vdm_config(**overrides):
         ("vdm.gamma_min", 6.0, "gamma_min < gamma_max"),
         ("vdm.gamma_max", float("inf"), "must be finite"),
         ("vdm.eval_num_steps", -1, "vdm.eval_num_steps=-1 must be an integer >= 0"),
+        ("vdm.t_per_example", 0, "vdm.t_per_example=0 must be an integer >= 1"),
         ("diffusion.var_type", "learned_range", "needs no learned variance"),
         ("diffusion.t_sampler", "loss_aware", "draws t by vdm.t_sampler"),
         ("sampling.method", "ancestral", "does not sample a training.objective='vdm' model"),
@@ -167,3 +168,25 @@ def test_digits_vdm_trains_evaluates_samples_and_resumes(tmp_path):
     proc = run_main(run, config="configs/digits_vdm.py", **kw, **{"training.num_train_steps": 8})
     assert "Resuming from the checkpoint of step 6" in proc.stderr
     run_main(run, "--mode=eval", config="configs/digits_vdm.py", **kw)
+
+
+def test_vdm_t_per_example_averages_the_diffusion_term_over_k_times():
+    """With vdm.t_per_example = k each example's diffusion term is the mean over its k times
+    of one network batch of k B, the t spread by the low-discrepancy sampler over all k B."""
+    from diffusion_jax import models, vdm
+
+    config = vdm_config(**{"vdm.t_per_example": 3, "model.dropout": 0.0})
+    model = models.get_model(config)
+    x0 = jnp.linspace(-1, 1, 4 * 64).reshape(4, 8, 8, 1)
+    params = model.init(jax.random.key(1), x0, jnp.zeros((4,)))["params"]
+    key = jax.random.key(5)
+    terms = objectives.get_objective(config).make_loss_fn(config, model)(params, x0, key)
+    assert terms["loss"].shape == (4,)
+    _, t_key, noise_key, _ = jax.random.split(key, 4)
+    t = vdm.sample_t(t_key, 12)
+    x = jnp.concatenate([x0] * 3)
+    noise = jax.random.normal(noise_key, x.shape)
+    net = models.model_fn(model, params)
+    gamma = objectives.gamma_fn(model, params)
+    ref = vdm.diffusion_loss(net, gamma, x, t, noise) * vdm.bits_per_dim_scale(x)
+    np.testing.assert_allclose(terms["diffusion_bpd"], ref.reshape(3, 4).mean(0), rtol=2e-4)
