@@ -2,7 +2,8 @@
 (2023) w(λ) = sigmoid(b − λ) (b = 2), which takes weight off the high-SNR levels that the bound
 needs and samples do not; the bound is still evaluated with w = 1.
 
-    python -m diffusion_jax.main --config configs/digits_vdm_sigmoid.py --workdir runs/digits_vdm_sigmoid
+    python -m diffusion_jax.main --config configs/digits_vdm_sigmoid.py \
+        --workdir runs/digits_vdm_sigmoid
 """
 
 from configs import digits_vdm
