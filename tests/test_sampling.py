@@ -87,7 +87,10 @@ def test_make_sample_fn_equals_the_one_scan_chain():
 
 def test_the_registry_refuses_what_does_not_fit():
     config = tiny_config(**{"sampling.method": "euler"})
-    allowed = r"\('ancestral', 'ddim', 'dpmpp_2m', 'dpmpp_2m_sde', 'heun', 'langevin'\)"
+    allowed = (
+        r"\('ancestral', 'ddim', 'dpmpp_2m', 'dpmpp_2m_sde', 'heun', 'langevin', "
+        r"'vdm_ancestral', 'vdm_ddim', 'vdm_dpmpp_2m'\)"
+    )
     with pytest.raises(ValueError, match=r"'euler' is not one of " + allowed):
         sampling.check_config(config)
     config = tiny_config(**{"sampling.method": "langevin"})
