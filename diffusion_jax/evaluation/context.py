@@ -155,10 +155,9 @@ class EvalContext:
         cache_key = ("bound_estimate", split, num_examples)
         if cache_key in self.cache:
             return self.cache[cache_key]
-        config, d, mesh = self.config, self.diffusion, self.mesh
+        config, d = self.config, self.diffusion
         e, num_bins = config.eval, config.data.num_bins
         probs = self.bound_t_probs() if e.bound_t_sampler == "importance" else None
-        repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
 
         def sums(params, batch, mask, key):
             x0 = input_pipeline.to_model_space(batch["image"], num_bins)  # [B, ...]
@@ -185,20 +184,30 @@ class EvalContext:
                 count=jnp.sum(mask),
             )
 
+        label = f"bound, {e.bound_num_t} t per example ({split})"
+        self.cache[cache_key] = self._masked_sums(sums, split, num_examples, 0xB0, label)
+        return self.cache[cache_key]
+
+    def _masked_sums(
+        self, sums: Any, split: str, num_examples: int, tag: int, label: str
+    ) -> dict[str, np.ndarray]:
+        """Σ over the padded, masked batches of ``split`` of ``sums(params, batch, mask, key)``
+        (jitted on the mesh), batch i with key fold_in(fold_in(run eval key, tag), i), under a
+        progress bar of examples."""
+        mesh, batch_size = self.mesh, self.config.eval.batch_size
+        repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
         sums_fn = jax.jit(sums, in_shardings=(repl, data, data, repl), out_shardings=repl)
         n, batches = self.eval_batches(split, num_examples)
-        key = jax.random.fold_in(objectives.run_keys(config.seed)["eval"], 0xB0)
+        key = jax.random.fold_in(objectives.run_keys(self.config.seed)["eval"], tag)
         total = None
-        label = f"bound, {e.bound_num_t} t per example ({split})"
         with reporting.progress_bar(n, label, unit="example") as bar:
             for i, (batch, mask) in enumerate(batches):
                 batch = sharding.global_batch(mesh, batch)
                 mask = sharding.global_batch(mesh, mask)
                 part = sums_fn(self.params, batch, mask, jax.random.fold_in(key, i))
                 total = part if total is None else jax.tree.map(jnp.add, total, part)
-                bar.update(int(min(e.batch_size, n - i * e.batch_size)))
-        self.cache[cache_key] = jax.tree.map(np.asarray, jax.device_get(total))
-        return self.cache[cache_key]
+                bar.update(int(min(batch_size, n - i * batch_size)))
+        return jax.tree.map(np.asarray, jax.device_get(total))
 
     def continuous_bound_sums(self, split: str, num_examples: int) -> dict[str, np.ndarray]:
         """Σ over the first ``num_examples`` of ``split`` (0: all) of a vdm model's bound
@@ -209,10 +218,9 @@ class EvalContext:
         cache_key = ("continuous_bound", split, num_examples)
         if cache_key in self.cache:
             return self.cache[cache_key]
-        config, mesh = self.config, self.mesh
+        config = self.config
         e, num_bins = config.eval, config.data.num_bins
         num_t, num_steps = max(int(e.bound_num_t), 1), int(config.vdm.eval_num_steps)
-        repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
 
         def sums(params, batch, mask, key):
             x0 = input_pipeline.to_model_space(batch["image"], num_bins)  # [B, ...]
@@ -233,16 +241,6 @@ class EvalContext:
             )
             return out
 
-        sums_fn = jax.jit(sums, in_shardings=(repl, data, data, repl), out_shardings=repl)
-        n, batches = self.eval_batches(split, num_examples)
-        key = jax.random.fold_in(objectives.run_keys(config.seed)["eval"], 0xC0)
-        total = None
-        with reporting.progress_bar(n, f"continuous bound, {num_t} t ({split})", "example") as bar:
-            for i, (batch, mask) in enumerate(batches):
-                batch = sharding.global_batch(mesh, batch)
-                mask = sharding.global_batch(mesh, mask)
-                part = sums_fn(self.params, batch, mask, jax.random.fold_in(key, i))
-                total = part if total is None else jax.tree.map(jnp.add, total, part)
-                bar.update(int(min(e.batch_size, n - i * e.batch_size)))
-        self.cache[cache_key] = jax.tree.map(np.asarray, jax.device_get(total))
+        label = f"continuous bound, {num_t} t ({split})"
+        self.cache[cache_key] = self._masked_sums(sums, split, num_examples, 0xC0, label)
         return self.cache[cache_key]
