@@ -89,8 +89,26 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
     sharding.check_batch_size(c.training.batch_size)
     sharding.check_batch_size(c.eval.batch_size, "eval.batch_size")
     _check_classes(c, check_data)
+    _check_training(c)
     objective.check_config(c)
     sampling.check_config(c)
+
+
+def _check_training(config: ml_collections.ConfigDict) -> None:
+    """How often the loop logs and saves, and how many checkpoints it keeps: a run that keeps
+    none would lose its model, one that logs or saves every 0 steps cannot count."""
+    t = config.training
+    for key, low in (("log_every", 1), ("checkpoint_every", 1), ("keep_checkpoints", 1)):
+        value = t[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(
+                f"config.training.{key}={value!r} must be an integer >= {low}"
+                + (
+                    " (a run keeping no checkpoint would lose its model)."
+                    if key == "keep_checkpoints"
+                    else "."
+                )
+            )
 
 
 def _check_classes(config: ml_collections.ConfigDict, check_data: bool) -> None:

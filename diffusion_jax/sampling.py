@@ -269,15 +269,20 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             f"{s.class_label} need a class-conditional model (model.num_classes > 0); an "
             "unconditional one takes 0 and -1."
         )
-    if not s.sde_eta >= 0:
+    if not 0 <= s.sde_eta < float("inf"):
         raise ValueError(
             f"config.sampling.sde_eta={s.sde_eta} must be >= 0 (dpmpp_2m_sde's noise scale; "
             "1: k-diffusion's default, 0: the ODE solver dpmpp_2m)."
         )
-    if s.guidance_scale < 0:
+    if not 0 <= s.guidance_scale < float("inf"):
         raise ValueError(
-            f"config.sampling.guidance_scale={s.guidance_scale} must be >= 0 (0: the conditional "
-            "model without guidance)."
+            f"config.sampling.guidance_scale={s.guidance_scale} must be finite and >= 0 (0: the "
+            "conditional model without guidance)."
+        )
+    if not 0 <= s.eta < float("inf"):
+        raise ValueError(
+            f"config.sampling.eta={s.eta} must be finite and >= 0 (DDIM's noise: 0 "
+            "deterministic, 1 ancestral)."
         )
 
 

@@ -131,3 +131,27 @@ def test_check_workdir_for_eval_and_sample_compares_only_the_network_and_data(tm
 def test_check_workdir_accepts_a_workdir_without_config_json(tmp_path):
     config_lib.check_workdir(tiny_config(**{"model.ch": 16}), str(tmp_path), mode="sample")
     config_lib.check_workdir(tiny_config(**{"model.ch": 16}), str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("training.keep_checkpoints", 0, "keep_checkpoints=0 must be an integer >= 1"),
+        ("training.checkpoint_every", 0, "checkpoint_every=0 must be an integer >= 1"),
+        ("training.log_every", 0, "log_every=0 must be an integer >= 1"),
+        ("sampling.eta", float("nan"), "sampling.eta=nan must be finite and >= 0"),
+        ("sampling.sde_eta", float("inf"), "sampling.sde_eta=inf must be >= 0"),
+    ],
+)
+def test_counts_and_noise_scales_that_cannot_work_are_refused(key, value, match):
+    """Faults round three (issue 28) #1, #7, #8: a run keeping no checkpoint, saving or logging
+    every 0 steps, or sampling with a NaN / infinite noise scale is one line before compiling."""
+    config = tiny_config(**{key: value})
+    with pytest.raises(ValueError, match=match):
+        config_lib.validate(config)
+
+
+def test_a_nan_guidance_scale_is_refused():
+    config = tiny_config(**{"model.num_classes": 10, "sampling.guidance_scale": float("nan")})
+    with pytest.raises(ValueError, match="guidance_scale=nan must be finite and >= 0"):
+        config_lib.validate(config)

@@ -216,5 +216,5 @@ def test_class_label_and_guidance_are_checked():
     with pytest.raises(ValueError, match=r"need a class-conditional model"):
         sampling.check_config(config)
     config = tiny_config(**{"model.num_classes": 10, "sampling.guidance_scale": -1.0})
-    with pytest.raises(ValueError, match=r"guidance_scale=-1.0 must be >= 0"):
+    with pytest.raises(ValueError, match=r"guidance_scale=-1.0 must be finite and >= 0"):
         sampling.check_config(config)
