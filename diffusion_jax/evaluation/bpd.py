@@ -32,11 +32,10 @@ def bpd_of_split(ctx: EvalContext, split: str, num_examples: int) -> dict[str, A
         total = ctx.bound_sums(split, num_examples)
         estimate = {"kind": "full", "num_t": ctx.diffusion.num_timesteps}
     n = float(total["count"])
-    bpd = float(total["bpd"]) / n
-    var = max(float(total["bpd_sq"]) / n - bpd**2, 0.0)
+    bpd, stderr = _mean_stderr(total)
     out = {
         "bpd": bpd,
-        "bpd_stderr": (var / max(n - 1, 1)) ** 0.5,
+        "bpd_stderr": stderr,
         "bpd_terms": {
             "decoder_L0": float(total["decoder_bpd"]) / n,
             "sum_Lt": float(total["kl_bpd"]) / n,
