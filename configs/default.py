@@ -63,6 +63,8 @@ def get_config() -> ml_collections.ConfigDict:
     # > 0: a class-conditional model of that many classes (an embedding added to the time
     # embedding, plus a "no class" entry); 0: unconditional. Needs a labelled data set.
     config.model.num_classes = 0
+    # GroupNorm groups of the U-Net (gcd(norm_groups, C) for C not a multiple): the paper's 32.
+    config.model.norm_groups = 32
     config.model.hidden_dim = 256  # mlp only
     config.model.num_layers = 4  # mlp only: residual blocks
 

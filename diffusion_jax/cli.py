@@ -1,4 +1,5 @@
-"""Command-line parsing shared by the entry points (``main``, ``benchmark``).
+"""Command-line parsing and logging shared by the entry points (``main``, ``benchmark``,
+``import_weights``).
 
 ``--config.X.Y=V`` overrides are applied by ml_collections while absl parses the flags; an
 unknown key there ends in a long traceback. ``parse_flags`` (pass it as ``app.run``'s
@@ -8,11 +9,19 @@ unknown key there ends in a long traceback. ``parse_flags`` (pass it as ``app.ru
 from __future__ import annotations
 
 import difflib
+import logging as std_logging
 import re
 import sys
 from collections.abc import Sequence
 
 from absl import flags
+
+
+class ReadableLog(std_logging.Filter):
+    """INFO from this library; only warnings and errors from the libraries under it."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "diffusion_jax" in record.pathname
 
 
 def dotted_keys(config, prefix: str = "") -> list[str]:

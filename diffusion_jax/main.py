@@ -5,7 +5,6 @@ Modes: ``train`` (resumes from the newest checkpoint; samples and evaluates at t
 overridden: ``--config.training.num_train_steps=100``.
 """
 
-import logging as std_logging
 import os
 import signal
 import sys
@@ -33,18 +32,11 @@ _ALLOW_CHANGE = flags.DEFINE_list(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _ReadableLog(std_logging.Filter):
-    """INFO from this library; only warnings and errors from the libraries under it."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or "diffusion_jax" in record.pathname
-
-
 def _setup_logging(workdir: str, process_index: int) -> None:
     """Log to the terminal and to ``WORKDIR/log.INFO``; other processes: warnings to stderr only."""
     os.makedirs(workdir, exist_ok=True)
     handler = logging.get_absl_handler()
-    handler.addFilter(_ReadableLog())
+    handler.addFilter(cli.ReadableLog())
     if process_index != 0:
         logging.set_verbosity(logging.WARNING)
         return

@@ -227,7 +227,14 @@ def _train_and_evaluate(
     else:
         state, meta = restored
         _check_data_position(config, int(state.step), meta)
-        logging.info("Resuming from the checkpoint of step %d in %s.", int(state.step), workdir)
+        if meta.get("imported_from") and int(state.step) == 0:
+            logging.info(
+                "Fine-tuning the parameters imported from %s (%s), with a fresh optimiser state.",
+                meta["imported_from"],
+                meta.get("imported_format", "?"),
+            )
+        else:
+            logging.info("Resuming from the checkpoint of step %d in %s.", int(state.step), workdir)
     if process0:
         os.makedirs(workdir, exist_ok=True)
         reporting.write_json(os.path.join(workdir, "config.json"), config.to_dict())

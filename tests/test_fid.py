@@ -267,6 +267,16 @@ def test_weights_errors_are_clear(abstract, tmp_path):
     with pytest.raises(weights.WeightsError, match="1 unexpected"):
         weights.assign_variables(extra, abstract)
 
+    # A safetensors file cut short: one error naming the file (read by the safetensors package).
+    st = str(tmp_path / "cut.safetensors")
+    _write_safetensors(st, {"a": np.arange(6.0, dtype=np.float32)})
+    with open(st, "rb") as f:
+        blob = f.read()
+    with open(st, "wb") as f:
+        f.write(blob[:-8])
+    with pytest.raises(weights.WeightsError, match=f"{st} cannot be read as safetensors"):
+        weights.read_arrays(st)
+
     small = str(tmp_path / "small.npz")
     np.savez(small, a=np.arange(3.0))
     with pytest.raises(weights.WeightsError, match="SHA-256 mismatch"):

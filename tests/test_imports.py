@@ -21,11 +21,12 @@ LAYERS = {
         "distributed",
         "workdir_lock",
         "interrupts",
+        "safe_arrays",
     ),
     "models": ("models",),
     "recipes": ("objectives", "optim", "sampling"),
     "system": ("config", "evaluation", "train"),
-    "entry points": ("main", "benchmark", "cli", "prepare_data"),
+    "entry points": ("main", "benchmark", "cli", "prepare_data", "import_weights"),
 }
 RANK = {name: rank for rank, names in enumerate(LAYERS.values()) for name in names}
 

@@ -14,9 +14,7 @@ is transposed onto the Flax tree.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import struct
 import urllib.parse
 import urllib.request
 import zipfile
@@ -28,6 +26,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from diffusion_jax import safe_arrays
 from diffusion_jax.models.inception import InceptionV3, abstract_variables
 
 
@@ -99,19 +98,6 @@ def fetch_weights(spec: str, sha256: str, cache_dir: str) -> str:
     return path
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-
-
 def read_arrays(path: str) -> dict[str, np.ndarray]:
     """The named arrays of a ``.npz`` or safetensors file; anything else is refused.
 
@@ -146,34 +132,11 @@ def read_arrays(path: str) -> dict[str, np.ndarray]:
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """Parse safetensors: u64 header size N, N bytes of JSON {name: {dtype, shape,
-    data_offsets: [begin, end]}}, then the raw little-endian data the offsets index."""
-    with open(path, "rb") as f:
-        blob = f.read()
-    (n,) = struct.unpack("<Q", blob[:8])
-    if 8 + n > len(blob):
-        raise WeightsError(f"{path}: safetensors header of {n} bytes runs past the file end.")
+    """The tensors of a safetensors file, read by the ``safetensors`` package."""
     try:
-        header = json.loads(blob[8 : 8 + n])
+        return safe_arrays.read(path)
     except ValueError as e:
-        raise WeightsError(f"{path}: unreadable safetensors header ({e}).") from e
-    data = memoryview(blob)[8 + n :]
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            kind = info.get("dtype")
-            raise WeightsError(f"{path}: tensor {name!r} has an unsupported dtype {kind}.")
-        begin, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        count = int(np.prod(shape, dtype=np.int64))
-        if not 0 <= begin <= end <= len(data) or end - begin != count * np.dtype(dtype).itemsize:
-            raise WeightsError(f"{path}: tensor {name!r} has bad offsets {begin}..{end}.")
-        arr = np.frombuffer(data[begin:end], dtype=np.dtype(dtype).newbyteorder("<"))
-        out[name] = arr.reshape(shape).astype(dtype)
-    return out
+        raise WeightsError(str(e)) from e
 
 
 def flatten_variables(variables: Any) -> dict[str, Any]:

@@ -108,13 +108,20 @@ def dense(
 
 
 def group_norm(
-    num_channels: int, *, dtype: Dtype = jnp.float32, name: str | None = None
+    num_channels: int,
+    *,
+    groups: int = 32,
+    dtype: Dtype = jnp.float32,
+    name: str | None = None,
 ) -> nn.GroupNorm:
-    """GroupNorm with 32 groups (the paper's), or gcd(32, C) groups when C is not a multiple of 32.
+    """GroupNorm with ``groups`` groups (the paper's 32), or gcd(groups, C) when C is not a
+    multiple of ``groups``; epsilon 1e-6.
 
     Statistics are reduced in float32 even when `dtype` is bfloat16.
     """
-    return nn.GroupNorm(num_groups=math.gcd(32, num_channels), epsilon=1e-6, dtype=dtype, name=name)
+    return nn.GroupNorm(
+        num_groups=math.gcd(groups, num_channels), epsilon=1e-6, dtype=dtype, name=name
+    )
 
 
 def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:

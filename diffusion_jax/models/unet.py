@@ -53,16 +53,23 @@ class ResnetBlock(nn.Module):
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
     conv_impl: str = "xla"
+    norm_groups: int = 32
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
         # x: [B, H, W, C_in], temb: [B, E]
         c_in = x.shape[-1]
-        h = nn.silu(layers.group_norm(c_in, dtype=self.dtype, name="norm1")(x))
+        h = nn.silu(
+            layers.group_norm(c_in, groups=self.norm_groups, dtype=self.dtype, name="norm1")(x)
+        )
         h = layers.conv(self.out_ch, impl=self.conv_impl, dtype=self.dtype, name="conv1")(h)
         temb = layers.dense(self.out_ch, dtype=self.dtype, name="temb_proj")(nn.silu(temb))
         h = h + temb[:, None, None, :]  # [B, H, W, out_ch]
-        h = nn.silu(layers.group_norm(self.out_ch, dtype=self.dtype, name="norm2")(h))
+        h = nn.silu(
+            layers.group_norm(self.out_ch, groups=self.norm_groups, dtype=self.dtype, name="norm2")(
+                h
+            )
+        )
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
         h = layers.conv(
             self.out_ch, impl=self.conv_impl, zero_init=True, dtype=self.dtype, name="conv2"
@@ -76,11 +83,12 @@ class AttnBlock(nn.Module):
     """Single-head self-attention over all H*W positions, residual."""
 
     dtype: Dtype = jnp.float32
+    norm_groups: int = 32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, height, width, c = x.shape
-        h = layers.group_norm(c, dtype=self.dtype, name="norm")(x)
+        h = layers.group_norm(c, groups=self.norm_groups, dtype=self.dtype, name="norm")(x)
         h = h.reshape(b, height * width, c)  # [B, N, C]
         q = layers.dense(c, dtype=self.dtype, name="q")(h)
         k = layers.dense(c, dtype=self.dtype, name="k")(h)
@@ -113,6 +121,7 @@ class UNet(nn.Module):
     fourier_scale: float = 1.0  # s of sin/cos(2^n s pi x_t) (layers.fourier_scale)
     fourier_features: tuple[int, ...] = ()  # exponents n of sin/cos(2^n pi x_t) input channels
     num_classes: int = 0  # > 0: class-conditional, labels embedded into temb
+    norm_groups: int = 32  # GroupNorm groups (gcd(norm_groups, C) where C is not a multiple)
 
     @nn.compact
     def __call__(
@@ -131,7 +140,7 @@ class UNet(nn.Module):
         block_cls = nn.remat(ResnetBlock, static_argnums=(3,)) if self.remat else ResnetBlock
 
         def resnet(h: jax.Array, out: int, name: str) -> jax.Array:
-            block = block_cls(out, self.dropout, dt, self.conv_impl, name=name)
+            block = block_cls(out, self.dropout, dt, self.conv_impl, self.norm_groups, name=name)
             return block(h, temb, train)
 
         def conv(h: jax.Array, out: int, name: str, **kw: Any) -> jax.Array:
@@ -151,7 +160,7 @@ class UNet(nn.Module):
             for j in range(self.num_res_blocks):
                 h = resnet(hs[-1], self.ch * mult, f"down_{i}_block_{j}")
                 if h.shape[1] in self.attn_resolutions:
-                    h = AttnBlock(dt, name=f"down_{i}_attn_{j}")(h)
+                    h = AttnBlock(dt, self.norm_groups, name=f"down_{i}_attn_{j}")(h)
                 hs.append(h)
             if i != num_levels - 1:
                 h = hs[-1]
@@ -164,7 +173,7 @@ class UNet(nn.Module):
         # Middle.
         h = hs[-1]
         h = resnet(h, h.shape[-1], "mid_block_1")
-        h = AttnBlock(dt, name="mid_attn_1")(h)
+        h = AttnBlock(dt, self.norm_groups, name="mid_attn_1")(h)
         h = resnet(h, h.shape[-1], "mid_block_2")
 
         # Up: num_res_blocks + 1 blocks per level, each eating one skip connection.
@@ -173,14 +182,16 @@ class UNet(nn.Module):
                 h = jnp.concatenate([h, hs.pop()], axis=-1)
                 h = resnet(h, self.ch * self.ch_mult[i], f"up_{i}_block_{j}")
                 if h.shape[1] in self.attn_resolutions:
-                    h = AttnBlock(dt, name=f"up_{i}_attn_{j}")(h)
+                    h = AttnBlock(dt, self.norm_groups, name=f"up_{i}_attn_{j}")(h)
             if i != 0:
                 h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest x2
                 if self.resamp_with_conv:
                     h = conv(h, h.shape[-1], f"up_{i}_upsample")
         assert not hs
 
-        h = nn.silu(layers.group_norm(h.shape[-1], dtype=dt, name="norm_out")(h))
+        h = nn.silu(
+            layers.group_norm(h.shape[-1], groups=self.norm_groups, dtype=dt, name="norm_out")(h)
+        )
         h = conv(h, out_ch, "conv_out", zero_init=True)  # [B, H, W, out_ch]
         return h.astype(jnp.float32)
 
@@ -202,6 +213,7 @@ def build(config: ml_collections.ConfigDict) -> UNet:
         fourier_features=tuple(m.fourier_features),
         fourier_scale=layers.fourier_scale(config),
         num_classes=m.num_classes,
+        norm_groups=m.get("norm_groups", 32),
     )
 
 
@@ -213,3 +225,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             "use model.name='mlp' for vector data."
         )
     check_image_size(config.data.image_size, config.model.ch_mult)
+    groups = config.model.get("norm_groups", 32)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(
+            f"config.model.norm_groups={groups!r} must be an integer >= 1 (GroupNorm groups; "
+            "the paper's 32)."
+        )
