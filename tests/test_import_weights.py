@@ -282,6 +282,7 @@ def test_imported_run_evaluates_and_fine_tunes(tmp_path, caplog):
     assert counts and set(counts) == {2}
 
 
+@pytest.mark.system
 def test_command_line_imports_and_samples(tmp_path):
     workdir = str(tmp_path / "run")
     env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1")
