@@ -256,6 +256,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             f"config.sampling.num_steps={s.num_steps!r} must be an integer >= 0 (steps of the "
             f"continuous model's chain; 0: diffusion.num_timesteps = {num_t})."
         )
+    if method == "heun" and s.num_steps == 1:
+        raise ValueError(
+            "config.sampling.num_steps=1 is too few for sampling.method='heun' (a Heun step "
+            "costs 2 network calls): give >= 2, or 0 for diffusion.num_timesteps."
+        )
+    if isinstance(s.num_samples, bool) or not isinstance(s.num_samples, int) or s.num_samples < 1:
+        raise ValueError(f"config.sampling.num_samples={s.num_samples!r} must be an integer >= 1.")
     sharding.check_batch_size(s.batch_size, "sampling.batch_size")
     k = config.model.num_classes
     if k and not -1 <= s.class_label < k:

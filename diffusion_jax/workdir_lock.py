@@ -1,13 +1,18 @@
-"""One ``train`` process per workdir: a lock file holding the host and pid of its holder.
+"""One ``train`` process per workdir: ``WORKDIR/train.lock``, an exclusive ``flock`` on the file,
+which also names the host and pid of its holder.
 
-Taken before anything is written, released on exit (however the run ends), and stale when its
-process is gone (checked on the same host; a lock of another host is taken as held). Multi-host
-runs take it on process 0 only.
+Taken before anything is written, released on exit however the run ends (the kernel drops the
+flock of a process that dies, so a lock is never stale). Taking it is one atomic step: two
+processes starting together cannot both hold it, whatever the file holds at that moment (even
+nothing yet). A lock file naming a live process of this host, or another host, that holds no
+flock (a run of an earlier version, or a file system without flock between hosts) is taken as
+held too. Multi-host runs take it on process 0 only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -47,37 +52,64 @@ def _alive(holder: dict) -> bool:
     return True
 
 
+def _refuse(workdir: str, path: str, holder: dict | None) -> WorkdirLocked:
+    holder = holder or {}
+    since = holder.get("since")
+    when = (
+        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
+        if isinstance(since, int | float)
+        else "just now"
+    )
+    return WorkdirLocked(
+        f"{workdir} is in use by another train process (pid {holder.get('pid', '?')} on "
+        f"{holder.get('host', '?')}, since {when}); wait for it, or use another --workdir. "
+        f"If that process is gone, delete {path}."
+    )
+
+
+def _lock(path: str) -> int | None:
+    """A descriptor of ``path`` holding its exclusive flock, or None if another process holds
+    it. Retries when the holder removed the file between our open and our flock."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def hold(workdir: str, enabled: bool = True) -> Iterator[None]:
     """Hold ``WORKDIR/train.lock`` for the block; WorkdirLocked (one line naming the holder) if
-    a live process holds it. ``enabled=False`` (processes other than 0) does nothing."""
+    another process holds it. ``enabled=False`` (processes other than 0) does nothing."""
     if not enabled:
         yield
         return
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, LOCK_NAME)
+    fd = _lock(path)
+    if fd is None:
+        raise _refuse(workdir, path, _read(path))
     me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            holder = _read(path)
-            if holder is not None and _alive(holder):
-                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
-                raise WorkdirLocked(
-                    f"{workdir} is in use by another train process (pid {holder.get('pid')} on "
-                    f"{holder.get('host')}, since {since}); wait for it, or use another --workdir. "
-                    f"If that process is gone, delete {path}."
-                ) from None
-            logging.warning("Removing the stale lock %s (%s: no such process).", path, holder)
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-    with os.fdopen(fd, "w") as f:
-        json.dump(me, f)
     try:
-        yield
-    finally:
-        if _read(path) == me:
+        before = _read(path)
+        if before is not None and before.get("pid") != me["pid"] and _alive(before):
+            raise _refuse(workdir, path, before)
+        if before is not None:
+            logging.warning("Taking over the lock %s left by %s (no such process).", path, before)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(me).encode())
+        try:
+            yield
+        finally:
             with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
+                os.remove(path)  # while holding the flock: no one else can hold this file
+    finally:
+        os.close(fd)

@@ -151,6 +151,40 @@ def test_counts_and_noise_scales_that_cannot_work_are_refused(key, value, match)
         config_lib.validate(config)
 
 
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("eval.ode_num_examples", -1, "ode_num_examples=-1 must be an integer >= 0"),
+        ("eval.num_examples", -3, "eval.num_examples=-3 must be an integer >= 0"),
+        ("eval.rd_num_examples", -1, "rd_num_examples=-1 must be an integer >= 0"),
+        ("eval.bpd_splits_num_examples", -2, "bpd_splits_num_examples=-2 must be an integer"),
+        ("eval.ode_rtol", 0.0, "ode_rtol=0.0 must be > 0"),
+        ("eval.ode_atol", float("nan"), "ode_atol=nan must be > 0"),
+        ("sampling.num_samples", 0, "num_samples=0 must be an integer >= 1"),
+        ("eval.bound_num_t", -1, "bound_num_t=-1 must be 0"),
+        (
+            "eval.bound_num_t",
+            20,
+            r"bound_num_t=20 must be 0 \(every t\) or an integer in \[1, T - 1 = 19\]",
+        ),
+    ],
+)
+def test_negative_counts_and_zero_tolerances_are_refused(key, value, match):
+    """Issue 28 #11, #15: refused in one line before anything compiles (0 keeps meaning all)."""
+    from diffusion_jax import evaluation
+
+    with pytest.raises(ValueError, match=match):
+        evaluation.prepare(tiny_config(**{key: value}))
+    evaluation.prepare(tiny_config(**{"eval.ode_num_examples": 0, "eval.num_examples": 0}))
+
+
+def test_heun_with_one_network_call_is_refused():
+    config = tiny_config(**{"sampling.method": "heun", "sampling.num_steps": 1})
+    with pytest.raises(ValueError, match="num_steps=1 is too few for sampling.method='heun'"):
+        config_lib.validate(config)
+    config_lib.validate(tiny_config(**{"sampling.method": "heun", "sampling.num_steps": 2}))
+
+
 def test_a_nan_guidance_scale_is_refused():
     config = tiny_config(**{"model.num_classes": 10, "sampling.guidance_scale": float("nan")})
     with pytest.raises(ValueError, match="guidance_scale=nan must be finite and >= 0"):

@@ -63,3 +63,30 @@ def test_other_processes_of_a_multi_host_run_take_no_lock(tmp_path):
     _write_lock(str(tmp_path), "another-host", 1)
     with workdir_lock.hold(str(tmp_path), enabled=False):
         pass
+
+
+def test_a_lock_being_taken_is_held_even_before_it_names_its_holder(tmp_path):
+    """Row 10 of issue 28: the holder has created train.lock (and flocked it) but written nothing
+    yet; the second process must not take the empty file for a stale one."""
+    path = tmp_path / workdir_lock.LOCK_NAME
+    script = (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(path)!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('held', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        assert path.read_text() == ""
+        with pytest.raises(workdir_lock.WorkdirLocked, match="in use by another train process"):
+            with workdir_lock.hold(str(tmp_path)):
+                pass
+        assert path.exists()  # not removed as stale
+    finally:
+        proc.kill()
+        proc.wait()
+    # Its process gone, the kernel dropped the flock: the empty file is free.
+    with workdir_lock.hold(str(tmp_path)):
+        assert json.loads(path.read_text())["pid"] == os.getpid()

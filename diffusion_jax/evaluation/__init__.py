@@ -161,6 +161,22 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             f"config.eval.bpd_splits must be a tuple of split names, got {e.bpd_splits!r}."
         )
     _check_bound_estimate(config)
+    for key, least in (
+        ("num_examples", 0),
+        ("ode_num_examples", 0),
+        ("rd_num_examples", 0),
+        ("bpd_splits_num_examples", -1),
+    ):
+        v = e[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            meaning = "0: the whole split" + (", -1: as eval.num_examples" if least < 0 else "")
+            raise ValueError(f"config.eval.{key}={v!r} must be an integer >= {least} ({meaning}).")
+    for key in ("ode_rtol", "ode_atol"):
+        if not 0 < e[key] < float("inf"):
+            raise ValueError(
+                f"config.eval.{key}={e[key]!r} must be > 0 (the bpd_ode solver's tolerance; "
+                "1e-5 by default): at 0 no step is ever accepted."
+            )
     if {*classifier_lib.METRICS, "class_match"} & set(e.metrics):
         classifier_lib.check_config(config)
     if "fid" in e.metrics or "is" in e.metrics:
