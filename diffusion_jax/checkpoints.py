@@ -29,6 +29,25 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+def check_directory(workdir: str) -> list[str]:
+    """The damaged checkpoints moved aside in ``WORKDIR/checkpoints`` (``corrupt-*`` folders,
+    sorted); CheckpointError naming an entry with a step's name that is not a folder (a file
+    ``checkpoints/8`` that a save of step 8 would silently replace)."""
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        return []
+    names = sorted(os.listdir(directory))
+    for name in names:
+        path = os.path.join(directory, name)
+        if name.isdigit() and not os.path.isdir(path):
+            raise CheckpointError(
+                f"{path} is not a checkpoint folder (a {'link' if os.path.islink(path) else 'file'}"
+                f" named like step {int(name)}), and a save of that step would replace it: move "
+                "it out of the checkpoints folder."
+            )
+    return [n for n in names if n.startswith("corrupt-")]
+
+
 def make_manager(
     workdir: str, max_to_keep: int | None = 3, enable_async: bool = True
 ) -> ocp.CheckpointManager:

@@ -29,6 +29,11 @@ _ALLOW_CHANGE = flags.DEFINE_list(
     "train: optimiser keys (optim.*) that may differ from the run's config.json on resume, "
     "e.g. optim.learning_rate after a NaN stop.",
 )
+_FRESH_START = flags.DEFINE_bool(
+    "fresh_start",
+    False,
+    "train: start at step 0 in a workdir whose checkpoints are all damaged (corrupt-* folders).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -105,7 +110,11 @@ def _main(signals: interrupts.SignalRecorder) -> None:
         signals.check()
         if _MODE.value == "train":
             train.train_and_evaluate(
-                config, _WORKDIR.value, tuple(_ALLOW_CHANGE.value), signals=signals
+                config,
+                _WORKDIR.value,
+                tuple(_ALLOW_CHANGE.value),
+                signals=signals,
+                fresh_start=_FRESH_START.value,
             )
             return
         signals.restore()  # eval and sample: Ctrl-C and SIGTERM act at once

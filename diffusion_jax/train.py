@@ -184,12 +184,14 @@ def train_and_evaluate(
     workdir: str,
     allow_config_change: tuple[str, ...] = (),
     signals: interrupts.SignalRecorder | None = None,
+    fresh_start: bool = False,
 ) -> TrainState:
     """Train (resuming from the newest checkpoint), then sample and evaluate as configured; the
     workdir locked against a second train process for the whole run. ``allow_config_change``:
     optimiser keys that may differ from the run's config.json (``config.check_workdir``).
     Ctrl-C and SIGTERM until the end of training are recorded and acted on between steps
-    (``interrupts``); ``signals`` passes a recorder installed earlier."""
+    (``interrupts``); ``signals`` passes a recorder installed earlier. ``fresh_start``: start at
+    step 0 in a workdir whose checkpoints are all damaged (``corrupt-*``), else refused."""
     config = evaluation.prepare(config)
     config_lib.check_workdir(config, workdir, allow=allow_config_change)
     process0 = jax.process_index() == 0
@@ -199,7 +201,7 @@ def train_and_evaluate(
         # ``signals``: the entry point's, recording since before JAX was imported.
         signals = interrupts.SignalRecorder(signums) if signals is None else signals
         try:
-            return _train_and_evaluate(config, workdir, process0, signals)
+            return _train_and_evaluate(config, workdir, process0, signals, fresh_start)
         finally:
             signals.restore()
 
@@ -209,6 +211,7 @@ def _train_and_evaluate(
     workdir: str,
     process0: bool,
     signals: interrupts.SignalRecorder,
+    fresh_start: bool = False,
 ) -> TrainState:
     mesh = sharding.make_mesh()
     program = build(config, mesh)
@@ -216,12 +219,20 @@ def _train_and_evaluate(
     train_key = keys["train"]
 
     source = input_pipeline.load_split(config, config.data.train_split)
+    damaged = checkpoints.check_directory(workdir)
     manager = checkpoints.make_manager(workdir, config.training.keep_checkpoints)
     # A checkpoint of an earlier version lacks the newer fields: filled from a fresh state.
     restored = checkpoints.restore(
         manager, program.abstract_state, fill=lambda: program.init(keys["init"])
     )
     if restored is None:
+        if damaged and not fresh_start:
+            raise checkpoints.CheckpointError(
+                f"{checkpoints.checkpoint_dir(workdir)} holds only damaged checkpoints "
+                f"({', '.join(damaged)}), none that restores: a new run beside them would look "
+                "like their resumption. Move them away, use another --workdir, or pass "
+                "--fresh_start to start at step 0 here."
+            )
         state = program.init(keys["init"])
         logging.info("Starting a new run in %s.", workdir)
     else:

@@ -372,8 +372,29 @@ def test_no_restorable_checkpoint_is_a_clear_error(six_steps, tmp_path):
     shutil.copytree(source, workdir)
     for step in (2, 4, 6):
         corrupt_checkpoint(os.path.join(workdir, "checkpoints", str(step)), "garbage metadata")
+    config = tiny_config(**{"training.eval_at_end": False, "training.num_train_steps": 2})
     with pytest.raises(checkpoints.CheckpointError, match=r"None of the checkpoints \[6, 4, 2\]"):
-        train.train_and_evaluate(tiny_config(**{"training.eval_at_end": False}), workdir)
+        train.train_and_evaluate(config, workdir)
+    # Issue 28 #12: the same command again does not start afresh beside the damaged ones.
+    with pytest.raises(
+        checkpoints.CheckpointError,
+        match=r"holds only damaged checkpoints \(corrupt-2, corrupt-4, corrupt-6\).*--fresh_start",
+    ):
+        train.train_and_evaluate(config, workdir)
+    state = train.train_and_evaluate(config, workdir, fresh_start=True)
+    assert int(state.step) == 2
+
+
+def test_a_file_named_like_a_step_is_refused(tmp_path):
+    """Issue 28 #13: a regular file checkpoints/8 is named, not replaced by the step-8 save."""
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints").mkdir(parents=True)
+    (workdir / "checkpoints" / "2").write_text("mine")
+    with pytest.raises(
+        checkpoints.CheckpointError, match=r"checkpoints/2 is not a checkpoint folder"
+    ):
+        train.train_and_evaluate(tiny_config(**{"training.eval_at_end": False}), str(workdir))
+    assert (workdir / "checkpoints" / "2").read_text() == "mine"
 
 
 def test_load_params_skips_a_damaged_newest_checkpoint(six_steps, tmp_path):
