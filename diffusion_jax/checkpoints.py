@@ -225,6 +225,15 @@ def load_state_item(workdir: str, name: str, step: int | None = None) -> Any:
     """One field of the train state (``params``, ``ema_params``, ``loss_history``, ...) of
     ``step`` or of the newest checkpoint that restores; KeyError naming the fields when the
     checkpoint has no ``name``."""
+    return load_state_item_and_step(workdir, name, step)[0]
+
+
+def load_state_item_and_step(
+    workdir: str, name: str, step: int | None = None, rounds: int = 3
+) -> tuple[Any, int]:
+    """(``load_state_item``'s value, the step it was read from). Without ``step``: when every
+    checkpoint listed fails while a train deletes old ones under the reader (keep_checkpoints),
+    the folder is listed again and the newest tried again, up to ``rounds`` times."""
     options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
     directory = checkpoint_dir(workdir)
     manager = ocp.CheckpointManager(directory, options=options, item_handlers=_handlers())
@@ -236,15 +245,31 @@ def load_state_item(workdir: str, name: str, step: int | None = None) -> Any:
             raise FileNotFoundError(
                 f"No checkpoint of step {step} in {directory}; there are {sorted(steps)}."
             )
-        return _load_item(manager, step, name)
-    for s in steps:
-        try:
-            return _load_item(manager, s, name)
-        except Exception as e:  # orbax, tensorstore, JSON and key errors alike
-            logging.warning(
-                "Checkpoint %d cannot be restored (%s); trying the one before.", s, _reason(e)
-            )
-    raise CheckpointError(f"None of the checkpoints {steps} in {directory} could be restored.")
+        return _load_item(manager, step, name), step
+    tried: set[int] = set()
+    for _ in range(rounds):
+        for s in steps:
+            if s in tried:
+                continue
+            tried.add(s)
+            try:
+                return _load_item(manager, s, name), s
+            except KeyError:
+                raise
+            except Exception as e:  # orbax, tensorstore, JSON errors alike
+                if not os.path.isdir(os.path.join(directory, str(s))):
+                    logging.info("Checkpoint %d was deleted while being read; trying another.", s)
+                    continue
+                logging.warning(
+                    "Checkpoint %d cannot be restored (%s); trying the one before.", s, _reason(e)
+                )
+        manager.reload()
+        steps = sorted(set(manager.all_steps()) - tried, reverse=True)
+        if not steps:
+            break
+    raise CheckpointError(
+        f"None of the checkpoints {sorted(tried, reverse=True)} in {directory} could be restored."
+    )
 
 
 def _load_item(manager: ocp.CheckpointManager, step: int, name: str) -> Any:

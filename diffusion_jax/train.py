@@ -339,7 +339,9 @@ def _train_and_evaluate(
     try:
         if config.training.eval_at_end and step > start:
             sampling.sample_and_save(config, sampler, state.ema_params, workdir, writer)
-            ctx = evaluation.EvalContext(config, program.model, state.ema_params, mesh, workdir)
+            ctx = evaluation.EvalContext(
+                config, program.model, state.ema_params, mesh, workdir, {"checkpoint_step": step}
+            )
             evaluation.run_evaluators(ctx)
     finally:
         writer.close()

@@ -83,6 +83,9 @@ def test_sample_and_eval_modes_use_the_newest_checkpoint(full_run):
     np.testing.assert_array_equal(saved, samples)
     metrics = evaluation.evaluate(tiny_config(**{"eval.num_examples": 8}), workdir)
     assert metrics["num_examples"] == 8 and np.isfinite(metrics["bpd"])
+    # metrics.json names the step it evaluated (issue 28 #9).
+    saved = json.load(open(os.path.join(workdir, "eval", "metrics.json")))
+    assert saved["checkpoint_step"] == 6
 
 
 def test_resume_is_bit_identical(full_run, tmp_path):
@@ -405,6 +408,35 @@ def test_load_params_skips_a_damaged_newest_checkpoint(six_steps, tmp_path):
     params = checkpoints.load_params(workdir)
     _assert_trees_equal(params, checkpoints.load_params(source, step=4))
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "6"))  # read-only: nothing moved
+
+
+def test_a_reader_retries_when_train_deletes_the_checkpoints_under_it(
+    six_steps, tmp_path, monkeypatch
+):
+    """Issue 28 #9: eval lists [6, 4, 2]; while it reads 6, a train saves step 8 and its
+    keep_checkpoints deletes 6, 4 and 2. The reader lists again, reads 8 and names it."""
+    source, _ = six_steps
+    workdir = str(tmp_path / "run")
+    shutil.copytree(source, workdir)
+    ckpt = os.path.join(workdir, "checkpoints")
+    real = checkpoints._load_item
+    seen = []
+
+    def train_runs_on(manager, step, name):
+        seen.append(step)
+        if step == 6:
+            shutil.copytree(os.path.join(ckpt, "2"), os.path.join(ckpt, "8"))
+            for s in (6, 4, 2):
+                shutil.rmtree(os.path.join(ckpt, str(s)))
+        if not os.path.isdir(os.path.join(ckpt, str(step))):
+            raise FileNotFoundError(f"step {step} vanished")
+        return real(manager, step, name)
+
+    monkeypatch.setattr(checkpoints, "_load_item", train_runs_on)
+    params, step = checkpoints.load_state_item_and_step(workdir, "ema_params")
+    assert step == 8 and seen == [6, 4, 2, 8]
+    monkeypatch.setattr(checkpoints, "_load_item", real)
+    _assert_trees_equal(params, checkpoints.load_params(source, step=2))
 
 
 def test_a_failed_save_stops_the_run_naming_the_cause_and_keeps_the_previous(tmp_path):

@@ -44,6 +44,7 @@ __all__ = [
     "evaluate",
     "evaluate_bpd",
     "load_ema_params",
+    "load_ema_params_and_step",
     "run_evaluators",
     "sample",
 ]
@@ -253,8 +254,15 @@ def _with_failures(metrics: dict[str, Any], failed: dict[str, str]) -> dict[str,
 
 def load_ema_params(workdir: str, mesh: jax.sharding.Mesh) -> Any:
     """The newest checkpoint's EMA parameters, replicated over the mesh."""
-    params = checkpoints.load_params(workdir, ema=True)
-    return jax.device_put(params, sharding.replicated(mesh))
+    return load_ema_params_and_step(workdir, mesh)[0]
+
+
+def load_ema_params_and_step(workdir: str, mesh: jax.sharding.Mesh) -> tuple[Any, int]:
+    """(the newest restorable checkpoint's EMA parameters replicated over the mesh, its step);
+    logged, so that a reader knows which step was evaluated or sampled."""
+    params, step = checkpoints.load_state_item_and_step(workdir, "ema_params")
+    logging.info("Read the EMA parameters of the checkpoint of step %d in %s.", step, workdir)
+    return jax.device_put(params, sharding.replicated(mesh)), step
 
 
 def evaluate(
@@ -269,10 +277,12 @@ def evaluate(
     config = prepare(config)
     model = model or models.get_model(config)
     mesh = mesh or sharding.make_mesh()
+    ctx_metrics = {}
     if params is None:
         config_lib.check_workdir(config, workdir, mode="eval")  # before a mismatched restore
-        params = load_ema_params(workdir, mesh)
-    return run_evaluators(EvalContext(config, model, params, mesh, workdir))
+        params, step = load_ema_params_and_step(workdir, mesh)
+        ctx_metrics["checkpoint_step"] = step
+    return run_evaluators(EvalContext(config, model, params, mesh, workdir, metrics=ctx_metrics))
 
 
 def sample(config: ml_collections.ConfigDict, workdir: str) -> np.ndarray:
