@@ -129,7 +129,11 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema_params = optax.incremental_update(params, state.ema_params, 1.0 - decay)
-        metrics |= {"grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+        metrics |= {
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),  # finite iff the new parameters are
+            "lr": schedule(state.step),
+        }
         history = state.loss_history
         if history is not None:
             history = diffusion_lib.update_loss_history(history, t, losses)
@@ -358,31 +362,58 @@ def _check_data_position(config: ml_collections.ConfigDict, step: int, meta: dic
         )
 
 
+def _first_bad_state(stacked: dict, first_step: int) -> tuple[int, int, str, float] | None:
+    """(the first state that does not resume, the step whose metrics show it, the quantity,
+    its value) for a window of per-step metrics from ``first_step`` on; None when all finite.
+
+    Step s's loss and gradient norm are computed at the parameters of state s - 1, its
+    parameter norm is of state s: a non-finite loss or gradient at step s condemns state s - 1
+    (any learning rate repeats that gradient), non-finite parameters condemn state s."""
+    found = []
+    for name, what, offset in (
+        ("loss", "loss", 1),
+        ("grad_norm", "gradient norm", 1),
+        ("param_norm", "parameter norm", 0),
+    ):
+        values = np.asarray(stacked.get(name, ()))
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            step = first_step + int(bad[0])
+            found.append((step - offset, step, what, float(values[bad[0]])))
+    return min(found) if found else None
+
+
 def _summarise(pending: list[dict], step: int, manager) -> dict[str, float]:
-    """Mean metrics over the window; raise NonFiniteLossError naming the first bad step."""
+    """Mean metrics over the window; raise NonFiniteLossError naming the first bad step when a
+    loss, gradient norm or parameter norm is not finite."""
     if not pending:
         return {}
     stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *pending))
-    losses = np.asarray(stacked["loss"])
-    bad = np.flatnonzero(~np.isfinite(losses))
-    if bad.size:
-        first = step - len(losses) + int(bad[0]) + 1
+    first = _first_bad_state(stacked, step - len(pending) + 1)
+    if first is not None:
+        bad_state, at, what, value = first
         manager.wait_until_finished()
-        # The loss of step s comes from the parameters of step s - 1: checkpoints from there on
-        # hold parameters that diverge. Moved aside (never deleted), so a resume starts before.
+        # Checkpoints of that state and after cannot resume: moved aside (never deleted), so a
+        # resume starts before them.
         moved = [
             checkpoints.move_aside(manager, s, "diverged")
             for s in sorted(manager.all_steps())
-            if s >= first - 1
+            if s >= bad_state
         ]
         last = manager.latest_step()
+        where = (
+            f"The newest checkpoint of a finite state (loss, gradient and parameters) is step "
+            f"{last} in {manager.directory}; the same settings will likely diverge again from it: "
+            "resume"
+            if last is not None
+            else f"No checkpoint before step {bad_state} is left in {manager.directory}: the "
+            "same command starts again at step 0; run it"
+        )
         raise NonFiniteLossError(
-            f"The loss is {losses[bad[0]]} at step {first}: stopping"
-            + (f" (checkpoints from step {first - 1} on moved to diverged-<step>)" if moved else "")
-            + f". The newest checkpoint whose loss was finite is step {last} in "
-            f"{manager.directory}; the same settings will likely diverge again from it: resume "
-            "with changed optimiser settings, e.g. --config.optim.learning_rate=<lower> "
-            "--allow_config_change=optim.learning_rate."
+            f"The {what} is {value} at step {at}: stopping"
+            + (f" (checkpoints from step {bad_state} on moved to diverged-<step>)" if moved else "")
+            + f". {where} with changed optimiser settings, e.g. "
+            "--config.optim.learning_rate=<lower> --allow_config_change=optim.learning_rate."
         )
     return {k: float(np.mean(v)) for k, v in stacked.items()}
 

@@ -131,11 +131,12 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path
     )
     with pytest.raises(train.NonFiniteLossError, match=r"at step (\d+)") as info:
         train.train_and_evaluate(config, workdir)
-    bad_step = int(re.search(r"at step (\d+)", str(info.value)).group(1))
+    # Step 2's update made the parameters infinite: caught before its save, so the checkpoint of
+    # step 1 (finite loss and gradient at step 2) is the newest and is named.
+    assert "The parameter norm is inf at step 2: stopping." in str(info.value)
     last = checkpoints.make_manager(workdir).latest_step()
-    assert last == bad_step - 2  # the parameters of bad_step - 1 gave the NaN: moved aside
-    assert os.path.isdir(os.path.join(workdir, "checkpoints", f"diverged-{bad_step - 1}"))
-    assert f"finite is step {last} in" in str(info.value)
+    assert last == 1
+    assert f"finite state (loss, gradient and parameters) is step {last} in" in str(info.value)
     for leaf in _leaves(checkpoints.load_params(workdir, ema=False)):
         assert np.all(np.isfinite(leaf))
     assert "--allow_config_change=optim.learning_rate" in str(info.value)
@@ -147,6 +148,44 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path
         train.train_and_evaluate(config, workdir, allow_config_change=("model.ch",))
     state = train.train_and_evaluate(config, workdir, allow_config_change=("optim.learning_rate",))
     assert int(state.step) == 20
+    assert all(np.all(np.isfinite(leaf)) for leaf in _leaves(state.params))
+
+
+def test_the_first_state_that_cannot_resume():
+    nan, inf = float("nan"), float("inf")
+    window = {  # steps 3, 4, 5
+        "loss": np.array([1.0, 1.2e7, nan]),
+        "grad_norm": np.array([1.0, nan, nan]),
+        "param_norm": np.array([1.0, 2.0, nan]),
+    }
+    # Step 4's gradient (at state 3's parameters) is NaN with a finite loss: state 3 is bad.
+    *where, value = train._first_bad_state(window, 3)
+    assert where == [3, 4, "gradient norm"] and np.isnan(value)
+    finite_grads = dict(window, grad_norm=np.ones(3), loss=np.ones(3))
+    finite_grads["param_norm"] = np.array([1.0, inf, inf])  # state 4's parameters overflowed
+    assert train._first_bad_state(finite_grads, 3) == (4, 4, "parameter norm", inf)
+    assert train._first_bad_state({k: np.ones(3) for k in window}, 3) is None
+
+
+def test_the_advised_recovery_from_a_divergence_trains_to_the_end(tmp_path):
+    """Issue 28 #3: learning rate 1e6, checkpoints every 2 steps. A step with a finite loss but
+    a non-finite gradient condemns the state it was computed at, so the checkpoint the message
+    names is one that resumes: the advised lower learning rate then trains to the end."""
+    workdir = str(tmp_path)
+    config = tiny_config(**{"optim.learning_rate": 1e6, "training.eval_at_end": False})
+    with pytest.raises(train.NonFiniteLossError) as info:
+        train.train_and_evaluate(config, workdir)
+    message = str(info.value)
+    assert "--allow_config_change=optim.learning_rate" in message
+    for leaf in (
+        _leaves(checkpoints.load_params(workdir, ema=False))
+        if checkpoints.make_manager(workdir).latest_step() is not None
+        else []
+    ):
+        assert np.all(np.isfinite(leaf))
+    config.optim.learning_rate = 1e-4
+    state = train.train_and_evaluate(config, workdir, allow_config_change=("optim.learning_rate",))
+    assert int(state.step) == config.training.num_train_steps
     assert all(np.all(np.isfinite(leaf)) for leaf in _leaves(state.params))
 
 
