@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 
 import numpy as np
 from absl import logging
@@ -46,11 +47,52 @@ def write_split(out: str, split: str, images, labels: np.ndarray | None) -> dict
     return {"num_examples": n, "shape": list(images.shape[1:]), "labels": labels is not None}
 
 
-def prepare(input_path: str, output: str, image_size: int, split: str) -> dict:
-    """Write ``input_path`` (a folder of images or a .npz) to ``output``; returns dataset.json."""
+def prepare(
+    input_path: str, output: str, image_size: int, split: str, overwrite: bool = False
+) -> dict:
+    """Write ``input_path`` (a folder of images or a .npz) to ``output``; returns dataset.json.
+
+    The set is written whole into a temporary folder beside ``output`` and renamed into place,
+    so ``output`` holds one complete write or none; a non-empty ``output`` is replaced only
+    with ``overwrite``."""
     if not os.path.exists(input_path):
         raise input_pipeline.DatasetError(f"--input={input_path!r}: no such file or folder.")
-    os.makedirs(output, exist_ok=True)
+    folder_input = not input_path.endswith(".npz")  # a .npz keeps its arrays' sizes
+    if folder_input and (
+        isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
+    ):
+        raise input_pipeline.DatasetError(
+            f"--image_size={image_size!r} must be an integer >= 1 (the side of the images)."
+        )
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise input_pipeline.DatasetError(f"--output={output!r} is a file, not a folder.")
+    if os.path.isdir(output) and os.listdir(output) and not overwrite:
+        raise input_pipeline.DatasetError(
+            f"--output={output!r} is not empty (it holds {sorted(os.listdir(output))[:5]}): "
+            "pass --overwrite to replace it, or write to another folder."
+        )
+    final, output = output, f"{output.rstrip(os.sep)}.tmp-{os.getpid()}"
+    shutil.rmtree(output, ignore_errors=True)
+    os.makedirs(output)
+    try:
+        meta = _write(input_path, output, image_size, split)
+    except BaseException:
+        shutil.rmtree(output, ignore_errors=True)
+        raise
+    old = f"{final.rstrip(os.sep)}.old-{os.getpid()}"
+    if os.path.exists(final):
+        os.rename(final, old)
+    os.rename(output, final)
+    shutil.rmtree(old, ignore_errors=True)
+    logging.info(
+        "Wrote %s to %s.",
+        ", ".join(f"{k} ({v['num_examples']})" for k, v in meta["splits"].items()),
+        final,
+    )
+    return meta
+
+
+def _write(input_path: str, output: str, image_size: int, split: str) -> dict:
     splits, names = {}, ()
     if input_path.endswith(".npz"):
         with np.load(input_path) as f:
@@ -79,11 +121,6 @@ def prepare(input_path: str, output: str, image_size: int, split: str) -> dict:
     meta = {"source": os.path.abspath(input_path), "class_names": list(names), "splits": splits}
     with open(os.path.join(output, input_pipeline.PREPARED_MARKER), "w") as f:
         json.dump(meta, f, indent=2)
-    logging.info(
-        "Wrote %s to %s.",
-        ", ".join(f"{k} ({v['num_examples']})" for k, v in splits.items()),
-        output,
-    )
     return meta
 
 
@@ -94,10 +131,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", required=True, help="the folder to write")
     parser.add_argument("--image_size", type=int, default=32, help="side of folder images")
     parser.add_argument("--split", default="train", help="the split of a folder / 'images'")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty --output folder"
+    )
     args = parser.parse_args(argv)
     logging.set_verbosity(logging.INFO)
     try:
-        prepare(args.input, args.output, args.image_size, args.split)
+        prepare(args.input, args.output, args.image_size, args.split, args.overwrite)
     except input_pipeline.DatasetError as e:
         raise SystemExit(f"error: {e}") from None
 

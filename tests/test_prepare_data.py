@@ -162,3 +162,51 @@ def test_the_command_line_writes_a_folder_and_names_a_missing_input(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"error: --input={cmd[-1]!r}: no such file or folder."
     ]
+
+
+def _npz(path, labels=True, n=6):
+    rng = np.random.default_rng(1)
+    arrays = {"train": rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)}
+    if labels:
+        arrays["train_labels"] = np.arange(n) % 2
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_a_second_write_never_mixes_with_the_first(tmp_path):
+    """Issue 28 #2: an unlabelled set written over a labelled one must not keep its labels."""
+    out = str(tmp_path / "out")
+    prepare_data.prepare(_npz(tmp_path / "a.npz"), out, 8, "train")
+    with pytest.raises(ip.DatasetError, match=r"--output=.* is not empty .*--overwrite"):
+        prepare_data.prepare(_npz(tmp_path / "b.npz", labels=False), out, 8, "train")
+    assert ip.load_split(_config(out), "train").labels is not None  # untouched
+    prepare_data.prepare(_npz(tmp_path / "b.npz", labels=False), out, 8, "train", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["dataset.json", "train.npy"]
+    assert ip.load_split(_config(out), "train").labels is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz", "b.npz", "out"]  # no temp
+
+
+def test_the_reader_checks_dataset_json_against_the_files(tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    prepare_data.prepare(_npz(tmp_path / "a.npz", labels=False), str(out), 8, "train")
+    np.save(out / "train_labels.npy", np.zeros(6, np.int32))  # left by another write
+    with pytest.raises(ip.DatasetError, match=r"dataset.json says split 'train' has labels=False"):
+        ip.load_split(_config(out), "train")
+    (out / "train_labels.npy").unlink()
+    (out / "dataset.json").write_text(json.dumps([1, 2]))
+    with pytest.raises(ip.DatasetError, match=r"out/dataset.json holds list \[1, 2\]"):
+        ip.load_split(_config(out), "train")
+    (out / "dataset.json").write_text("{garbage")
+    with pytest.raises(ip.DatasetError, match=r"out/dataset.json cannot be read as JSON"):
+        ip.load_split(_config(out), "train")
+
+
+def test_bad_image_sizes_and_outputs_are_one_line(tmp_path):
+    root = _folder(tmp_path)
+    with pytest.raises(ip.DatasetError, match=r"--image_size=-4 must be an integer >= 1"):
+        prepare_data.prepare(str(root), str(tmp_path / "o"), -4, "train")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ip.DatasetError, match=r"--output=.*file' is a file, not a folder"):
+        prepare_data.prepare(str(root), str(tmp_path / "file"), 8, "train")

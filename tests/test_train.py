@@ -1,6 +1,5 @@
 import json
 import os
-import re
 import shutil
 from unittest import mock
 
