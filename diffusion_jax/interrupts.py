@@ -23,8 +23,12 @@ class SignalRecorder:
     def __init__(self, signums: tuple[int, ...]):
         self.received: int | None = None
         self._old = {s: signal.signal(s, self._record) for s in signums}
+        _ACTIVE.append(self)
 
     def _record(self, signum, frame):
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            # Ctrl-C again before a safe point came: the user insists, stop here and now.
+            raise KeyboardInterrupt
         self.received = self.received or signum
 
     def check(self) -> None:
@@ -40,3 +44,19 @@ class SignalRecorder:
         for s, handler in self._old.items():
             signal.signal(s, handler)
         self._old = {}
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+
+
+# The recorders installed, innermost last: signal handlers are the process's, and so is this.
+_ACTIVE: list[SignalRecorder] = []
+
+
+def check() -> None:
+    """A safe point: act on a signal recorded by the innermost installed recorder (raise
+    KeyboardInterrupt / Interrupted); nothing when none is installed (a notebook, a test), where
+    Ctrl-C raises as Python's default handler does. The loops of training, sampling and
+    evaluation call it between their compiled steps (``reporting.progress_bar`` does, on each
+    update)."""
+    if _ACTIVE:
+        _ACTIVE[-1].check()

@@ -5,14 +5,23 @@ Modes: ``train`` (resumes from the newest checkpoint; samples and evaluates at t
 overridden: ``--config.training.num_train_steps=100``.
 """
 
-import os
 import signal
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from diffusion_jax import interrupts
 
-from diffusion_jax import cli, interrupts, runtime
+# Run as the program: from this line on (before absl, the config file and JAX are imported)
+# Ctrl-C and SIGTERM are recorded and acted on at safe points, never raised inside an import.
+_EARLY = (
+    interrupts.SignalRecorder((signal.SIGINT, signal.SIGTERM)) if __name__ == "__main__" else None
+)
+
+import os  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from diffusion_jax import cli, runtime  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
@@ -72,18 +81,14 @@ def _unraisable(hook):
     return handle
 
 
-def _sigterm(signum, frame):
-    raise KeyboardInterrupt  # as Ctrl-C: the same exit (130) from the first moment on
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    signal.signal(signal.SIGTERM, _sigterm)  # after start-up: as Ctrl-C
     sys.unraisablehook = _unraisable(sys.unraisablehook)
-    # From the first moment to the first training step (imports, JAX's start, compilation) the
-    # signals are recorded and acted on at safe points, never raised inside a library call.
-    signals = interrupts.SignalRecorder((signal.SIGINT, signal.SIGTERM))
+    # From the first moment to the end (imports, JAX's start, compilation, the train loop, the
+    # chains of sampling and evaluation) the signals are recorded and acted on at safe points:
+    # between steps and between the compiled segments of a chain (``interrupts.check``).
+    signals = _EARLY or interrupts.SignalRecorder((signal.SIGINT, signal.SIGTERM))
     try:
         _main(signals)
     except KeyboardInterrupt:
@@ -117,7 +122,6 @@ def _main(signals: interrupts.SignalRecorder) -> None:
                 fresh_start=_FRESH_START.value,
             )
             return
-        signals.restore()  # eval and sample: Ctrl-C and SIGTERM act at once
         signals.check()
         if _MODE.value == "eval":
             evaluation.evaluate(config, _WORKDIR.value)

@@ -14,6 +14,8 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
+from diffusion_jax import interrupts
+
 
 class MetricWriter:
     """Scalars and images to TensorBoard event files in ``logdir`` (process 0 only)."""
@@ -107,9 +109,20 @@ def write_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+class _Bar(tqdm):
+    """tqdm whose every update is a safe point for Ctrl-C and SIGTERM (``interrupts.check``):
+    a long loop of compiled calls stops between two of them."""
+
+    def update(self, n: float = 1) -> bool | None:
+        shown = super().update(n)
+        interrupts.check()
+        return shown
+
+
 def progress_bar(total: int, desc: str, unit: str = "step", initial: int = 0) -> tqdm:
-    """A terminal progress bar with rate and ETA, drawn by process 0 only."""
-    return tqdm(
+    """A terminal progress bar with rate and ETA, drawn by process 0 only; each update is a
+    safe point for a recorded signal (``interrupts.check``)."""
+    return _Bar(
         total=total,
         initial=initial,
         disable=jax.process_index() != 0,

@@ -337,8 +337,7 @@ def _train_and_evaluate(
     finally:
         progress.close()
         checkpoints.wait(manager, last_saved)
-    signals.restore()  # sampling and evaluation: Ctrl-C and SIGTERM act at once again
-    signals.check()
+    signals.check()  # still installed: sampling and evaluation stop between their segments
     logging.info("Training done: %d steps.", step)
     try:
         if config.training.eval_at_end and step > start:

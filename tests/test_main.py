@@ -227,6 +227,36 @@ def test_an_interrupt_from_the_first_moment_exits_130_and_saves_nothing_untraine
             assert int(saved.group(1)) in steps
 
 
+@pytest.mark.parametrize("mode", ["sample", "eval"])
+def test_an_interrupt_of_sample_or_eval_exits_130_never_a_crash(tiny_run, tmp_path, mode):
+    """Issue 28 #4: Ctrl-C / SIGTERM at random moments of --mode sample or eval (start-up,
+    compilation, between the chain's compiled calls): recorded and acted on at a safe point."""
+    import random
+    import shutil
+
+    rng = random.Random(1 if mode == "sample" else 2)
+    long = {  # long enough that the signal always comes first
+        "sampling.num_samples": 20_000,
+        "sampling.batch_size": 4,
+        "eval.num_examples": 0,
+        "eval.batch_size": 2,
+        "eval.metrics": ("bpd",),
+    }
+    for i in range(3):
+        workdir = tmp_path / f"try{i}"
+        shutil.copytree(tiny_run, workdir)
+        cmd, env = main_command(workdir, f"--mode={mode}", **long)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        time.sleep(rng.uniform(0.2, 10.0))
+        signum = rng.choice([signal.SIGINT, signal.SIGTERM])
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 130, (i, signum, proc.returncode, err[-3000:])
+        assert "Segmentation" not in err and "Traceback" not in err, (i, err[-3000:])
+
+
 # Issue 17's rows through the CLI: what a user meets, one clear line, never a traceback.
 
 
