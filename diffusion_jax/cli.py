@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import difflib
 import logging as std_logging
+import os
 import re
 import sys
+import traceback
 from collections.abc import Sequence
 
 from absl import flags
@@ -105,17 +107,54 @@ def parse_flags(argv: list[str], config_flag: str = "config") -> list[str]:
     """``flags.FLAGS(argv)``; an unknown ``--config.KEY`` override: one line on stderr, exit 1.
 
     Other flag errors (a bad value, an unknown flag): their one line, exit 1, as absl's own
-    parser does (without its second line of help)."""
+    parser does (without its second line of help). A config file that does not exist, or that
+    raises or has a syntax error when loaded: one line naming the file (and the line), exit 1."""
+    path = _config_argument(argv, config_flag)
+    file = path.split(":", 1)[0] if path else None
+    if file and not os.path.isfile(file):
+        print(f"error: --{config_flag} {path}: no such file {file!r}.", file=sys.stderr)
+        sys.exit(1)
     try:
         return flags.FLAGS(argv)
-    except (AttributeError, KeyError):
-        message = _unknown_override(argv, config_flag)
+    except (AttributeError, KeyError) as e:
+        message = _unknown_override(argv, config_flag) or _config_failure(e, file)
         if message is None:
             raise
     except (flags.Error, ValueError) as e:  # ValueError: a config file refusing its argument
-        message = str(e)
+        message = _config_failure(e, file) or _last_line(str(e))
+    except Exception as e:  # the config file raised, or does not compile
+        message = _config_failure(e, file)
+        if message is None:
+            raise
     print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
+
+
+def _last_line(message: str) -> str:
+    """A flag error as one line: ml_collections puts the config's own traceback into the message
+    of a config file that raised; its last line names the error (a ValueError's message alone:
+    the config refusing its argument, in its own words)."""
+    lines = [line for line in message.strip().splitlines() if line.strip()]
+    if "Traceback (most recent call last)" not in message or not lines:
+        return " ".join(message.split())
+    return lines[-1].removeprefix("ValueError: ").strip()
+
+
+def _config_failure(e: BaseException, file: str | None) -> str | None:
+    """``the config file F raised T: M (F, line N)`` when ``e`` comes from loading ``file``
+    (a frame in it, or a SyntaxError in it); None otherwise."""
+    if not file:
+        return None
+    where = os.path.abspath(file)
+    if isinstance(e, SyntaxError) and e.filename and os.path.abspath(e.filename) == where:
+        return f"the config file {file} does not compile: {e.msg} (line {e.lineno})."
+    frames = [
+        f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == where
+    ]
+    if not frames:
+        return None
+    text = " ".join(str(e).split())[:300]
+    return f"the config file {file} raised {type(e).__name__}: {text} (line {frames[-1].lineno})."
 
 
 def _unknown_override(argv: Sequence[str], config_flag: str) -> str | None:

@@ -98,6 +98,8 @@ def main(argv):
 
 
 def _main(signals: interrupts.SignalRecorder) -> None:
+    if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
+        _fail(ValueError(f"--workdir {_WORKDIR.value} is a file, not a folder."))
     config = _CONFIG.value
     try:  # before JAX starts
         runtime.configure_cpu_convolutions(runtime.process_library(config, _CPU_CONV.value))

@@ -113,6 +113,41 @@ def test_unknown_config_key_is_a_clear_error(tmp_path, override, line):
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
+@pytest.mark.parametrize(
+    "source, line",
+    [
+        (None, "error: --config {f}: no such file '{f}'."),
+        (
+            "raise RuntimeError('boom')\n",
+            "error: the config file {f} raised RuntimeError: boom (line 1).",
+        ),
+        (
+            "def get_config(:\n",
+            "error: the config file {f} does not compile: invalid syntax (line 1).",
+        ),
+    ],
+    ids=["missing", "raises", "syntax"],
+)
+def test_a_config_file_that_cannot_load_is_one_line(tmp_path, source, line):
+    """Issue 28 #11: no traceback for a missing, raising or broken config file."""
+    f = str(tmp_path / "c.py")
+    if source is not None:
+        open(f, "w").write(source)
+    proc = run_main(tmp_path / "run", check=False, config=f)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [line.format(f=f)]
+
+
+def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("")
+    proc = run_main(tmp_path / "afile", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == f"error: --workdir {tmp_path / 'afile'} is a file, not a folder."
+    )
+
+
 def test_a_bad_flag_value_is_one_line_too(tmp_path):
     proc = run_main(tmp_path / "run", "--config.training.batch_size=abc", check=False)
     assert proc.returncode == 1
