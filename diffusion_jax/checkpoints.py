@@ -11,6 +11,7 @@ import dataclasses
 import logging as std_logging
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -66,15 +67,42 @@ def _handlers() -> dict[str, ocp.CheckpointHandler]:
     return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
+def save(
+    manager: ocp.CheckpointManager,
+    step: int,
+    state: Any,
+    meta: dict,
+    previous: int | None = None,
+) -> None:
     """Start saving ``state`` (a pytree) and ``meta`` (JSON) at ``step``; async where enabled.
 
     A save that fails (disk full, permissions), here or in the background (raised by
-    ``wait``), is a CheckpointError naming the step, the folder and the cause; its temporary
-    folder is removed, so the previous checkpoint stays the newest."""
+    ``check_saves`` or ``wait``), is a CheckpointError naming the step, the folder and the
+    cause; its temporary folder is removed, so the previous checkpoint stays the newest. A
+    folder where nothing can be created (read-only, no permission) fails here at once, before
+    orbax's background threads wait minutes for a step folder that never comes. ``previous``:
+    the step of the save that may still be in flight, named if that one failed."""
+    wait(manager, previous)
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     try:
+        if jax.process_index() == 0:
+            _check_writable(os.fspath(manager.directory))
         manager.save(step, args=args, force=True)
+    except Exception as e:
+        raise _save_failed(manager, step, e) from e
+
+
+def _check_writable(directory: str) -> None:
+    """Create (and remove) a folder in ``directory``: OSError when nothing can be written."""
+    os.makedirs(directory, exist_ok=True)
+    os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=directory))
+
+
+def check_saves(manager: ocp.CheckpointManager, step: int | None) -> None:
+    """Raise CheckpointError now if the background save (of ``step``) has failed, so that the
+    run stops at the failed save rather than at the next one."""
+    try:
+        manager.check_for_errors()
     except Exception as e:
         raise _save_failed(manager, step, e) from e
 

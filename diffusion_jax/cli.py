@@ -20,10 +20,16 @@ from absl import flags
 
 
 class ReadableLog(std_logging.Filter):
-    """INFO from this library; only warnings and errors from the libraries under it."""
+    """INFO from this library; only warnings and errors from the libraries under it, and those
+    of orbax without their tracebacks: a failed save's background threads each log one, and the
+    run's own CheckpointError names the step, the folder and the cause in one line."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or "diffusion_jax" in record.pathname
+        if "diffusion_jax" in record.pathname:
+            return True
+        if f"{os.sep}orbax{os.sep}" in record.pathname:
+            record.exc_info, record.exc_text = None, None
+        return record.levelno >= std_logging.WARNING
 
 
 def dotted_keys(config, prefix: str = "") -> list[str]:

@@ -16,6 +16,7 @@ _EARLY = (
     interrupts.SignalRecorder((signal.SIGINT, signal.SIGTERM)) if __name__ == "__main__" else None
 )
 
+import logging as std_logging  # noqa: E402
 import os  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
@@ -49,6 +50,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _setup_logging(workdir: str, process_index: int) -> None:
     """Log to the terminal and to ``WORKDIR/log.INFO``; other processes: warnings to stderr only."""
     os.makedirs(workdir, exist_ok=True)
+    # A library's malformed log call (orbax's, after a failed save) is dropped, not printed
+    # with a traceback of the logging module's own.
+    std_logging.raiseExceptions = False
     handler = logging.get_absl_handler()
     handler.addFilter(cli.ReadableLog())
     if process_index != 0:

@@ -284,7 +284,7 @@ def _train_and_evaluate(
             return
         meta = {"step": step, "data_position": step * config.training.batch_size}
         # Signals are recorded (``signals``) until the loop looks: a save is never cut in two.
-        checkpoints.save(manager, step, state, meta)
+        checkpoints.save(manager, step, state, meta, previous=last_saved)
         last_saved = step
 
     pending = []  # per-step metrics (device arrays) since the last check
@@ -299,6 +299,7 @@ def _train_and_evaluate(
             batch = next(batches)
             data_wait += time.perf_counter() - waited
             state, metrics = step_fn(state, batch, train_key)
+            checkpoints.check_saves(manager, last_saved)  # a failed save stops the run here
             pending.append(metrics)
             step += 1
             progress.update(1)

@@ -499,3 +499,49 @@ def test_a_failed_save_stops_the_run_naming_the_cause_and_keeps_the_previous(tmp
     ckpt = os.path.join(workdir, "checkpoints")
     assert sorted(os.listdir(ckpt)) == ["2"]  # the tmp folder removed
     assert checkpoints.make_manager(workdir).latest_step() == 2
+
+
+def test_a_save_failing_in_the_background_is_named_and_stops_the_run_then(tmp_path):
+    """Issue 28 #6: the background save of step 2 fails (disk full); the run stops at the next
+    check naming step 2, not at step 4's save naming 4."""
+    import errno
+
+    real_save = checkpoints.ocp.CheckpointManager.save
+    issued = []
+
+    def save(self, step, *args, **kwargs):
+        issued.append(step)
+        return real_save(self, step, *args, **kwargs)
+
+    def check_for_errors(self):
+        if 2 in issued:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    workdir = str(tmp_path)
+    with (
+        mock.patch.object(checkpoints.ocp.CheckpointManager, "save", save),
+        mock.patch.object(checkpoints.ocp.CheckpointManager, "check_for_errors", check_for_errors),
+        pytest.raises(checkpoints.CheckpointError) as e,
+    ):
+        train.train_and_evaluate(tiny_config(), workdir)
+    assert "Saving the checkpoint of step 2" in str(e.value)
+    assert "No space left on device" in str(e.value)
+    assert issued == [2]  # stopped at step 3, before the save of step 4
+
+
+def test_a_checkpoint_folder_where_nothing_can_be_written_fails_at_once(tmp_path):
+    """Issue 28 #5: a read-only checkpoints/ fails at its first save in one line (no waiting on
+    orbax's background threads)."""
+    import errno
+    import time
+
+    def read_only(directory):
+        raise OSError(errno.EROFS, "Read-only file system", directory)
+
+    start = time.perf_counter()
+    with (
+        mock.patch.object(checkpoints, "_check_writable", read_only),
+        pytest.raises(checkpoints.CheckpointError, match=r"step 2 .*Read-only file system"),
+    ):
+        train.train_and_evaluate(tiny_config(), str(tmp_path))
+    assert time.perf_counter() - start < 240
