@@ -282,45 +282,22 @@ def test_imported_run_evaluates_and_fine_tunes(tmp_path, caplog):
     assert counts and set(counts) == {2}
 
 
+def _python_m(module, *args):
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    cmd = [sys.executable, "-m", module, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.system
 def test_command_line_imports_and_samples(tmp_path):
     workdir = str(tmp_path / "run")
-    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "diffusion_jax.import_weights",
-            f"--diffusers={TINY}",
-            f"--workdir={workdir}",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _python_m("diffusion_jax.import_weights", f"--diffusers={TINY}", f"--workdir={workdir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Imported 182 tensors (71323 parameters)" in proc.stderr
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "diffusion_jax.main",
-            f"--config=configs/workdir.py:{workdir}",
-            f"--workdir={workdir}",
-            "--mode=sample",
-            "--config.sampling.method=ddim",
-            "--config.sampling.num_steps=2",
-            "--config.sampling.num_samples=2",
-            "--config.sampling.batch_size=2",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    sample = ("--mode=sample", "--config.sampling.method=ddim", "--config.sampling.num_steps=2")
+    sizes = ("--config.sampling.num_samples=2", "--config.sampling.batch_size=2")
+    config = f"--config=configs/workdir.py:{workdir}"
+    proc = _python_m("diffusion_jax.main", config, f"--workdir={workdir}", *sample, *sizes)
     assert proc.returncode == 0, proc.stderr[-3000:]
     samples = np.load(os.path.join(workdir, "samples", "samples.npz"))
     images = samples[samples.files[0]]
@@ -328,19 +305,8 @@ def test_command_line_imports_and_samples(tmp_path):
     # A pickle on the command line: one line, exit 1.
     bad = tmp_path / "model.bin"
     bad.write_bytes(b"\x80\x02}q\x00.")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "diffusion_jax.import_weights",
-            f"--diffusers={bad}",
-            f"--workdir={tmp_path / 'other'}",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = _python_m(
+        "diffusion_jax.import_weights", f"--diffusers={bad}", f"--workdir={tmp_path / 'other'}"
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "is a PyTorch pickle" in proc.stderr.splitlines()[-1]
