@@ -287,6 +287,10 @@ def _train_and_evaluate(
         checkpoints.save(manager, step, state, meta, previous=last_saved)
         last_saved = step
 
+    def resumed() -> int | None:
+        """The step this run resumed from while it has saved nothing newer, else None."""
+        return start if restored is not None and last_saved == start else None
+
     pending = []  # per-step metrics (device arrays) since the last check
     data_wait = 0.0  # seconds the loop waited for batches since the last log
     window_start = time.perf_counter()
@@ -305,7 +309,7 @@ def _train_and_evaluate(
             progress.update(1)
             boundary = step == total or step % config.training.checkpoint_every == 0
             if step % config.training.log_every == 0 or boundary:
-                summary = _summarise(pending, step, manager)
+                summary = _summarise(pending, step, manager, resumed())
                 elapsed = time.perf_counter() - window_start
                 summary["steps_per_s"] = len(pending) / elapsed
                 summary["data_wait_frac"] = data_wait / elapsed  # of the window's wall time
@@ -327,7 +331,8 @@ def _train_and_evaluate(
             # Ctrl-C stops each process at its own step: a checkpoint needs all of them at one.
             logging.warning("Interrupted (Ctrl-C) at step %d: several processes, not saving.", step)
             raise
-        _summarise(pending, step, manager)  # raises rather than save a non-finite state
+        # Raises rather than save a non-finite state.
+        _summarise(pending, step, manager, resumed())
         if step == start:  # e.g. during the first step's compilation: nothing new to save
             logging.warning("Interrupted (%s) before step %d: nothing to save.", _label(e), step)
             raise KeyboardInterrupt from e
@@ -383,15 +388,24 @@ def _first_bad_state(stacked: dict, first_step: int) -> tuple[int, int, str, flo
     return min(found) if found else None
 
 
-def _summarise(pending: list[dict], step: int, manager) -> dict[str, float]:
+def _summarise(
+    pending: list[dict], step: int, manager, resumed_from: int | None = None
+) -> dict[str, float]:
     """Mean metrics over the window; raise NonFiniteLossError naming the first bad step when a
-    loss, gradient norm or parameter norm is not finite."""
+    loss, gradient norm or parameter norm is not finite.
+
+    ``resumed_from``: the checkpoint this run resumed from, while nothing newer is saved. A
+    divergence before the next save condemns it too (its parameters are finite but lead to a
+    non-finite gradient whatever the new settings), so the message walks back to an older one."""
     if not pending:
         return {}
     stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *pending))
     first = _first_bad_state(stacked, step - len(pending) + 1)
     if first is not None:
         bad_state, at, what, value = first
+        again = resumed_from is not None and resumed_from < bad_state
+        if again:
+            bad_state = resumed_from
         manager.wait_until_finished()
         # Checkpoints of that state and after cannot resume: moved aside (never deleted), so a
         # resume starts before them.
@@ -411,6 +425,11 @@ def _summarise(pending: list[dict], step: int, manager) -> dict[str, float]:
         )
         raise NonFiniteLossError(
             f"The {what} is {value} at step {at}: stopping"
+            + (
+                f", again after resuming from step {bad_state}, which cannot resume either"
+                if again
+                else ""
+            )
             + (f" (checkpoints from step {bad_state} on moved to diverged-<step>)" if moved else "")
             + f". {where} with changed optimiser settings, e.g. "
             "--config.optim.learning_rate=<lower> --allow_config_change=optim.learning_rate."
