@@ -23,6 +23,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 
@@ -374,8 +375,6 @@ def convert(
     shape, with the shape expected. The attention's names of 2022 (``query``, ``key``,
     ``value``, ``proj_attn``) are read as ``to_q``, ``to_k``, ``to_v``, ``to_out.0``.
     """
-    import jax
-
     d = {**UNET_DEFAULTS, **dconfig}
     num_levels = len(d["block_out_channels"])
     names = dict(tensors)
