@@ -56,6 +56,27 @@ def test_bound_sums_equal_calc_bpd_loop(run, tmp_path):
     assert out["bpd_stderr"] == pytest.approx(float(total.std(ddof=1) / np.sqrt(10)), rel=1e-3)
 
 
+def test_rate_distortion_reuses_the_bound_of_the_split(run, tmp_path):
+    """bits/dim on 13 examples, then the rate-distortion sums on the first 10: the kept terms
+    are summed again under the new mask (no network call), equal to a fresh pass on 10."""
+    figures = ("rate_distortion",)
+    ctx = context(run, tmp_path, figures=figures, rd_num_examples=10)
+    whole = ctx.bound_sums("test", 13)
+    params, ctx.params = ctx.params, None  # a pass through the network would fail now
+    reused = ctx.bound_sums("test", 10)
+    ctx.params = params
+    fresh = context(run, tmp_path / "fresh", figures=figures).bound_sums("test", 10)
+    assert float(whole["count"]) == 13 and float(reused["count"]) == float(fresh["count"]) == 10
+    for name in fresh:
+        np.testing.assert_allclose(reused[name], fresh[name], rtol=1e-6, atol=1e-9, err_msg=name)
+    assert float(reused["bpd"]) != pytest.approx(float(whole["bpd"]), rel=1e-4)
+    # Without the figure on this split nothing is kept: the same request runs the network.
+    plain = context(run, tmp_path / "plain", figures=())
+    plain.bound_sums("test", 13)
+    assert ("bound_batches", "test") not in plain.cache
+    assert ("bound_batches", "test") in ctx.cache
+
+
 @pytest.mark.parametrize("sampler", ["stratified", "importance"])
 def test_bound_estimate_is_the_sampled_bound_of_each_batch(run, tmp_path, sampler):
     """eval.bound_num_t = 5: bpd, its terms and standard error are those of

@@ -75,6 +75,13 @@ class EvalContext:
         Batches of ``eval.batch_size`` (padded and masked), batch i with key
         fold_in(run eval key, i); each batch's T terms run ``sampling.steps_per_call(T)`` at a
         time under a progress bar. Cached per (split, num_examples) for later evaluators.
+
+        Batch i holds examples i·B .. i·B + B − 1 whatever ``num_examples`` is (only the mask
+        and the padding rows differ), and each example's terms depend on its own row alone. So
+        the per-example terms of the batches covering the first ``_kept_examples(split)``
+        examples are kept, and a later request for at most that many (the rate–distortion
+        curve's ``eval.rd_num_examples`` after bits/dim on the whole split) sums them again
+        under its own mask instead of running the T network calls per example a second time.
         """
         cache_key = ("bound", split, num_examples)
         if cache_key in self.cache:
@@ -114,9 +121,26 @@ class EvalContext:
         terms_fn = jax.jit(terms, in_shardings=(repl, data, repl, repl), out_shardings=data)
         reduce_fn = jax.jit(reduce, out_shardings=repl)
         n, batches = self.eval_batches(split, num_examples)
-        key = objectives.run_keys(config.seed)["eval"]
-        num_batches = -(-n // config.eval.batch_size)
+        size = config.eval.batch_size
+        num_batches = -(-n // size)
+        rows = input_pipeline.host_slice(size, jax.process_index(), jax.process_count())
+
+        def prefix_mask(i: int) -> jax.Array:  # [B] 1 for the examples of batch i below n
+            mask = np.arange(i * size, (i + 1) * size) < n
+            return sharding.global_batch(mesh, mask[rows].astype(np.float32))
+
+        kept_n, kept = self.cache.get(("bound_batches", split), (0, []))
         total = None
+        if n <= kept_n and num_batches <= len(kept):  # every example's terms are known
+            for i, (batch, parts) in enumerate(kept[:num_batches]):
+                sums = reduce_fn(parts, batch, prefix_mask(i))
+                total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+            self.cache[cache_key] = jax.tree.map(np.asarray, jax.device_get(total))
+            return self.cache[cache_key]
+
+        keep = -(-min(self._kept_examples(split), n) // size)  # batches whose terms are kept
+        kept = []
+        key = objectives.run_keys(config.seed)["eval"]
         with reporting.progress_bar(num_batches * num_t, f"bound ({split})", unit="t") as bar:
             for i, (batch, mask) in enumerate(batches):
                 batch = sharding.global_batch(mesh, batch)
@@ -129,8 +153,21 @@ class EvalContext:
                     bar.update(min(per_call, num_t - t_start))
                 sums = reduce_fn(parts, batch, mask)
                 total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+                if i < keep:
+                    kept.append((batch, parts))
+        if kept and n > kept_n:
+            self.cache[("bound_batches", split)] = (n, kept)
         self.cache[cache_key] = jax.tree.map(np.asarray, jax.device_get(total))
         return self.cache[cache_key]
+
+    def _kept_examples(self, split: str) -> int:
+        """How many leading examples of ``split`` ``bound_sums`` keeps the terms of: the
+        rate–distortion curve's (``eval.rd_num_examples``, 0 = all) when the run draws it on
+        this split, else none (the terms are [examples, T] arrays: kept only where reused)."""
+        ev = self.config.eval
+        if split != ev.split or "rate_distortion" not in tuple(ev.figures):
+            return 0
+        return ev.rd_num_examples if ev.rd_num_examples > 0 else np.iinfo(np.int64).max
 
     def bound_t_probs(self) -> jax.Array:
         """p_t [T] of ``eval.bound_t_sampler = "importance"``: the run's own importance
