@@ -354,6 +354,60 @@ def test_timestep_embedding():
     assert layers.timestep_embedding(jnp.array([0.5]), 7).shape == (1, 7)
 
 
+def _group_norm_reference(x, groups, scale, bias, eps=1e-6):
+    """Group normalisation by its definition, in float64 numpy, one group at a time."""
+    x = np.asarray(x, np.float64)
+    out = np.empty_like(x)
+    per = x.shape[-1] // groups
+    for b in range(x.shape[0]):
+        for g in range(groups):
+            part = x[b, ..., g * per : (g + 1) * per]
+            out[b, ..., g * per : (g + 1) * per] = (part - part.mean()) / np.sqrt(part.var() + eps)
+    return out * np.asarray(scale) + np.asarray(bias)
+
+
+@pytest.mark.parametrize("channels, groups", [(64, 32), (48, 32), (6, 3)])
+def test_group_norm_is_the_definition_and_has_flax_parameters(channels, groups):
+    key_x, key_s, key_b = jax.random.split(jax.random.key(0), 3)
+    x = 3.0 * jax.random.normal(key_x, (2, 5, 4, channels)) + 1.5  # [B, H, W, C], mean far from 0
+    norm = layers.group_norm(channels, groups=groups)
+    ours = norm.init(jax.random.key(1), x)
+    flax_norm = nn.GroupNorm(num_groups=norm.num_groups, epsilon=1e-6)
+    theirs = flax_norm.init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, ours) == jax.tree.map(jnp.shape, theirs)  # checkpoints restore
+    params = {
+        "params": {
+            "scale": 1.0 + 0.3 * jax.random.normal(key_s, (channels,)),
+            "bias": 0.5 * jax.random.normal(key_b, (channels,)),
+        }
+    }
+    y = norm.apply(params, x)
+    reference = _group_norm_reference(x, norm.num_groups, **params["params"])
+    np.testing.assert_allclose(y, reference, atol=2e-5)
+    np.testing.assert_allclose(y, flax_norm.apply(params, x), atol=2e-5)
+
+    def loss(p, module):
+        return jnp.sum(jnp.sin(module.apply(p, x)))
+
+    ours_grad = jax.grad(loss)(params, norm)
+    flax_grad = jax.grad(loss)(params, flax_norm)
+    for a, b in zip(jax.tree.leaves(ours_grad), jax.tree.leaves(flax_grad), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    x_grad = jax.grad(lambda x: jnp.sum(jnp.sin(norm.apply(params, x))))(x)
+    x_grad_flax = jax.grad(lambda x: jnp.sum(jnp.sin(flax_norm.apply(params, x))))(x)
+    np.testing.assert_allclose(x_grad, x_grad_flax, rtol=1e-4, atol=1e-4)
+
+
+def test_group_norm_dtypes_and_errors():
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8), jnp.bfloat16)
+    params = layers.group_norm(8, groups=4).init(jax.random.key(1), x)
+    assert params["params"]["scale"].dtype == jnp.float32
+    assert layers.group_norm(8, groups=4, dtype=jnp.bfloat16).apply(params, x).dtype == jnp.bfloat16
+    assert layers.GroupNorm(num_groups=4).apply(params, x).dtype == jnp.float32
+    with pytest.raises(ValueError, match="num_groups=3"):
+        layers.GroupNorm(num_groups=3).init(jax.random.key(1), x)
+
+
 # The MLP.
 
 

@@ -107,19 +107,63 @@ def dense(
     )
 
 
+class GroupNorm(nn.Module):
+    """Group normalisation (Wu & He 2018) over [B, ..., C], written for XLA's fusion.
+
+    y = (x - mu_g) / sqrt(var_g + eps) * scale + bias, with mu_g and var_g the mean and (biased)
+    variance of the group's C / G channels over all positions. The statistics are reduced first
+    over positions to per-channel moments [B, C], then over each group's channels on [B, G]; the
+    normalisation is applied as one multiply-add y = x * a + b with a = scale / sqrt(var_g + eps)
+    and b = bias - mu_g * a ([B, C] each). flax's nn.GroupNorm computes the same function on a
+    [B, ..., G, C/G] reshape of x, which XLA:CPU runs as separate passes with layout changes (on
+    the digits default's train step this form is 11 % faster: README, "Performance").
+    Parameters "scale" and "bias" [C] are those of nn.GroupNorm, so its checkpoints restore.
+    Statistics are float32; the output has `dtype`, or x's dtype promoted with float32 if None.
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-6
+    dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        if x.ndim < 3 or c % self.num_groups:
+            raise ValueError(
+                f"GroupNorm: input of shape {x.shape} must be [B, ..., C] with C divisible by "
+                f"num_groups={self.num_groups}."
+            )
+        scale = self.param("scale", nn.initializers.ones_init(), (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (c,), jnp.float32)
+        xf = x.astype(jnp.float32)
+        positions = tuple(range(1, x.ndim - 1))
+        mean_c = jnp.mean(xf, axis=positions)  # [B, C]
+        square_c = jnp.mean(jnp.square(xf), axis=positions)  # [B, C]
+        grouped = (x.shape[0], self.num_groups, c // self.num_groups)
+        mu = jnp.mean(mean_c.reshape(grouped), axis=-1, keepdims=True)  # [B, G, 1]
+        var = jnp.maximum(jnp.mean(square_c.reshape(grouped), axis=-1, keepdims=True) - mu**2, 0)
+        inv = jnp.broadcast_to(jax.lax.rsqrt(var + self.epsilon), grouped).reshape(mean_c.shape)
+        a = inv * scale  # [B, C]
+        b = bias - jnp.broadcast_to(mu, grouped).reshape(mean_c.shape) * a  # [B, C]
+        expand = (x.shape[0],) + (1,) * len(positions) + (c,)
+        y = xf * a.reshape(expand) + b.reshape(expand)
+        out_dtype = self.dtype or jnp.promote_types(x.dtype, jnp.float32)
+        return y.astype(out_dtype)
+
+
 def group_norm(
     num_channels: int,
     *,
     groups: int = 32,
     dtype: Dtype = jnp.float32,
     name: str | None = None,
-) -> nn.GroupNorm:
+) -> GroupNorm:
     """GroupNorm with ``groups`` groups (the paper's 32), or gcd(groups, C) when C is not a
     multiple of ``groups``; epsilon 1e-6.
 
     Statistics are reduced in float32 even when `dtype` is bfloat16.
     """
-    return nn.GroupNorm(
+    return GroupNorm(
         num_groups=math.gcd(groups, num_channels), epsilon=1e-6, dtype=dtype, name=name
     )
 
