@@ -92,6 +92,12 @@ _CPU_CONV = flags.DEFINE_string(
     "cpu_conv_library", runtime.default_library(), runtime.CPU_CONV_HELP
 )
 _PEER_CONFIG = flags.DEFINE_string("peer_config", "ddpm_cifar10", "The peer's --config.")
+_PEER_OVERRIDE = flags.DEFINE_multi_string(
+    "peer_override",
+    [],
+    "KEY=JSON, passed to the peer as --override KEY=JSON (one UNet2DModel argument of its "
+    "--config), e.g. --peer_override=sample_size=28; repeat for more.",
+)
 flags.mark_flags_as_required(["config"])
 
 # Nominal dense peaks, TFLOP/s: (float32 without tensor cores, bfloat16 tensor cores). Matched
@@ -187,6 +193,8 @@ def _run_peer(mode: str, batch: int, steps: int) -> dict:
         "--threads",
         str(len(os.sched_getaffinity(0))),
     ]
+    for item in _PEER_OVERRIDE.value:
+        cmd += ["--override", item]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     res = json.loads(out.stdout.strip().splitlines()[-1])
     r = res[mode]
@@ -197,6 +205,8 @@ def _run_peer(mode: str, batch: int, steps: int) -> dict:
         contention=r["contention"],
         gflops=r["achieved_gflops_median"],
         fwd_gflops_per_image=res["fwd_flops_per_image"] / 1e9,
+        num_params=res.get("params"),
+        overrides=list(_PEER_OVERRIDE.value),
         versions=res["versions"],
     )
 

@@ -82,12 +82,15 @@ FAKE_PEER = textwrap.dedent(
     p = argparse.ArgumentParser()
     for a in ("--config", "--mode", "--batch", "--steps", "--threads"):
         p.add_argument(a)
+    p.add_argument("--override", action="append", default=[])
     a = p.parse_args()
     step = {"train": 4.0, "sample": 0.5}[a.mode]
     r = dict(images_per_s_median=int(a.batch) / step, median_s=step, all_s=[step] * int(a.steps),
              contention={"other_cores": 0.0}, achieved_gflops_median=1.0)
     print("peer log line")
-    print(json.dumps({a.mode: r, "fwd_flops_per_image": 2e9, "versions": {"torch": "fake"}}))
+    params = 1000 + len(a.override)  # the stand-in's count tells how many overrides it got
+    print(json.dumps({a.mode: r, "fwd_flops_per_image": 2e9, "params": params,
+                      "versions": {"torch": "fake"}}))
     """
 )
 
@@ -107,6 +110,8 @@ def test_cli_prints_one_json_line_with_peer_ratios(tmp_path):
         "--steps=1",
         f"--peer_python={sys.executable}",
         f"--peer_script={peer}",
+        "--peer_override=sample_size=8",
+        "--peer_override=dropout=0.0",
     ]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -116,6 +121,8 @@ def test_cli_prints_one_json_line_with_peer_ratios(tmp_path):
     out = json.loads(lines[0])
     assert out["peer"]["train"]["images_per_s"] == 2.0  # the stand-in: batch 8 in 4 s
     assert out["peer"]["sample"]["images_per_s"] == 8.0  # batch 4 in 0.5 s
+    assert out["peer"]["train"]["num_params"] == 1002  # both overrides reached the peer
+    assert out["peer"]["train"]["overrides"] == ["sample_size=8", "dropout=0.0"]
     # Ratios of the unrounded figures, printed to 3 decimals like the figures themselves.
     assert out["train_vs_peer"] == pytest.approx(out["train_images_per_s"] / 2.0, abs=1e-3)
     assert out["sample_vs_peer"] == pytest.approx(out["sample_images_per_s"] / 8.0, abs=1e-3)

@@ -1,14 +1,21 @@
-"""Our CIFAR-10 U-Net against the PyTorch peer, alternating in one window: each round runs
-`python -m diffusion_jax.benchmark ... --peer_python P --peer_script S` (ours, then the peer,
-same batch) for every case, so the machine's drift falls on both alike. Prints one JSON line per
-run, then the table of the README (median ratio over the rounds, and the lowest), and writes
-both to ``--out``.
+"""Ours against the PyTorch peer on the three networks users train, alternating in one window:
+each round runs `python -m diffusion_jax.benchmark ... --peer_python P --peer_script S` (ours,
+then the peer, same network and batch) for every case, so the machine's drift falls on both
+alike. Prints one JSON line per run, then the README's table (median ratio over the rounds, and
+the lowest), and writes both to ``--out``.
 
     python experiments/perf/compare_peer.py --peer_python ~/peer-venv/bin/python \
-        --peer_script ../shared/bench/peer_torch_unet.py --rounds 3 --out experiments/results/perf
+        --peer_script ../shared/bench/peer_torch_unet.py --rounds 3 --bf16 \
+        --out experiments/results/perf
 
-Cases: train at batch 16 (with one denoiser step at batch 64), train at batch 32, and with
-``--bf16`` train at batch 16 in bfloat16 against the peer under ``torch.autocast``
+Networks (ours changed only where the peer cannot follow: no input Fourier features, fixed
+variances, so both have the same parameters and the same work a step):
+  digits   configs/digits.py, batch 64 vs the peer's ``--config digits`` (1,001,729 parameters);
+  fashion  configs/fashion_mnist.py (the CPU recipe), batch 64 vs ``--config digits`` with the
+           recipe's shape given by ``--override`` (1,623,169 parameters);
+  cifar10  configs/cifar10_ddpm.py at batch 16 (its batch 128 takes minutes a step on two cores),
+           with one denoiser step at batch 64, vs ``--config ddpm_cifar10`` (35.7M).
+With ``--bf16`` each network is also run in bfloat16 against the peer under ``torch.autocast``
 (experiments/perf/peer_autocast.py). The FP32 peak is measured first (fma_peak.py).
 """
 
@@ -22,18 +29,58 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CONFIG = "configs/cifar10_ddpm.py"
 PRINTED = ("train_images_per_s", "train_vs_peer", "sample_images_per_s", "sample_vs_peer")
+# The digits default's objective with what the peer lacks turned off (same parameter count).
+MATCHED = (
+    "--config.model.fourier_features=()",
+    "--config.diffusion.var_type=fixedlarge",
+    "--config.diffusion.loss_type=simple",
+    "--config.diffusion.t_sampler=uniform",
+)
+NETWORKS = {
+    "digits": dict(
+        config="configs/digits.py",
+        batch=64,
+        sample=0,
+        steps=20,
+        flags=MATCHED,
+        peer_config="digits",
+        peer_override=(),
+    ),
+    "fashion": dict(
+        config="configs/fashion_mnist.py",
+        batch=64,
+        sample=0,
+        steps=10,
+        flags=MATCHED,
+        peer_config="digits",
+        peer_override=(
+            "sample_size=28",
+            "block_out_channels=[32,64,64]",
+            'down_block_types=["DownBlock2D","DownBlock2D","AttnDownBlock2D"]',
+            'up_block_types=["AttnUpBlock2D","UpBlock2D","UpBlock2D"]',
+            "dropout=0.0",
+        ),
+    ),
+    "cifar10": dict(
+        config="configs/cifar10_ddpm.py",
+        batch=16,
+        sample=64,
+        steps=3,
+        flags=(),
+        peer_config="ddpm_cifar10",
+        peer_override=(),
+    ),
+}
 
 
-def cases(bf16: bool) -> list[dict]:
-    out = [
-        dict(name="float32, batch 16", batch=16, sample=64, dtype="float32"),
-        dict(name="float32, batch 32", batch=32, sample=0, dtype="float32"),
+def cases(networks: list[str], bf16: bool) -> list[dict]:
+    dtypes = ("float32", "bfloat16") if bf16 else ("float32",)
+    return [
+        dict(NETWORKS[n], name=f"{n}, {d}, batch {NETWORKS[n]['batch']}", dtype=d)
+        for n in networks
+        for d in dtypes
     ]
-    if bf16:
-        out.append(dict(name="bfloat16, batch 16", batch=16, sample=64, dtype="bfloat16"))
-    return out
 
 
 def run_case(case: dict, args, peak: float) -> dict:
@@ -46,19 +93,29 @@ def run_case(case: dict, args, peak: float) -> dict:
         sys.executable,
         "-m",
         "diffusion_jax.benchmark",
-        f"--config={CONFIG}",
+        f"--config={case['config']}",
         f"--batch_size={case['batch']}",
-        f"--steps={args.steps}",
+        f"--steps={case['steps']}",
+        "--warmup=2",
         f"--cpu_peak_gflops={peak}",
         f"--peer_python={args.peer_python}",
         f"--peer_script={peer_script}",
+        f"--peer_config={case['peer_config']}",
         f"--config.model.dtype={case['dtype']}",
+        *case["flags"],
+        *(f"--peer_override={o}" for o in case["peer_override"]),
     ]
     cmd += [f"--sample_batch_size={case['sample']}"] if case["sample"] else ["--skip_sample"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    if res["peer"]["train"]["num_params"] != res["num_params"]:
+        raise SystemExit(
+            f"{case['name']}: ours has {res['num_params']} parameters, the peer "
+            f"{res['peer']['train']['num_params']}: not the same network."
+        )
+    return res
 
 
 def main() -> None:
@@ -66,19 +123,23 @@ def main() -> None:
     p.add_argument("--peer_python", required=True)
     p.add_argument("--peer_script", required=True)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--networks", default="digits,fashion,cifar10", help=f"of {','.join(NETWORKS)}")
     p.add_argument("--bf16", action="store_true", help="also bfloat16 vs the peer's autocast")
     p.add_argument("--out", default="", help="a folder for compare_peer.json")
     args = p.parse_args()
+    networks = args.networks.split(",")
+    unknown = sorted(set(networks) - set(NETWORKS))
+    if unknown:
+        p.error(f"--networks: {unknown} unknown; allowed: {sorted(NETWORKS)}")
 
     fma = subprocess.run(
         [sys.executable, os.path.join(HERE, "fma_peak.py")], capture_output=True, text=True
     )
     peak = json.loads(fma.stdout.strip().splitlines()[-1])["gflops"]
     print(json.dumps({"fma_peak_gflops": peak}), flush=True)
-    runs: dict[str, list[dict]] = {c["name"]: [] for c in cases(args.bf16)}
+    runs: dict[str, list[dict]] = {c["name"]: [] for c in cases(networks, args.bf16)}
     for r in range(args.rounds):
-        for case in cases(args.bf16):
+        for case in cases(networks, args.bf16):
             res = run_case(case, args, peak)
             runs[case["name"]].append(res)
             line = {k: res.get(k) for k in PRINTED}
