@@ -115,8 +115,8 @@ class GroupNorm(nn.Module):
     over positions to per-channel moments [B, C], then over each group's channels on [B, G]; the
     normalisation is applied as one multiply-add y = x * a + b with a = scale / sqrt(var_g + eps)
     and b = bias - mu_g * a ([B, C] each). flax's nn.GroupNorm computes the same function on a
-    [B, ..., G, C/G] reshape of x, which XLA:CPU runs as separate passes with layout changes (on
-    the digits default's train step this form is 11 % faster: README, "Performance").
+    [B, ..., G, C/G] reshape of x, which XLA:CPU runs as separate passes with layout changes
+    (this form's gain on the digits default's train step: README, "Performance").
     Parameters "scale" and "bias" [C] are those of nn.GroupNorm, so its checkpoints restore.
     Statistics are float32; the output has `dtype`, or x's dtype promoted with float32 if None.
     """

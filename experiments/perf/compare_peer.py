@@ -37,23 +37,28 @@ MATCHED = (
     "--config.diffusion.loss_type=simple",
     "--config.diffusion.t_sampler=uniform",
 )
+
+
+def network(config, batch, steps, peer_config, flags=MATCHED, sample=0, peer_override=()) -> dict:
+    """One network of the comparison: our config and its flags, the peer's config and overrides."""
+    return dict(
+        config=config,
+        batch=batch,
+        steps=steps,
+        peer_config=peer_config,
+        flags=flags,
+        sample=sample,
+        peer_override=peer_override,
+    )
+
+
 NETWORKS = {
-    "digits": dict(
-        config="configs/digits.py",
-        batch=64,
-        sample=0,
-        steps=20,
-        flags=MATCHED,
-        peer_config="digits",
-        peer_override=(),
-    ),
-    "fashion": dict(
-        config="configs/fashion_mnist.py",
-        batch=64,
-        sample=0,
-        steps=10,
-        flags=MATCHED,
-        peer_config="digits",
+    "digits": network("configs/digits.py", 64, 20, "digits"),
+    "fashion": network(
+        "configs/fashion_mnist.py",
+        64,
+        10,
+        "digits",
         peer_override=(
             "sample_size=28",
             "block_out_channels=[32,64,64]",
@@ -62,15 +67,7 @@ NETWORKS = {
             "dropout=0.0",
         ),
     ),
-    "cifar10": dict(
-        config="configs/cifar10_ddpm.py",
-        batch=16,
-        sample=64,
-        steps=3,
-        flags=(),
-        peer_config="ddpm_cifar10",
-        peer_override=(),
-    ),
+    "cifar10": network("configs/cifar10_ddpm.py", 16, 3, "ddpm_cifar10", flags=(), sample=64),
 }
 
 
