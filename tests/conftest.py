@@ -14,3 +14,26 @@ if ROOT not in sys.path:
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import pytest  # noqa: E402
+
+# Scopes whose fixture one xdist worker computes once for the tests that share it.
+SHARED_SCOPES = ("module", "package", "session")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under ``--dist loadgroup`` every test is sent to whichever worker is free, except those
+    that share a module-scoped fixture (one end-to-end run, asserted on by several tests): each
+    such test is marked ``xdist_group`` by the module and fixture, so the run is made once, on
+    one worker."""
+    for item in items:
+        shared = sorted(
+            name
+            for name in item.fixturenames
+            if (defs := item._fixtureinfo.name2fixturedefs.get(name))
+            and defs[-1].scope in SHARED_SCOPES
+            and defs[-1].baseid  # the project's own fixtures, not pytest's tmp_path_factory
+        )
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{'+'.join(shared)}"))

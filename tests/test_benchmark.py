@@ -96,6 +96,7 @@ FAKE_PEER = textwrap.dedent(
 
 
 @pytest.mark.system
+@pytest.mark.smoke
 def test_cli_prints_one_json_line_with_peer_ratios(tmp_path):
     peer = tmp_path / "peer.py"
     peer.write_text(FAKE_PEER)

@@ -289,6 +289,7 @@ def _python_m(module, *args):
 
 
 @pytest.mark.system
+@pytest.mark.smoke
 def test_command_line_imports_and_samples(tmp_path):
     workdir = str(tmp_path / "run")
     proc = _python_m("diffusion_jax.import_weights", f"--diffusers={TINY}", f"--workdir={workdir}")

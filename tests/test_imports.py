@@ -2,6 +2,7 @@
 import pointing down the layers of shared/DESIGN.md."""
 
 import ast
+import importlib
 import os
 
 import pytest
@@ -28,6 +29,8 @@ LAYERS = {
     "system": ("config", "evaluation", "train"),
     "entry points": ("main", "benchmark", "cli", "prepare_data", "import_weights"),
 }
+pytestmark = pytest.mark.smoke
+
 RANK = {name: rank for rank, names in enumerate(LAYERS.values()) for name in names}
 
 
@@ -119,3 +122,15 @@ def test_imports_point_down_the_layers():
         if layer_of(i) > layer_of(m)
     ]
     assert not bad, bad
+
+
+def test_every_module_imports():
+    """Each module of the package imports with the installed versions (CI's Python 3.12 leg:
+    the newest jax, flax, optax and orbax that setup.cfg admits). The entry points define their
+    absl flags when imported, so two of them cannot share a process: each runs as a program in
+    this tier instead (``python -m diffusion_jax.main / benchmark / import_weights /
+    prepare_data``: test_main, test_benchmark, test_import_weights, test_prepare_data)."""
+    names = sorted(m for m in module_names() if m.split(".")[0] not in LAYERS["entry points"])
+    assert len(names) > 40 and "models.unet" in names, names
+    for name in names:
+        importlib.import_module("diffusion_jax" if name == "__init__" else f"diffusion_jax.{name}")

@@ -206,6 +206,25 @@ def tiny_run(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.smoke
+def test_eval_and_sample_modes_of_a_trained_run(tiny_run, tmp_path):
+    """The three modes from the command line: ``tiny_run`` trained; eval writes metrics.json of
+    the newest checkpoint, sample writes samples.npz and samples.png."""
+    import json
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run, workdir)
+    run_main(workdir, "--mode=eval", **{"eval.num_examples": 8})
+    metrics = json.loads((workdir / "eval" / "metrics.json").read_text())
+    assert metrics["checkpoint_step"] == 6 and metrics["num_examples"] == 8
+    assert np.isfinite(metrics["bpd"]) and "failed" not in metrics
+    run_main(workdir, "--mode=sample")
+    with np.load(workdir / "samples" / "samples.npz") as f:
+        assert f["samples"].shape == (4, 8, 8, 1) and np.isfinite(f["samples"]).all()
+    assert (workdir / "samples" / "samples.png").stat().st_size > 0
+
+
 @pytest.mark.parametrize("mode", ["sample", "eval"])
 def test_sample_and_eval_refuse_a_different_network_naming_the_keys(tiny_run, mode):
     proc = run_main(

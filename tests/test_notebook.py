@@ -2,13 +2,12 @@
 
 import os
 
+import nbclient
 import nbformat
 import pytest
 from helpers import ROOT
 
-nbclient = pytest.importorskip("nbclient")
-
-pytestmark = pytest.mark.system
+pytestmark = [pytest.mark.system, pytest.mark.smoke]
 
 NOTEBOOK = os.path.join(ROOT, "experiments", "notebooks", "quickstart.ipynb")
 

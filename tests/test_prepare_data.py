@@ -140,6 +140,7 @@ def test_prefetch_to_devices_keeps_the_order():
     assert all(isinstance(b["image"], jax.Array) for b in out)
 
 
+@pytest.mark.smoke
 def test_the_command_line_writes_a_folder_and_names_a_missing_input(tmp_path):
     import subprocess
     import sys
