@@ -108,7 +108,7 @@ def digits_comparison(args) -> None:
     """The product's samplers on a trained digits run, judged by the classifier metric."""
     import time
 
-    from configs import digits
+    from configs import workdir as workdir_config
     from diffusion_jax import (
         checkpoints,
         evaluation,
@@ -120,7 +120,7 @@ def digits_comparison(args) -> None:
     )
     from diffusion_jax.evaluation import classifier
 
-    config = evaluation.prepare(digits.get_config())
+    config = evaluation.prepare(workdir_config.get_config(args.digits_workdir))  # the run's own
     config.eval.classifier_split = "train"  # judged against the 1,500 training digits
     mesh = sharding.make_mesh()
     model = models.get_model(config)
@@ -193,10 +193,10 @@ def digits_comparison(args) -> None:
 def digits_inversion(args) -> None:
     """DDIM inversion (``ode.ddim_invert``) of test digits with K steps, then DDIM η = 0
     regeneration from the x_T found: the reconstruction error against K (``digits_inversion``)."""
-    from configs import digits
+    from configs import workdir as workdir_config
     from diffusion_jax import evaluation, input_pipeline, models, objectives, ode, sharding
 
-    config = evaluation.prepare(digits.get_config())
+    config = evaluation.prepare(workdir_config.get_config(args.digits_workdir))  # the run's own
     params = evaluation.load_ema_params(args.digits_workdir, sharding.make_mesh())
     model = models.get_model(config)
     images = input_pipeline.load_split(config, "test").images[: 8 if args.quick else 64]

@@ -3,12 +3,13 @@
 import os
 import sys
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # TensorFlow must not take a GPU
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # `from configs import ...` without installing
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # TensorFlow must not take a GPU
 # One persistent XLA compilation cache for all tests and their subprocesses: the tiny configs
 # compile the same programs many times over.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
@@ -26,8 +27,10 @@ def pytest_collection_modifyitems(config, items):
     """Under ``--dist loadgroup`` every test is sent to whichever worker is free, except those
     that share a module-scoped fixture (one end-to-end run, asserted on by several tests): each
     such test is marked ``xdist_group`` by the module and fixture, so the run is made once, on
-    one worker."""
+    one worker. A test marked ``xdist_group`` already keeps its own."""
     for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue  # a group of its own choosing
         shared = sorted(
             name
             for name in item.fixturenames

@@ -12,7 +12,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from helpers import ROOT, cli_args, tiny_config
+from helpers import ROOT, cli_args, tiny_config, xla_flags
 
 from diffusion_jax import benchmark, models, objectives
 
@@ -114,7 +114,7 @@ def test_cli_prints_one_json_line_with_peer_ratios(tmp_path):
         "--peer_override=sample_size=8",
         "--peer_override=dropout=0.0",
     ]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=ROOT)
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1), PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()

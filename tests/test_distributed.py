@@ -22,11 +22,13 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers import ROOT, cli_args
+from helpers import ROOT, cli_args, xla_flags
 
 from diffusion_jax import checkpoints
 
-pytestmark = pytest.mark.system
+# One worker for the module: the SIGTERM-stopped run is resumed and compared with the runs of
+# ``runs`` (conftest: an explicit group replaces the one per fixture).
+pytestmark = [pytest.mark.system, pytest.mark.xdist_group("test_distributed")]
 
 NUM_STEPS = 12
 RUN = {
@@ -67,7 +69,7 @@ def _start(workdir, logdir, num_processes, devices, **overrides):
         env = dict(
             os.environ,
             **cluster,
-            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+            XLA_FLAGS=xla_flags(devices),
             PYTHONPATH=ROOT,
             TF_CPP_MIN_LOG_LEVEL="3",
         )
@@ -116,24 +118,26 @@ def _interrupted_at(output: str) -> int:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Side by side: the run (12 steps, then samples and bits/dim) on 1 process x 2 devices and
-    on 2 processes x 1 device, and a 2-process run that gets a SIGTERM (process 1 only) early on.
-    """
+    on 2 processes x 1 device."""
     logdir = tmp_path_factory.mktemp("logs")
     one = tmp_path_factory.mktemp("one_process_two_devices")
     two = tmp_path_factory.mktemp("two_processes")
-    stopped = tmp_path_factory.mktemp("two_processes_sigterm")
+    outputs = _wait(_start(one, logdir, 1, 2, **RUN), _start(two, logdir, 2, 1, **RUN))
+    return {"one": one, "two": two, "outputs": outputs}
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory):
+    """A 2-process run that gets a SIGTERM (process 1 only) early on: (workdir, outputs)."""
+    workdir = tmp_path_factory.mktemp("two_processes_sigterm")
+    run = _start(workdir, tmp_path_factory.mktemp("logs"), 2, 1, **INTERRUPTED)
+    (p0, log0), (p1, _) = run
     started = time.time()
-    runs = [
-        _start(one, logdir, 1, 2, **RUN),
-        _start(two, logdir, 2, 1, **RUN),
-        _start(stopped, logdir, 2, 1, **INTERRUPTED),
-    ]
-    (p0, log0), (p1, _) = runs[2]
     while "step 2:" not in _read(log0) and p0.poll() is None and time.time() < started + 600:
         time.sleep(0.1)
     p1.send_signal(signal.SIGTERM)  # as a scheduler would, to one of the processes
-    outputs = _wait(*runs)
-    return {"one": one, "two": two, "stopped": stopped, "outputs": outputs}
+    [outputs] = _wait(run)
+    return workdir, outputs
 
 
 def test_two_processes_give_the_parameters_of_one_process_with_two_devices(runs):
@@ -168,21 +172,21 @@ def test_only_process_0_writes_logs_and_reports(runs):
     assert len([n for n in os.listdir(two) if n.startswith("events.out.tfevents")]) == 1
 
 
-def test_sigterm_to_one_process_stops_all_at_one_step_with_a_checkpoint(runs):
-    (rc0, out0), (rc1, out1) = runs["outputs"][2]
+def test_sigterm_to_one_process_stops_all_at_one_step_with_a_checkpoint(stopped):
+    workdir, [(rc0, out0), (rc1, out1)] = stopped
     assert rc0 == rc1 == 130, (out0[-3000:], out1[-3000:])
     step = _interrupted_at(out0)
     assert _interrupted_at(out1) == step  # JAX's preemption sync point: the same step for all
     assert 2 <= step < NUM_STEPS
-    assert checkpoints.make_manager(str(runs["stopped"])).latest_step() == step
+    assert checkpoints.make_manager(str(workdir)).latest_step() == step
 
 
-def test_two_process_run_resumes_from_its_checkpoint(runs, tmp_path):
+def test_two_process_run_resumes_from_its_checkpoint(runs, stopped, tmp_path):
     """The SIGTERM-stopped run, continued to step 12 by a new 2-process run, ends bit-identical
     to the uninterrupted 2-process run."""
     resumed = tmp_path / "resumed"
-    shutil.copytree(runs["stopped"], resumed)
-    step = _interrupted_at(runs["outputs"][2][0][1])
+    shutil.copytree(stopped[0], resumed)
+    step = _interrupted_at(stopped[1][0][1])
     [[(_, out0), _]] = _wait(
         _start(resumed, tmp_path, 2, 1, **RUN, **{"training.eval_at_end": False})
     )

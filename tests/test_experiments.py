@@ -10,6 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from helpers import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, "experiments")
@@ -51,7 +52,7 @@ def _numbers(obj):
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_script_quick(script, tmp_path):
     outdir = tmp_path / "out"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1))
     cmd = [sys.executable, os.path.join(EXPERIMENTS, script), "--quick", "--steps", "10"]
     cmd += ["--outdir", str(outdir)]
     if script != "score_objectives.py":
@@ -70,8 +71,9 @@ def test_script_quick(script, tmp_path):
 
 @pytest.mark.system
 def test_digits_sampler_comparison_and_inversion_quick(tmp_path):
-    """sampler_comparison.py --digits_workdir on a 2-step digits run: every sampler at 10 calls,
-    judged by the classifier metric, and the DDIM round trip of 8 test digits."""
+    """sampler_comparison.py --digits_workdir on a 2-step run of the tiny digits config (T =
+    20, read from its config.json): every sampler at 10 calls, judged by the classifier metric,
+    and the DDIM round trip of 8 test digits."""
     from helpers import run_main
 
     workdir = str(tmp_path / "digits")
@@ -81,12 +83,10 @@ def test_digits_sampler_comparison_and_inversion_quick(tmp_path):
             "training.num_train_steps": 2,
             "training.checkpoint_every": 2,
             "training.eval_at_end": False,
-            "model.ch": 32,
-            "model.num_res_blocks": 2,
-            "diffusion.num_timesteps": 1000,
+            "eval.classifier_train_steps": 20,
         },
     )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1))
     script = os.path.join(EXPERIMENTS, "sampler_comparison.py")
     for extra in ([], ["--inversion"]):
         cmd = [sys.executable, script, "--quick", "--digits_workdir", workdir, *extra]

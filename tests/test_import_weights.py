@@ -15,6 +15,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from helpers import xla_flags
 from safetensors.numpy import save_file
 
 from diffusion_jax import checkpoints, evaluation, import_weights, models, safe_arrays, train
@@ -283,7 +284,7 @@ def test_imported_run_evaluates_and_fine_tunes(tmp_path, caplog):
 
 
 def _python_m(module, *args):
-    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=xla_flags(1))
     cmd = [sys.executable, "-m", module, *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 

@@ -123,7 +123,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path
             "optim.learning_rate": 1e38,
             "optim.grad_clip": 0.0,
             "optim.warmup_steps": 1000,
-            "training.num_train_steps": 20,
+            "training.num_train_steps": 4,
             "training.checkpoint_every": 1,
             "training.log_every": 1,
         }
@@ -146,7 +146,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path
     with pytest.raises(ValueError, match="only the optimiser's keys"):
         train.train_and_evaluate(config, workdir, allow_config_change=("model.ch",))
     state = train.train_and_evaluate(config, workdir, allow_config_change=("optim.learning_rate",))
-    assert int(state.step) == 20
+    assert int(state.step) == 4
     assert all(np.all(np.isfinite(leaf)) for leaf in _leaves(state.params))
 
 
