@@ -473,6 +473,20 @@ def test_tfds_load_without_tensorflow_is_one_line_naming_the_extra(monkeypatch):
     assert "--config.data.tfds_reader=data_source" in message
 
 
+def test_a_tfds_name_is_checked_without_tensorflow(monkeypatch):
+    """The base install (no TensorFlow) checks a tfds name before sampling or evaluating a run of
+    it (e.g. an import of the paper's CIFAR-10 weights): tfds's own builders, not the community
+    index, whose refresh imports TensorFlow."""
+    import tensorflow_datasets  # noqa: F401  (imported as the base install imports it)
+
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # from here: import tensorflow fails
+    config = default.get_config()  # cifar10
+    ip.validate_dataset(config)
+    config.data.dataset = "no_such_set_xyz"
+    with pytest.raises(ip.DatasetError, match="Unknown data set data.dataset='no_such_set_xyz'"):
+        ip.validate_dataset(config)
+
+
 def test_each_name_goes_to_its_source_in_the_registry(tmp_path):
     """data.SOURCES in matching order: digits, toy names, IDX sets, a prepared folder, a .npz, a
     folder, and any other name to tfds (by data.tfds_reader)."""

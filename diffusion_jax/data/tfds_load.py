@@ -127,7 +127,8 @@ def validate(config) -> None:
     check_reader(config)
     name = config.data.dataset
     tfds = import_tfds(name)
-    if name.split("/")[0].split(":")[0] not in tfds.list_builders():
+    # Not the community index: refreshing it wants TensorFlow and the network.
+    if name.split("/")[0].split(":")[0] not in tfds.list_builders(with_community_datasets=False):
         raise DatasetError(
             f"Unknown data set data.dataset={name!r}. Use an offline one (digits, a toy set: "
             "see diffusion_jax.toy_data.NAMES; fashion_mnist or mnist from IDX files), a folder "
