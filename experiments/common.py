@@ -1,6 +1,7 @@
 """Shared pieces of the experiment scripts: arguments, the toy runs, exact targets, tables, plots.
 
-The scripts are run as ``python experiments/NAME.py``, so this file is importable as ``common``;
+The scripts are run as ``python experiments/STUDY/NAME.py``; each puts ``experiments/`` on
+``sys.path`` first, so this file is importable as ``common``;
 importing it puts the repository root on ``sys.path`` (``diffusion_jax`` and ``configs``).
 
 Both learned models of the DDPM ↔ NCSN experiments come from ``configs/ncsn_toy.py`` (8 Gaussians
@@ -34,15 +35,14 @@ from diffusion_jax import diffusion as diffusion_lib  # noqa: E402
 from diffusion_jax import models, objectives, score, toy_data, train  # noqa: E402
 
 DATASET = "gmm8"
-RESULTS = os.path.join(ROOT, "experiments", "results")
 
 
-def parse_args(name: str, doc: str, steps: int, argv=None, extra=None) -> argparse.Namespace:
-    """Flags --outdir (default experiments/results/NAME), --steps, --quick, --seed, + extra."""
+def parse_args(outdir: str, doc: str, steps: int, argv=None, extra=None) -> argparse.Namespace:
+    """Flags --outdir (default ``outdir``, in the study's results/), --steps, --quick, --seed."""
     parser = argparse.ArgumentParser(
         description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--outdir", default=os.path.join(RESULTS, name))
+    parser.add_argument("--outdir", default=outdir)
     parser.add_argument("--steps", type=int, default=steps, help="training steps per model")
     parser.add_argument(
         "--quick", action="store_true", help="a smoke test: tiny models and sample sizes"

@@ -1,5 +1,6 @@
-"""The experiment scripts in smoke-test mode (``--quick``: tiny networks, a few steps, few points),
-and the two-sample distances of ``experiments/metrics.py`` against direct NumPy computations."""
+"""The experiment scripts (``experiments/<study>/NAME.py``) in smoke-test mode (``--quick``: tiny
+networks, a few steps, few points), and the two-sample distances of ``experiments/metrics.py``
+against direct NumPy computations."""
 
 import json
 import math
@@ -14,23 +15,25 @@ from helpers import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, "experiments")
-if EXPERIMENTS not in sys.path:
-    sys.path.insert(0, EXPERIMENTS)
+# experiments/ for metrics.py; the study folders whose scripts are imported below.
+for _path in [EXPERIMENTS] + [os.path.join(EXPERIMENTS, s) for s in ("likelihood", "recipes")]:
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 import metrics  # noqa: E402
 
 # ------------------------------------------------------------------------------ the scripts
 
 SCRIPTS = {
-    "score_objectives.py": (
+    "score_matching/score_objectives.py": (
         ["score_objectives.md", "score_objectives.json", "score_fields.png"],
         "score_objectives.json",
     ),
-    "ddpm_score_link.py": (
+    "score_matching/ddpm_score_link.py": (
         ["ddpm_score.md", "ncsn_vs_ddpm.md", "ddpm_curve.json", "ddpm_score_link.png"],
         "ncsn_vs_ddpm.json",
     ),
-    "sampler_comparison.py": (
+    "samplers/sampler_comparison.py": (
         ["sampler_comparison.md", "floor.json", "sampler_distances.png", "sampler_samples.png"],
         "sampler_comparison.json",
     ),
@@ -55,7 +58,7 @@ def test_script_quick(script, tmp_path):
     env = dict(os.environ, XLA_FLAGS=xla_flags(1))
     cmd = [sys.executable, os.path.join(EXPERIMENTS, script), "--quick", "--steps", "10"]
     cmd += ["--outdir", str(outdir)]
-    if script != "score_objectives.py":
+    if not script.endswith("score_objectives.py"):
         cmd += ["--workdir", str(tmp_path / "runs")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -87,7 +90,7 @@ def test_digits_sampler_comparison_and_inversion_quick(tmp_path):
         },
     )
     env = dict(os.environ, XLA_FLAGS=xla_flags(1))
-    script = os.path.join(EXPERIMENTS, "sampler_comparison.py")
+    script = os.path.join(EXPERIMENTS, "samplers", "sampler_comparison.py")
     for extra in ([], ["--inversion"]):
         cmd = [sys.executable, script, "--quick", "--digits_workdir", workdir, *extra]
         cmd += ["--outdir", str(tmp_path / "out")]

@@ -6,7 +6,7 @@ the lowest), and writes both to ``--out``.
 
     python experiments/perf/compare_peer.py --peer_python ~/peer-venv/bin/python \
         --peer_script ../shared/bench/peer_torch_unet.py --rounds 3 --bf16 \
-        --out experiments/results/perf
+        --out experiments/perf/results
 
 Networks (ours changed only where the peer cannot follow: no input Fourier features, fixed
 variances, so both have the same parameters and the same work a step):

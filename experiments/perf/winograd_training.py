@@ -6,7 +6,7 @@ digits upsampled 4x to 32x32 (nearest neighbour, 17 levels), whose 32x32 and 16x
 bits/dim on the first test digits (T = 100 steps, batch 16: a check of agreement, not a recipe).
 
     python experiments/perf/winograd_training.py --workdir /tmp/winograd_training \
-        --out experiments/results/perf
+        --out experiments/perf/results
 """
 
 from __future__ import annotations

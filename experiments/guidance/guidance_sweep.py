@@ -16,18 +16,23 @@ digits, ``evaluation.classifier``):
 Writes ``guidance.md`` / ``guidance.json`` (``common.write_table``) and one grid per w (one class
 per row) to ``--outdir``:
 
-    python experiments/guidance_sweep.py --workdir runs/digits_cond \
+    python experiments/guidance/guidance_sweep.py --workdir runs/digits_cond \
         [--scales 0,0.5,1,2,4] [--method dpmpp_2m --num_steps 50] [--num_samples 500]
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # common
 
 import common
 import jax
 import numpy as np
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def add_args(parser) -> None:
@@ -55,7 +60,7 @@ def within_class_spread(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def main(argv=None) -> list[dict]:
-    args = common.parse_args("guidance", __doc__, steps=0, argv=argv, extra=add_args)
+    args = common.parse_args(RESULTS, __doc__, steps=0, argv=argv, extra=add_args)
 
     from configs import workdir as workdir_config
     from diffusion_jax import (

@@ -1,7 +1,7 @@
 """The digits run's evaluation in full: bits/dim on test and train with the L_0 / sum L_t / L_T
 split, the L_t curve, the rate-distortion curve and the progressive-generation strip.
 
-    python experiments/digits_eval.py --workdir /tmp/digits_eval
+    python experiments/digits/digits_eval.py --workdir /tmp/digits_eval
 
 Trains ``configs/digits.py`` for ``--train_steps`` first when the workdir holds no checkpoint,
 then runs what ``--mode eval`` runs (``evaluation.evaluate``); FID/IS are requested and, with no
@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
@@ -26,7 +26,9 @@ if ROOT not in sys.path:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="/tmp/digits_eval")
-    parser.add_argument("--outdir", default=os.path.join(ROOT, "experiments/results/digits_eval"))
+    parser.add_argument(
+        "--outdir", default=os.path.join(ROOT, "experiments/digits/results/digits_eval")
+    )
     parser.add_argument("--train_steps", type=int, default=1500)
     parser.add_argument("--train_examples", type=int, default=300, help="0: the whole split")
     parser.add_argument("--rd_examples", type=int, default=0, help="0: the whole test split")

@@ -21,7 +21,7 @@ outlier is), plus the fraction of points beyond ‖x‖ = 5, where the data has 
 the same distance from 5 other fresh data sets to that reference (mean ± std): differences
 smaller than its std are noise. Every sampler starts from the same x_T (or initial points).
 
-    python experiments/sampler_comparison.py [--steps 6000] [--workdir /tmp/dj_runs]
+    python experiments/samplers/sampler_comparison.py [--steps 6000] [--workdir /tmp/dj_runs]
 
 With ``--digits_workdir DIR`` (a run of ``configs/digits.py``, e.g. the README's first command's
 ``runs/digits``) it compares instead the product's samplers (``sampling.SAMPLERS`` through
@@ -33,12 +33,16 @@ and its IS-like score, against the training digits, with bootstrap standard erro
 real-vs-real value), and writes ``digits.md`` / ``digits.json``, ``digits.png`` and a grid of
 each sampler at 20 calls:
 
-    python experiments/sampler_comparison.py --digits_workdir runs/digits [--num_samples 500]
+    python experiments/samplers/sampler_comparison.py --digits_workdir runs/digits \\
+        [--num_samples 500]
 """
 
 from __future__ import annotations
 
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # common
 
 import common
 import jax
@@ -49,6 +53,8 @@ import numpy as np
 
 from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import objectives, score
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 BUDGETS = (10, 50, 200, 1000)
 FAR = 5.0  # no data point lies this far from the origin (the modes are at radius 3, std 0.3)
@@ -236,7 +242,9 @@ def digits_inversion(args) -> None:
 
 
 def main(argv=None) -> None:
-    args = common.parse_args("sampler_comparison", __doc__, steps=6000, argv=argv, extra=add_args)
+    args = common.parse_args(
+        os.path.join(RESULTS, "sampler_comparison"), __doc__, steps=6000, argv=argv, extra=add_args
+    )
     if args.digits_workdir and args.inversion:
         return digits_inversion(args)
     if args.digits_workdir:

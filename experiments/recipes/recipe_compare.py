@@ -1,8 +1,8 @@
 """Trained runs side by side by their bound and by the quality of their samples, per sampler.
 
-    python experiments/recipe_compare.py --runs prev=runs/a today=runs/b \
+    python experiments/recipes/recipe_compare.py --runs prev=runs/a today=runs/b \
         --samplers ancestral:0 dpmpp_2m_sde:20 --num_samples 500 --outdir DIR
-    python experiments/recipe_compare.py --runs new=runs/digits --plot calls \
+    python experiments/recipes/recipe_compare.py --runs new=runs/digits --plot calls \
         --samplers ancestral:10 ancestral:20 dpmpp_2m:10 dpmpp_2m:10:lower_order_final=true ...
 
 For each run (a workdir with ``eval/metrics.json`` holding ``bpd``: the test bound, e.g. from
@@ -27,7 +27,7 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
@@ -204,7 +204,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--references", default="train,test", help="splits judged against")
     parser.add_argument("--judge_dir", default=os.path.join(ROOT, "runs", "judge"))
     parser.add_argument("--plot", choices=("bound", "calls"), default="bound")
-    parser.add_argument("--outdir", default=os.path.join(ROOT, "experiments/results/recipes"))
+    parser.add_argument("--outdir", default=os.path.join(ROOT, "experiments/recipes/results"))
     args = parser.parse_args(argv)
     samplers = [parse_sampler(s) for s in args.samplers]
     references = args.references.split(",")

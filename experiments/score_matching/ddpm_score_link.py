@@ -24,7 +24,7 @@ level σ_i, on the same points y ~ q_σi, next to the NCSN: rel err of each agai
 target, their difference from each other, and the difference between the two exact targets
 (σ_t ≠ σ_i exactly: the floor of that difference).
 
-    python experiments/ddpm_score_link.py [--steps 6000] [--workdir /tmp/dj_runs]
+    python experiments/score_matching/ddpm_score_link.py [--steps 6000] [--workdir /tmp/dj_runs]
 
 ``--workdir`` keeps the two runs (``WORKDIR/ddpm``, ``WORKDIR/ncsn``); a later script given the
 same folder and steps (``sampler_comparison.py``) loads them instead of training again.
@@ -34,6 +34,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # common
 
 import common
 import jax
@@ -43,6 +46,8 @@ import numpy as np
 
 from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import objectives
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 TABLE_TS = (0, 5, 10, 20, 40, 60, 80, 100, 130, 199)
 
@@ -58,7 +63,9 @@ def rel_err(est: jax.Array, exact: jax.Array, ref: jax.Array | None = None) -> j
 
 
 def main(argv=None) -> None:
-    args = common.parse_args("ddpm_score_link", __doc__, steps=6000, argv=argv, extra=add_args)
+    args = common.parse_args(
+        os.path.join(RESULTS, "ddpm_score_link"), __doc__, steps=6000, argv=argv, extra=add_args
+    )
     dist = common.toy_dist()
     key = jax.random.key(args.seed)
     n = 500 if args.quick else 10_000

@@ -5,10 +5,10 @@ README can print them beside the diffusion model's bound:
   split with add-1/2 counts (a model of no correlation between pixels at all);
 - uniform: log2(L) bits/dim, a model of nothing.
 
-    python experiments/likelihood_baselines.py [--config configs/digits.py]
+    python experiments/likelihood/likelihood_baselines.py [--config configs/digits.py]
 
 Prints one JSON line and writes it to ``--out`` (default
-``experiments/results/likelihood/likelihood_baselines.json``).
+``experiments/likelihood/results/likelihood_baselines.json``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--config", default="configs/digits.py")
     parser.add_argument(
         "--out",
-        default=os.path.join(ROOT, "experiments/results/likelihood/likelihood_baselines.json"),
+        default=os.path.join(ROOT, "experiments/likelihood/results/likelihood_baselines.json"),
     )
     args = parser.parse_args(argv)
 

@@ -1,7 +1,8 @@
 """Runs side by side by the bound and by sample quality: the README's likelihood table and the
 L_t / eps-MSE curves of several trained workdirs on one figure.
 
-    python experiments/likelihood_compare.py --runs before=runs/digits_old after=runs/digits
+    python experiments/likelihood/likelihood_compare.py \\
+        --runs before=runs/digits_old after=runs/digits
 
 Reads each ``WORKDIR/eval/metrics.json`` (``--mode eval`` with ``bpd`` and, for the quality
 columns, ``fd_classifier`` / ``is_classifier`` in ``eval.metrics``), prints a markdown table
@@ -16,7 +17,7 @@ import argparse
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
@@ -48,7 +49,7 @@ def table(runs: dict[str, dict]) -> str:
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", required=True, help="label=WORKDIR ...")
-    parser.add_argument("--outdir", default=os.path.join(ROOT, "experiments/results/likelihood"))
+    parser.add_argument("--outdir", default=os.path.join(ROOT, "experiments/likelihood/results"))
     args = parser.parse_args(argv)
 
     import common

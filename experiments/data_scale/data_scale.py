@@ -2,7 +2,8 @@
 map, with the input pipeline's speed, the training process's memory, exact resume after kill -9
 and two processes reading disjoint halves of each batch.
 
-    python experiments/data_scale.py --data_dir /tmp/big [--num_images 1400000] [--outdir ...]
+    python experiments/data_scale/data_scale.py --data_dir /tmp/big \\
+        [--num_images 1400000] [--outdir ...]
 
 Steps (each prints and records its figures in ``data_scale.json`` in ``--outdir``):
 
@@ -33,8 +34,12 @@ import sys
 import threading
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # common
+
 import common
 import numpy as np
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 SIZE = 32
 RUN = {  # the digits U-Net on 32x32x3 images, a short run
@@ -165,7 +170,7 @@ def _free_port() -> int:
 
 
 def main(argv=None) -> dict:
-    args = common.parse_args("data_scale", __doc__, steps=0, argv=argv, extra=add_args)
+    args = common.parse_args(RESULTS, __doc__, steps=0, argv=argv, extra=add_args)
     os.makedirs(args.workdir, exist_ok=True)
     results = {}
 

@@ -22,12 +22,16 @@ q_σ on points from q_σ, and also against the data score on points from p (its 
 
 and the time per training step (the fastest ``lax.scan`` chunk of 200 steps after compilation).
 
-    python experiments/score_objectives.py [--steps 4000] [--outdir DIR]
+    python experiments/score_matching/score_objectives.py [--steps 4000] [--outdir DIR]
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # common
 
 import common
 import jax
@@ -38,6 +42,8 @@ import optax
 
 from diffusion_jax import score
 from diffusion_jax.models import mlp
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 BATCH = 256
 
@@ -108,7 +114,9 @@ def sq_err(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def main(argv=None) -> None:
-    args = common.parse_args("score_objectives", __doc__, steps=4000, argv=argv)
+    args = common.parse_args(
+        os.path.join(RESULTS, "score_objectives"), __doc__, steps=4000, argv=argv
+    )
     dist = common.toy_dist()
     key = jax.random.key(args.seed)
     n_eval = 500 if args.quick else 20_000
