@@ -5,6 +5,8 @@ loss L_simple + 0.001 L_vlb, at T = 1000. (Their CIFAR-10 runs also used T = 400
 dropout 0.3; those stay at the paper config's values here.)
 
     python -m diffusion_jax.main --config configs/cifar10_improved.py --workdir runs/cifar10_iddpm
+
+Not measured here.
 """
 
 from configs import cifar10_ddpm

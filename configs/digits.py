@@ -1,9 +1,18 @@
 """The offline default: scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels).
 
 Real data that ships inside a package, so a fresh machine with no download runs the whole job,
-training to samples and bits/dim, in minutes on a laptop CPU:
+training to samples and bits/dim, on a CPU with the base install:
 
     python -m diffusion_jax.main --config configs/digits.py --workdir runs/digits
+
+The recipe: L_simple + 0.1 L_vlb (the vb term at a loss-aware t), learned variances, Fourier
+features (4, 5, 6), a 1.0M-parameter U-Net, 4,000 steps of batch 64 (docs/objectives.md).
+
+Expected (experiments/digits/README.md, experiments/recipes/README.md): about 4 steps/s on a
+2-core CPU; the bound on all 297 test digits 1.7686 ± 0.0138 bits/dim (independent pixels
+2.4194, uniform log2 17 = 4.0875); 1,000 samples against the 1,500 training digits, classifier
+FD 9.05 ± 4.64 by the 1000-step ancestral chain and 7.36 ± 2.99 by
+``--config.sampling.method=dpmpp_2m_sde --config.sampling.num_steps=20``.
 """
 
 from configs import default

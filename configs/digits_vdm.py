@@ -3,6 +3,10 @@ budget: the same U-Net with its Fourier features, 4,000 steps of batch 64, the s
 the bound L_0 + ½ E_t[γ'(t) ‖ε − ε̂‖²] + L_1 trained directly with a learned γ(t):
 
     python -m diffusion_jax.main --config configs/digits_vdm.py --workdir runs/digits_vdm
+
+Expected (experiments/vdm/README.md): the continuous bound 1.8546 ± 0.0132 bits/dim on the 297
+test digits (its T = 1000 chain: 1.8657 ± 0.0133); 500 samples of ``vdm_ancestral`` against the
+training digits, classifier FD 17.38 ± 7.48.
 """
 
 from configs import digits

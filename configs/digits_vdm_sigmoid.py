@@ -4,6 +4,9 @@ needs and samples do not; the bound is still evaluated with w = 1.
 
     python -m diffusion_jax.main --config configs/digits_vdm_sigmoid.py \
         --workdir runs/digits_vdm_sigmoid
+
+Expected (experiments/vdm/README.md): the bound 3.5620 ± 0.0194 bits/dim; ``vdm_ancestral``
+classifier FD 8.79 ± 6.02 (500 samples), the best samples measured on digits.
 """
 
 from configs import digits_vdm

@@ -7,6 +7,7 @@ class" 10 % of the time in training, so one network is both models.
 
 Sample i is of class i mod 10 (``sampling.class_label = -1``), so a grid of 10 columns has one
 class per column; ``class_match`` is the share the classifier assigns to the requested class.
+Not trained yet (experiments/fashion_mnist/README.md).
 """
 
 from configs import fashion_mnist

@@ -1,7 +1,7 @@
 """Fashion-MNIST at the paper's scale, for one accelerator: the CPU recipe's objective on a
 DDPM U-Net of 64 channels with attention at 14x14 (6,472,770 parameters), batch 128, 10,000 steps,
-sized to train in about 6 minutes on one H100/H200 (not yet measured on one: README
-"Fashion-MNIST"). Run by ../shared/bench/gpu_fashion.sh on a lent device:
+sized to train in about 6 minutes on one H100/H200 (not yet measured on one:
+experiments/fashion_mnist/README.md). Run by ../shared/bench/gpu_fashion.sh on a lent device:
 
     python -m diffusion_jax.main --config configs/fashion_mnist_gpu.py --workdir runs/fm_gpu \
         --config.data.data_dir=DIR_OF_THE_IDX_FILES

@@ -20,6 +20,9 @@ took 5.4 min, and the 64 samples 40 s more, on 2 CPU cores shared with other job
     python -m diffusion_jax.main --config configs/ncsn_digits.py --workdir runs/ncsn_digits
     python -m diffusion_jax.main --config configs/ncsn_digits.py --workdir runs/ncsn_digits \
         --mode sample
+
+Expected (experiments/score_matching/README.md): many of the 64 digits legible (0, 3, 7 and 9
+clear), noisier than the data.
 """
 
 from configs import digits

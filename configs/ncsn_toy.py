@@ -15,6 +15,10 @@ Training and 2000 samples take about 75 s on a CPU:
 
     python -m diffusion_jax.main --config configs/ncsn_toy.py --workdir runs/ncsn_toy
     python -m diffusion_jax.main --config configs/ncsn_toy.py --workdir runs/ncsn_toy --mode sample
+
+Expected (experiments/score_matching/README.md): the 2000 samples fall on the 8 modes with counts
+230, 256, 254, 256, 236, 282, 252, 234 (250 each expected), mean radius 3.0018 and radial std
+0.3230 (data: 3, about 0.30).
 """
 
 from configs import toy_moons
