@@ -1,5 +1,5 @@
 """Bits/dim of models that need no network, on the digits split the default run uses, so the
-README can print them beside the diffusion model's bound:
+study READMEs can print them beside the diffusion model's bound:
 
 - independent pixels: one categorical over the L grey levels per pixel, fitted on the training
   split with add-1/2 counts (a model of no correlation between pixels at all);

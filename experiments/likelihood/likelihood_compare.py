@@ -1,4 +1,4 @@
-"""Runs side by side by the bound and by sample quality: the README's likelihood table and the
+"""Runs side by side by the bound and by sample quality: the likelihood study's table and the
 L_t / eps-MSE curves of several trained workdirs on one figure.
 
     python experiments/likelihood/likelihood_compare.py \\

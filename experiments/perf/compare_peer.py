@@ -1,8 +1,8 @@
 """Ours against the PyTorch peer on the three networks users train, alternating in one window:
 each round runs `python -m diffusion_jax.benchmark ... --peer_python P --peer_script S` (ours,
 then the peer, same network and batch) for every case, so the machine's drift falls on both
-alike. Prints one JSON line per run, then the README's table (median ratio over the rounds, and
-the lowest), and writes both to ``--out``.
+alike. Prints one JSON line per run, then the table of experiments/perf/README.md (median ratio
+over the rounds, and the lowest), and writes both to ``--out``.
 
     python experiments/perf/compare_peer.py --peer_python ~/peer-venv/bin/python \
         --peer_script ../shared/bench/peer_torch_unet.py --rounds 3 --bf16 \

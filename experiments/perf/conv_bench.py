@@ -286,7 +286,7 @@ def main():
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--peer_python", default="", help="a python with torch: adds 'torch' rows")
     args = p.parse_args()
-    runtime.configure_allocator()  # as main and the benchmark run (README, "Performance")
+    runtime.configure_allocator()  # as main and the benchmark run (docs/performance.md)
     forms = [f for f in args.forms.split(",") if f]
     unknown = set(forms) - set(FORMS)
     if unknown:
