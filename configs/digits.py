@@ -34,14 +34,15 @@ def get_config():
     # Sin/cos(2^n pi x_t), n = 4, 5, 6: 2^4 = 17 - 1 (and its multiples) makes them periodic in
     # the 17-level grid, so they give x_t's offset from the nearest level, what the network must
     # resolve at low noise ((4, 5, 6) beat (3, 4, 5, 6) and (4, 5, 6, 7) in 2,000-step screens:
-    # README).
+    # experiments/likelihood/README.md).
     config.model.fourier_features = (4, 5, 6)
 
-    # Samples and bound together (README): L_simple at a uniform t (what shapes a digit) plus
-    # 0.1 T L_t at a t importance-sampled from the loss history (Improved DDPM 3.3), the mean
-    # trained by both, learned interpolated variances. Each example goes through the network at
-    # both t's in one batch of 2B. In 2,000-step screens: 2.1403 bits/dim (L_vlb alone, the
-    # previous default: 2.1632, with worse samples; L_simple and fixedlarge: 3.1184).
+    # Samples and bound together (experiments/recipes/README.md): L_simple at a uniform t (what
+    # shapes a digit) plus 0.1 T L_t at a t importance-sampled from the loss history (Improved
+    # DDPM 3.3), the mean trained by both, learned interpolated variances. Each example goes
+    # through the network at both t's in one batch of 2B. In 2,000-step screens: 2.1403 bits/dim
+    # (L_vlb alone, the previous default: 2.1632, with worse samples; L_simple and fixedlarge:
+    # 3.1184).
     config.diffusion.var_type = "learned_range"
     config.diffusion.loss_type = "hybrid"
     config.diffusion.t_sampler = "loss_aware_vb"

@@ -19,6 +19,7 @@ def get_config():
     config.model.num_classes = 10
     config.training.label_dropout = 0.1
     # w = 0.5: 99.4 % of 500 ancestral samples of the requested digit by the classifier (93.2 %
-    # unguided), at the least loss of diversity among the scales that pass 95 % (README).
+    # unguided), at the least loss of diversity among the scales that pass 95 %
+    # (experiments/guidance/README.md).
     config.sampling.guidance_scale = 0.5
     return config

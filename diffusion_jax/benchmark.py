@@ -45,7 +45,7 @@ run, and reports its figures and the ratios ``train_vs_peer`` and ``sample_vs_pe
 Peak. On a CPU, ``peak_gflops`` is what ``--cpu_peak_gflops`` says (measure it on the machine,
 e.g. with an FMA loop; absent: null, and ``frac_of_peak`` null). On GPUs it is the vendor's
 nominal dense figure for the compute dtype from ``GPU_PEAK_TFLOPS`` (null for devices not in the
-table). Measured figures belong in the README's "Performance" section, not here.
+table). Measured figures belong in experiments/perf/README.md, not here.
 """
 
 from __future__ import annotations

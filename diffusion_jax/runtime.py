@@ -4,7 +4,7 @@ and glibc's allocator.
 XLA:CPU hands convolutions, dots, elementwise ops and reductions to YNNPACK. YNNPACK's forward
 convolution is fast, but the kernel gradient of a convolution (a "batch-as-feature" convolution
 with a whole-image window, fed by layout transposes) runs at about half its speed, while XLA's own
-(Eigen) convolutions take every direction at the same rate (README, "Performance";
+(Eigen) convolutions take every direction at the same rate (experiments/perf/README.md;
 ``experiments/perf/conv_bench.py``).
 
 ``configure_cpu_convolutions("eigen")`` therefore adds
@@ -120,9 +120,9 @@ def configure_cpu_convolutions(library: str = "eigen") -> str | None:
 # 32 MiB) is its own mmap, returned to the system when freed, and free memory above 128 KiB at
 # the top of the heap is trimmed: each call of a compiled XLA:CPU program then maps its large
 # temporaries afresh and pays a page fault per 4 KiB on first touch, every step. With blocks up to
-# 32 MiB kept in the heap and the heap not trimmed, the second call reuses the first one's memory:
-# the CIFAR-10 U-Net's train step at batch 16 ran 7.685 vs 7.322 images/s and its denoiser step
-# 24.908 vs 20.515 (README, "Performance"). The price: freed memory stays with the process.
+# 32 MiB kept in the heap and the heap not trimmed, the second call reuses the first one's memory
+# (the measured gain on the CIFAR-10 U-Net's train and denoiser steps: experiments/perf/README.md,
+# "The allocator"). The price: freed memory stays with the process.
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 MALLOC_SETTINGS = {
     M_MMAP_THRESHOLD: 32 * 2**20,  # glibc's largest on 64-bit

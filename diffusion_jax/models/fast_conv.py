@@ -24,7 +24,8 @@ the same products, summed in another order). What differs is the program XLA is 
 With ``--cpu_conv_library=eigen`` (the default, ``diffusion_jax.runtime``) XLA:CPU runs
 every convolution with Eigen, whose kernel gradient is as fast as its forward pass; on the whole
 CIFAR-10 U-Net train step this module then measures within the run-to-run noise of "xla"
-(README, "Performance"); the CPU default (``conv_impl = "auto"``) is models/winograd.py instead.
+(experiments/perf/README.md); the CPU default (``conv_impl = "auto"``) is models/winograd.py
+instead.
 
 The forward pass is ``lax.conv_general_dilated`` (the dot for 1x1), so inference is unchanged.
 Forward-mode differentiation (``jax.jvp``) is not available through a custom VJP: a model that

@@ -55,8 +55,8 @@ CONV_IMPLS: dict[str, type[nn.Module]] = {
 
 def resolve_conv_impl(impl: str, platform: str | None = None) -> str:
     """`config.model.conv_impl` -> a key of CONV_IMPLS: "auto" is "winograd" on CPU (faster there:
-    README, "Performance") and "xla" on GPU/TPU (cuDNN's and XLA's own convolutions); `platform`
-    defaults to ``jax.default_backend()``."""
+    experiments/perf/README.md) and "xla" on GPU/TPU (cuDNN's and XLA's own convolutions);
+    `platform` defaults to ``jax.default_backend()``."""
     check_conv_impl(impl)
     if impl != "auto":
         return impl
@@ -116,7 +116,7 @@ class GroupNorm(nn.Module):
     normalisation is applied as one multiply-add y = x * a + b with a = scale / sqrt(var_g + eps)
     and b = bias - mu_g * a ([B, C] each). flax's nn.GroupNorm computes the same function on a
     [B, ..., G, C/G] reshape of x, which XLA:CPU runs as separate passes with layout changes
-    (this form's gain on the digits default's train step: README, "Performance").
+    (this form's gain on the digits default's train step: experiments/perf/README.md).
     Parameters "scale" and "bias" [C] are those of nn.GroupNorm, so its checkpoints restore.
     Statistics are float32; the output has `dtype`, or x's dtype promoted with float32 if None.
     """

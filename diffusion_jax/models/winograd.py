@@ -24,7 +24,7 @@ one, XLA recomputes the row pass for every column output: 8x slower). Gradients 
 transposes of these linear steps: the input gradient is the same three steps run backwards, the
 kernel gradient 36 products [C, tiles] x [tiles, O]. `config.model.conv_impl = "winograd"` (and
 "auto" on CPU) uses it for the shapes `applies` accepts, chosen by timing the whole CIFAR-10 train
-step (README, "Performance"; per shape: experiments/perf/conv_bench.py, form "winograd"), and
+step (experiments/perf/README.md; per shape: experiments/perf/conv_bench.py, form "winograd"), and
 ``lax.conv_general_dilated`` for every other one: a rule fixed in code, never measured at run
 time, so the same config always runs the same program.
 """
@@ -81,8 +81,8 @@ A_T = np.array(
 TILE = 4  # output tile size m; the input tile is m + 2
 
 # The shapes `config.model.conv_impl = "winograd"` computes this way (measured on the CIFAR-10
-# U-Net's layers, README "Performance"): spatial sizes from MIN_SIZE, at least MIN_CHANNELS input
-# channels (conv_in's 3 channels stay direct). Everything else is lax.conv_general_dilated.
+# U-Net's layers, experiments/perf/README.md): spatial sizes from MIN_SIZE, at least MIN_CHANNELS
+# input channels (conv_in's 3 channels stay direct). Everything else is lax.conv_general_dilated.
 MIN_SIZE = 16
 MIN_CHANNELS = 64
 
