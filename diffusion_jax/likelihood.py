@@ -10,6 +10,16 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import erf, log_ndtr
 
+__all__ = [
+    "bits_per_dim",
+    "discretized_gaussian_log_likelihood",
+    "log_normal_interval",
+    "mean_flat",
+    "mean_flat_bpd",
+    "normal_kl",
+    "sum_flat",
+]
+
 # |z| below which a central interval's mass is taken from erf rather than from the tails:
 # Phi^{-1}(3/4), where erf(z / sqrt 2) = erfc(z / sqrt 2) = 1/2.
 _CENTRAL_Z = 0.6744897501960817

@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 
+__all__ = ["SCHEDULES", "check_betas", "get_beta_schedule"]
+
 _SCHEDULE_KWARGS = {
     "linear": {"beta_start": 1e-4, "beta_end": 0.02},
     "quadratic": {"beta_start": 1e-4, "beta_end": 0.02},

@@ -23,6 +23,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+__all__ = [
+    "PROJECTIONS",
+    "ScoreFn",
+    "annealed_langevin",
+    "annealed_langevin_levels",
+    "dsm_loss",
+    "ism_loss",
+    "langevin_denoise",
+    "langevin_step",
+    "ncsn_loss",
+    "ncsn_score_fn",
+    "ncsn_sigmas",
+    "ssm_loss",
+]
+
 ScoreFn = Callable[..., jax.Array]
 PROJECTIONS = ("rademacher", "gaussian")
 
