@@ -166,8 +166,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.classifier_num_bootstrap = 50  # resamplings of the samples for the stderr
 
     config.sampling = ml_collections.ConfigDict()
-    # sampling.SAMPLERS: ancestral | ddim | dpmpp_2m | dpmpp_2m_sde | heun (DDPM); langevin (NCSN);
-    # vdm_ancestral | vdm_ddim | vdm_dpmpp_2m (VDM: num_steps steps on the uniform t grid)
+    # sampling.SAMPLERS: ancestral | ddim | dpmpp_2m | dpmpp_2m_sde | heun (ddpm and vdm: for vdm
+    # on the uniform grid in t); langevin (ncsn). vdm_ancestral | vdm_ddim | vdm_dpmpp_2m: aliases
     config.sampling.method = "ancestral"
     config.sampling.num_steps = 0  # network calls; 0: all T. Fewer respaces ancestral/DDIM
     config.sampling.eta = 0.0  # ddim only

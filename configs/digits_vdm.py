@@ -26,7 +26,7 @@ def get_config():
     config.vdm.gamma_min = -10.0  # 17 levels, 0.125 apart: sigma/alpha = 0.007 at t = 0
     config.vdm.gamma_max = 5.0
 
-    config.sampling.method = "vdm_ancestral"  # 1,000 steps, as the default's chain
+    config.sampling.method = "ancestral"  # 1,000 steps, as the default's chain
     config.eval.bound_num_t = 100  # stratified t per test digit, continuous and T = 1,000
     config.eval.figures = ("gamma_schedule",)
     return config

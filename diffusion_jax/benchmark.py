@@ -436,10 +436,10 @@ def benchmark(
         chain_s = time.perf_counter() - t0
         if not np.all(np.isfinite(samples)):
             raise FloatingPointError("the sampling chain produced non-finite values")
-        chain = sampling.SAMPLERS[config.sampling.method].build(config, model)
+        chain = sampling.SAMPLERS[sampling.method(config)].build(config, model)
         chain_steps = chain.num_steps * chain.calls_per_step  # network calls per sample
         out.update(
-            chain_method=config.sampling.method,
+            chain_method=sampling.method(config),
             chain_steps=chain_steps,
             chain_batch_size=sample_batch,
             chain_s=chain_s,

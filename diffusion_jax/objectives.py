@@ -307,7 +307,7 @@ class Objective:
 OBJECTIVES: dict[str, Objective] = {
     "ddpm": Objective(_ddpm_loss, "ancestral", True, _check_ddpm),
     "ncsn": Objective(_ncsn_loss, "langevin", False, _check_ncsn),
-    "vdm": Objective(_vdm_loss, "vdm_ancestral", True, _check_vdm),
+    "vdm": Objective(_vdm_loss, "ancestral", True, _check_vdm),
 }
 
 

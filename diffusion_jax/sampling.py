@@ -30,7 +30,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import input_pipeline, models, objectives, ode, reporting, sharding
+from diffusion_jax import input_pipeline, models, objectives, reporting, samplers, sharding
 from diffusion_jax import score as score_lib
 from diffusion_jax import vdm as vdm_lib
 
@@ -78,37 +78,89 @@ def _gaussian_init(key: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, j
     return jax.random.normal(noise_key, shape), key_steps
 
 
-def _reverse_chain(config: ml_collections.ConfigDict, model, steps_fn: Callable) -> Chain:
-    d = objectives.make_diffusion(config)
-    d = diffusion_lib.maybe_respace(d, config.sampling.num_steps or None)
-    k = d.num_timesteps
+def process_fn(config: ml_collections.ConfigDict, model) -> Callable[[Any], samplers.Process]:
+    """``process(params)``: the ``samplers.Process`` of the config's objective: the DDPM chain
+    (``diffusion.DiscreteProcess``), or for ``vdm`` continuous time under the model's own γ
+    (``vdm.ContinuousProcess``)."""
+    if config.training.objective == "vdm":
+        return lambda params: vdm_lib.ContinuousProcess(objectives.gamma_fn(model, params))
+    process = diffusion_lib.DiscreteProcess(objectives.make_diffusion(config))
+    return lambda params: process
+
+
+def _chain(config: ml_collections.ConfigDict, model, eta: float | None) -> Chain:
+    """Ancestral sampling (eta None) or DDIM over ``sampling.num_steps`` steps of the process's
+    chain (0: diffusion.num_timesteps; the DDPM chain respaced, continuous time on the uniform
+    grid in t)."""
+    s = config.sampling
+    n = s.num_steps or config.diffusion.num_timesteps
+    process_of = process_fn(config, model)
 
     def run(params, labels, x, key_steps, done, count):
-        return steps_fn(d, net(config, model, params, labels), x, key_steps, k - done, count)
+        process = process_of(params).chain(n)
+        fn = net(config, model, params, labels)
+        kw = dict(clip_denoised=s.clip_denoised)
+        if eta is None:
+            update = functools.partial(samplers.ancestral_update, process, fn, **kw)
+        else:
+            update = functools.partial(samplers.ddim_update, process, fn, eta=eta, **kw)
+        step = samplers.chain_step_fn(process, update, key_steps)
+        return samplers.run_steps(lambda i, x: step(i, x)[0], x, done, count, n)
 
-    return Chain(k, 1, _gaussian_init, run)
+    return Chain(n, 1, _gaussian_init, run, lambda params, x: process_of(params).finish(x))
 
 
 def _ancestral(config: ml_collections.ConfigDict, model) -> Chain:
-    clip = config.sampling.clip_denoised
-    return _reverse_chain(
-        config,
-        model,
-        lambda d, net, x, key, start, count: diffusion_lib.p_sample_steps(
-            d, net, x, key, start, count, clip
-        ),
-    )
+    return _chain(config, model, None)
 
 
 def _ddim(config: ml_collections.ConfigDict, model) -> Chain:
+    return _chain(config, model, config.sampling.eta)
+
+
+def _dpmpp(config: ml_collections.ConfigDict, model, sde: bool = False) -> Chain:
+    """DPM-Solver++(2M), or with ``sde`` its SDE (``sampling.sde_eta``), spending
+    ``sampling.num_steps`` network calls (0: diffusion.num_timesteps)."""
     s = config.sampling
-    return _reverse_chain(
-        config,
-        model,
-        lambda d, net, x, key, start, count: diffusion_lib.ddim_sample_steps(
-            d, net, x, key, start, count, s.eta, s.clip_denoised
-        ),
-    )
+    calls = s.num_steps or config.diffusion.num_timesteps
+    eta = s.sde_eta if sde else 0.0
+    process_of = process_fn(config, model)
+
+    def init(key, shape):
+        x_T, key = _gaussian_init(key, shape)
+        return samplers.dpmpp_2m_init(x_T), key
+
+    def run(params, labels, state, key, done, count):
+        fn = net(config, model, params, labels)
+        step = samplers.dpmpp_2m_step(
+            process_of(params), fn, calls, s.clip_denoised, eta, s.lower_order_final, key
+        )
+        return samplers.run_steps(step, state, done, count, calls)
+
+    def finish(params, state):
+        return samplers.dpmpp_2m_finish(process_of(params), calls, state)
+
+    return Chain(calls, 1, init, run, finish)
+
+
+def _heun(config: ml_collections.ConfigDict, model) -> Chain:
+    """Heun's method on the EDM noise levels: ``sampling.num_steps`` network calls (0:
+    diffusion.num_timesteps) buy (calls + 1) // 2 steps of 2 calls each (the last 1)."""
+    s = config.sampling
+    calls = s.num_steps or config.diffusion.num_timesteps
+    process_of = process_fn(config, model)
+    num = samplers.heun_num_steps(calls)
+
+    def init(key, shape):
+        x_T, key = _gaussian_init(key, shape)
+        return samplers.heun_init(x_T), key
+
+    def run(params, labels, state, key, done, count):
+        fn = net(config, model, params, labels)
+        step = samplers.heun_step(process_of(params), fn, calls, clip_denoised=s.clip_denoised)
+        return samplers.run_steps(step, state, done, count, num)
+
+    return Chain(num, 2, init, run, lambda params, state: state["x"])
 
 
 def _langevin(config: ml_collections.ConfigDict, model) -> Chain:
@@ -129,122 +181,43 @@ def _langevin(config: ml_collections.ConfigDict, model) -> Chain:
     return Chain(int(sigmas.shape[0]), c.n_steps_each, init, run)
 
 
-def _ode_chain(
-    config: ml_collections.ConfigDict,
-    model,
-    init_fn: Callable,
-    steps_fn: Callable,
-    num_steps_of: Callable[[int], int],
-    calls_per_step: int,
-    options: Callable[[ml_collections.ConfigDict], dict] = lambda config: {},
-    stochastic: bool = False,
-) -> Chain:
-    """A solver of ``ode`` (its ``*_init`` and ``*_steps``), spending ``sampling.num_steps``
-    network calls (0: T) in ``num_steps_of(calls)`` steps; the network is called at fractional t
-    between the integer steps. ``options(config)``: the solver's keyword arguments from the
-    config; ``stochastic``: the steps take the chain's key for their noise."""
-    d = objectives.make_diffusion(config)
-    calls = config.sampling.num_steps or d.num_timesteps
-    clip = config.sampling.clip_denoised
-    kw = options(config)
-
-    def init(key, shape):
-        x_T, key = _gaussian_init(key, shape)
-        return init_fn(d, x_T, calls), key
-
-    def run(params, labels, state, key, done, count):
-        fn = net(config, model, params, labels)
-        noise = dict(key=key) if stochastic else {}
-        return steps_fn(d, fn, state, done, count, calls, clip_denoised=clip, **kw, **noise)
-
-    return Chain(num_steps_of(calls), calls_per_step, init, run, lambda params, s: s["x"])
-
-
-def _dpmpp_options(config: ml_collections.ConfigDict, sde: bool = False) -> dict:
-    s = config.sampling
-    kw = dict(lower_order_final=s.lower_order_final)
-    return dict(kw, eta=s.sde_eta) if sde else kw
-
-
-_DPMPP = dict(
-    init_fn=ode.dpmpp_2m_init,
-    steps_fn=ode.dpmpp_2m_steps,
-    num_steps_of=lambda calls: calls,
-    calls_per_step=1,
-)
-
-
-def _vdm_chain(config: ml_collections.ConfigDict, model, kind: str) -> Chain:
-    """A continuous-time model's chain of ``sampling.num_steps`` steps (0: diffusion.num_timesteps)
-    from t = 1 to 0 on the uniform grid in t, γ the model's own schedule: ``ancestral`` (VDM's
-    sampler), ``ddim`` (``sampling.eta``) or ``dpmpp_2m`` (DPM-Solver++(2M))."""
-    s = config.sampling
-    n = s.num_steps or config.diffusion.num_timesteps
-    clip = s.clip_denoised
-
-    def init(key, shape):
-        z, key = _gaussian_init(key, shape)
-        return (vdm_lib.dpmpp_2m_init(z) if kind == "dpmpp_2m" else z), key
-
-    def run(params, labels, state, key, done, count):
-        fn, gamma = net(config, model, params, labels), objectives.gamma_fn(model, params)
-        if kind == "dpmpp_2m":
-            return vdm_lib.dpmpp_2m_steps(fn, gamma, state, done, count, n, clip)
-        eta = s.eta if kind == "ddim" else None
-        return vdm_lib.ancestral_steps(fn, gamma, state, key, done, count, n, clip, eta)
-
-    def finish(params, state):
-        z = state["x"] if kind == "dpmpp_2m" else state
-        return vdm_lib.finish(objectives.gamma_fn(model, params), z)
-
-    return Chain(n, 1, init, run, finish)
-
-
 @dataclasses.dataclass(frozen=True)
 class Sampler:
     objectives: tuple[str, ...]  # the training objectives whose models it samples
     build: Callable[[ml_collections.ConfigDict, Any], Chain]
 
 
+_GAUSSIAN = ("ddpm", "vdm")  # the objectives whose process is a samplers.Process
 SAMPLERS: dict[str, Sampler] = {
-    "ancestral": Sampler(("ddpm",), _ancestral),
-    "ddim": Sampler(("ddpm",), _ddim),
-    "dpmpp_2m": Sampler(("ddpm",), functools.partial(_ode_chain, **_DPMPP, options=_dpmpp_options)),
-    "dpmpp_2m_sde": Sampler(
-        ("ddpm",),
-        functools.partial(
-            _ode_chain,
-            **_DPMPP,
-            options=functools.partial(_dpmpp_options, sde=True),
-            stochastic=True,
-        ),
-    ),
-    "heun": Sampler(
-        ("ddpm",),
-        functools.partial(
-            _ode_chain,
-            init_fn=ode.heun_init,
-            steps_fn=ode.heun_steps,
-            num_steps_of=ode.heun_num_steps,
-            calls_per_step=2,
-        ),
-    ),
+    "ancestral": Sampler(_GAUSSIAN, _ancestral),
+    "ddim": Sampler(_GAUSSIAN, _ddim),
+    "dpmpp_2m": Sampler(_GAUSSIAN, _dpmpp),
+    "dpmpp_2m_sde": Sampler(_GAUSSIAN, functools.partial(_dpmpp, sde=True)),
+    "heun": Sampler(_GAUSSIAN, _heun),
     "langevin": Sampler(("ncsn",), _langevin),
-    "vdm_ancestral": Sampler(("vdm",), functools.partial(_vdm_chain, kind="ancestral")),
-    "vdm_ddim": Sampler(("vdm",), functools.partial(_vdm_chain, kind="ddim")),
-    "vdm_dpmpp_2m": Sampler(("vdm",), functools.partial(_vdm_chain, kind="dpmpp_2m")),
 }
+# Names of earlier versions, when continuous time had samplers of its own: config.json files
+# that hold them still sample.
+ALIASES = {"vdm_ancestral": "ancestral", "vdm_ddim": "ddim", "vdm_dpmpp_2m": "dpmpp_2m"}
+
+
+def method(config: ml_collections.ConfigDict) -> str:
+    """``sampling.method``, an alias (``ALIASES``) read as the sampler it names."""
+    return ALIASES.get(config.sampling.method, config.sampling.method)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raise ValueError for a sampler that does not exist or does not fit the objective."""
-    method, objective = config.sampling.method, config.training.objective
-    if method not in SAMPLERS:
-        raise ValueError(f"config.sampling.method={method!r} is not one of {tuple(SAMPLERS)}.")
-    if objective not in SAMPLERS[method].objectives:
+    name, objective = method(config), config.training.objective
+    if name not in SAMPLERS:
+        raise ValueError(
+            f"config.sampling.method={name!r} is not one of {tuple(SAMPLERS)} (or an earlier "
+            f"name: {tuple(ALIASES)})."
+        )
+    if objective not in SAMPLERS[name].objectives:
         fits = tuple(n for n, s in SAMPLERS.items() if objective in s.objectives)
         raise ValueError(
-            f"config.sampling.method={method!r} does not sample a training.objective="
+            f"config.sampling.method={name!r} does not sample a training.objective="
             f"{objective!r} model; allowed: {fits}."
         )
     s = config.sampling
@@ -256,7 +229,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             f"config.sampling.num_steps={s.num_steps!r} must be an integer >= 0 (steps of the "
             f"continuous model's chain; 0: diffusion.num_timesteps = {num_t})."
         )
-    if method == "heun" and s.num_steps == 1:
+    if name == "heun" and s.num_steps == 1:
         raise ValueError(
             "config.sampling.num_steps=1 is too few for sampling.method='heun' (a Heun step "
             "costs 2 network calls): give >= 2, or 0 for diffusion.num_timesteps."
@@ -309,7 +282,7 @@ def make_sample_fn(
     conditional model's sample i is of class ``sample_labels(config, num_samples)[i]``.
     """
     s = config.sampling
-    chain = SAMPLERS[s.method].build(config, model)
+    chain = SAMPLERS[method(config)].build(config, model)
     shape = (s.batch_size, *input_pipeline.example_shape(config))
     data, repl = sharding.data_sharded(mesh), sharding.replicated(mesh)
     per_call = steps_per_call(chain.num_steps, chain.calls_per_step)

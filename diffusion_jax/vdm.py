@@ -29,6 +29,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax import samplers
+
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]  # (z_t [B, ...], t [B]) -> ε̂ [B, ...]
 GammaFn = Callable[[jax.Array], jax.Array]  # t [B] -> γ(t) [B]
 
@@ -343,132 +345,84 @@ def variance_gradient(
     return f
 
 
-# ----------------------------------------------------------------------------- samplers
+# ----------------------------------------------------------------------------- the process
 
 
-def _step_times(step: jax.Array, num_steps: int) -> tuple[jax.Array, jax.Array]:
-    """Step j of N runs from t = (N − j)/N to s = (N − j − 1)/N."""
-    t = (num_steps - step).astype(jnp.float32) / num_steps
-    return t, t - 1.0 / num_steps
+class ContinuousProcess:
+    """Continuous time under ``gamma_fn`` as ``samplers.Process``, t in [0, 1]: alpha, sigma
+    from γ(t) (``alpha_sigma``), the half log-SNR λ = −γ/2, an ε-predicting ``model_fn(z_t,
+    t)``. Its chain of N steps runs from t = 1 to 0 on the uniform grid t_i = (N − i)/N, step i's
+    noise from fold_in(key, i), p(z_s | z_t) = q(z_s | z_t, x = x̂(z_t)) (VDM eq. 34); its
+    solvers visit the same grid; a chain that ends at t = 0 returns z_0/α_0 (``finish``). There
+    is no learned variance."""
 
+    t_min, t_max = 0.0, 1.0
 
-def _x_hat(model_fn, gamma_fn, z, t, clip):
-    b = z.shape[0]
-    tb = jnp.full((b,), t, z.dtype)
-    gamma_t = gamma_fn(tb)
-    x_hat = predict_x(z, gamma_t, model_fn(z, tb))
-    return (jnp.clip(x_hat, -1.0, 1.0) if clip else x_hat), gamma_t
+    def __init__(self, gamma_fn: GammaFn, num_steps: int = 0):
+        self.gamma_fn = gamma_fn
+        self.num_steps = num_steps
 
+    def _gamma(self, t: jax.Array) -> jax.Array:
+        """γ(t) of any shape (gamma_fn takes [B])."""
+        t = jnp.asarray(t, jnp.float32)
+        return self.gamma_fn(t.reshape(-1)).reshape(t.shape)
 
-def ancestral_step(
-    model_fn: ModelFn,
-    gamma_fn: GammaFn,
-    z_t: jax.Array,
-    t: jax.Array,
-    s: jax.Array,
-    key: jax.Array,
-    clip_denoised: bool = False,
-) -> jax.Array:
-    """z_s ~ p(z_s | z_t) = q(z_s | z_t, x = x̂(z_t)) (VDM's sampler, their eq. 34); t, s
-    scalars."""
-    x_hat, gamma_t = _x_hat(model_fn, gamma_fn, z_t, t, clip_denoised)
-    gamma_s = gamma_fn(jnp.full_like(gamma_t, s))
-    mean, var = q_posterior(x_hat, z_t, gamma_s, gamma_t)
-    return mean + jnp.sqrt(var) * jax.random.normal(key, z_t.shape, z_t.dtype)
+    def denoise(self, model_fn: ModelFn, x: jax.Array, t: jax.Array, clip_denoised: bool):
+        gamma_t = self.gamma_fn(t)
+        eps = model_fn(x, t)
+        x_hat = predict_x(x, gamma_t, eps)
+        if clip_denoised:
+            x_hat = jnp.clip(x_hat, -1.0, 1.0)
+            alpha, sigma = alpha_sigma(_bcast(gamma_t, x))
+            eps = (x - alpha * x_hat) / sigma
+        return samplers.Prediction(eps, x_hat)
 
+    def chain(self, num_steps: int) -> ContinuousProcess:
+        return ContinuousProcess(self.gamma_fn, num_steps)
 
-def ddim_step(
-    model_fn: ModelFn,
-    gamma_fn: GammaFn,
-    z_t: jax.Array,
-    t: jax.Array,
-    s: jax.Array,
-    key: jax.Array,
-    eta: float = 0.0,
-    clip_denoised: bool = False,
-) -> jax.Array:
-    """DDIM (Song et al. 2021, eq. 12) in γ: z_s = α_s x̂ + sqrt(σ²_s − σ²_η) ε̂ + σ_η ξ with
-    σ²_η = η² c σ²_s (c = 1 − exp(γ_s − γ_t)); η = 0 the deterministic ODE sampler, η = 1 the
-    ancestral one."""
-    x_hat, gamma_t = _x_hat(model_fn, gamma_fn, z_t, t, clip_denoised)
-    gamma_s = gamma_fn(jnp.full_like(gamma_t, s))
-    g_s, g_t = _bcast(gamma_s, z_t), _bcast(gamma_t, z_t)
-    a_s, s_s = alpha_sigma(g_s)
-    a_t, s_t = alpha_sigma(g_t)
-    eps = (z_t - a_t * x_hat) / s_t
-    var_eta = eta**2 * -jnp.expm1(g_s - g_t) * s_s**2
-    noise = jax.random.normal(key, z_t.shape, z_t.dtype)
-    return (
-        a_s * x_hat + jnp.sqrt(jnp.maximum(s_s**2 - var_eta, 0.0)) * eps + jnp.sqrt(var_eta) * noise
-    )
+    def chain_length(self) -> int:
+        return self.num_steps
 
+    def chain_step(self, i: jax.Array, x: jax.Array) -> samplers.ChainStep:
+        """Step i from t = (N − i)/N to s = t − 1/N."""
+        n = self.num_steps
+        t = (n - i).astype(jnp.float32) / n
+        tb = jnp.full(x.shape[:1], t, x.dtype)  # [B]
+        sb = jnp.full(x.shape[:1], t - 1.0 / n, x.dtype)
+        g_t, g_s = _bcast(self.gamma_fn(tb), x), _bcast(self.gamma_fn(sb), x)
+        variance = -jnp.expm1(g_s - g_t) * jax.nn.sigmoid(g_s)  # c σ²_s (``q_posterior``)
+        return samplers.ChainStep(tb, sb, i, jax.nn.sigmoid(-g_s), variance)
 
-def ancestral_steps(
-    model_fn: ModelFn,
-    gamma_fn: GammaFn,
-    z: jax.Array,
-    key: jax.Array,
-    start: int,
-    count: int,
-    num_steps: int,
-    clip_denoised: bool = False,
-    eta: float | None = None,
-) -> jax.Array:
-    """Steps start, …, start + count − 1 (those < num_steps) of the N = ``num_steps`` step
-    chain from t = 1 to 0, step j with key fold_in(key, j): ancestral (``eta`` None) or DDIM."""
+    def reverse(self, step: samplers.ChainStep, pred: samplers.Prediction, x: jax.Array):
+        mean, var = q_posterior(pred.x0, x, self.gamma_fn(step.s), self.gamma_fn(step.t))
+        return mean, jnp.sqrt(var)
 
-    def body(j, z):
-        t, s = _step_times(j, num_steps)
-        k = jax.random.fold_in(key, j)
-        if eta is None:
-            z_new = ancestral_step(model_fn, gamma_fn, z, t, s, k, clip_denoised)
-        else:
-            z_new = ddim_step(model_fn, gamma_fn, z, t, s, k, eta, clip_denoised)
-        return jnp.where(j < num_steps, z_new, z)
+    def solver_grid(self, num_steps: int) -> samplers.SolverGrid:
+        """Calls at t_i = (N − i)/N, i < N, landing at t = 0."""
+        t = (num_steps - jnp.arange(num_steps)).astype(jnp.float32) / num_steps
+        return samplers.SolverGrid(t, -0.5 * self._gamma(t), -0.5 * self._gamma(0.0))
 
-    return jax.lax.fori_loop(start, start + count, body, z)
+    def sigma_ve(self, t: jax.Array) -> jax.Array:
+        """σ/α = exp(γ/2)."""
+        return jnp.exp(0.5 * self._gamma(t))
 
+    def t_from_sigma_ve(self, sigma: jax.Array, iterations: int = 40) -> jax.Array:
+        """t with γ(t) = 2 log σ (γ increasing), by bisection on [0, 1]; clamped there."""
+        target = 2.0 * jnp.log(jnp.asarray(sigma, jnp.float32))
+        lo, hi = jnp.zeros_like(target), jnp.ones_like(target)
 
-def dpmpp_2m_init(z: jax.Array) -> dict[str, jax.Array]:
-    """The state of ``dpmpp_2m_steps``: z and the previous step's x̂ and h ([B], as every
-    entry is batched)."""
-    return {"x": z, "x_prev": jnp.zeros_like(z), "h_prev": jnp.zeros(z.shape[:1], z.dtype)}
+        def halve(_, bounds):
+            lo, hi = bounds
+            mid = 0.5 * (lo + hi)
+            below = self._gamma(mid) < target
+            return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
 
+        lo, hi = jax.lax.fori_loop(0, iterations, halve, (lo, hi))
+        return 0.5 * (lo + hi)
 
-def dpmpp_2m_steps(
-    model_fn: ModelFn,
-    gamma_fn: GammaFn,
-    state: dict[str, jax.Array],
-    start: int,
-    count: int,
-    num_steps: int,
-    clip_denoised: bool = False,
-) -> dict[str, jax.Array]:
-    """DPM-Solver++(2M) (Lu et al. 2022, algorithm 2) on the grid t_j = (N − j)/N, in the
-    half log-SNR l = −γ/2 (no interpolation: l is the schedule itself), h = l_s − l_t:
-    z_s = (σ_s/σ_t) z_t − α_s (exp(−h) − 1) D, D = x̂ on the first step, else
-    (1 + 1/(2r)) x̂ − 1/(2r) x̂_prev with r = h_prev/h."""
-
-    def body(j, st):
-        z = st["x"]
-        t, s = _step_times(j, num_steps)
-        x_hat, gamma_t = _x_hat(model_fn, gamma_fn, z, t, clip_denoised)
-        gamma_s = gamma_fn(jnp.full_like(gamma_t, s))
-        h = 0.5 * (gamma_t[0] - gamma_s[0])
-        r = _bcast(st["h_prev"], z) / h  # [B, 1, ...]
-        d = jnp.where(j == 0, x_hat, (1.0 + 0.5 / r) * x_hat - (0.5 / r) * st["x_prev"])
-        a_s, s_s = alpha_sigma(gamma_s[0])
-        _, s_t = alpha_sigma(gamma_t[0])
-        z_new = (s_s / s_t) * z - a_s * jnp.expm1(-h) * d
-        new = {"x": z_new, "x_prev": x_hat, "h_prev": jnp.full_like(st["h_prev"], h)}
-        return jax.tree.map(lambda a, b: jnp.where(j < num_steps, a, b), new, st)
-
-    return jax.lax.fori_loop(start, start + count, body, state)
-
-
-def finish(gamma_fn: GammaFn, z_0: jax.Array) -> jax.Array:
-    """The chain's image: z_0/α_0 clipped to [−1, 1] (the level nearest to it is the mode of
-    VDM's decoder p(x | z_0))."""
-    gamma_0 = gamma_fn(jnp.zeros((z_0.shape[0],), z_0.dtype))
-    alpha, _ = alpha_sigma(_bcast(gamma_0, z_0))
-    return jnp.clip(z_0 / alpha, -1.0, 1.0)
+    def finish(self, z_0: jax.Array) -> jax.Array:
+        """The chain's image: z_0/α_0 clipped to [−1, 1] (the level nearest to it is the mode
+        of VDM's decoder p(x | z_0))."""
+        gamma_0 = self.gamma_fn(jnp.zeros((z_0.shape[0],), z_0.dtype))
+        alpha, _ = alpha_sigma(_bcast(gamma_0, z_0))
+        return jnp.clip(z_0 / alpha, -1.0, 1.0)

@@ -11,7 +11,16 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # Lower layers never import higher ones; a module may import its own layer (no cycle).
 LAYERS = {
-    "math core": ("schedules", "likelihood", "diffusion", "vdm", "ode", "score", "toy_data"),
+    "math core": (
+        "schedules",
+        "likelihood",
+        "samplers",
+        "diffusion",
+        "vdm",
+        "ode",
+        "score",
+        "toy_data",
+    ),
     "infrastructure": (
         "sharding",
         "reporting",

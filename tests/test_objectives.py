@@ -72,7 +72,7 @@ def vdm_config(**overrides):
         ("vdm.t_per_example", 0, "vdm.t_per_example=0 must be an integer >= 1"),
         ("diffusion.var_type", "learned_range", "needs no learned variance"),
         ("diffusion.t_sampler", "loss_aware", "draws t by vdm.t_sampler"),
-        ("sampling.method", "ancestral", "does not sample a training.objective='vdm' model"),
+        ("sampling.method", "langevin", "does not sample a training.objective='vdm' model"),
         ("sampling.num_steps", -3, "sampling.num_steps=-3 must be an integer >= 0"),
     ],
 )
@@ -133,7 +133,8 @@ def test_a_conditional_vdm_model_samples_with_guidance():
     model = models.get_model(config)
     x = jnp.zeros((2, 8, 8, 1))
     params = model.init(jax.random.key(0), x, jnp.zeros((2,)), jnp.zeros((2,), jnp.int32))
-    for method in ("vdm_ancestral", "vdm_ddim", "vdm_dpmpp_2m"):
+    # Every sampler, and an alias of the names of earlier versions.
+    for method in ("ancestral", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "heun", "vdm_dpmpp_2m"):
         config.sampling.method = method
         sample = sampling.make_sample_fn(config, model, sharding.make_mesh())
         out = sample(params["params"], jax.random.key(1))

@@ -25,7 +25,7 @@ import pytest
 from scipy import stats
 
 from diffusion_jax import diffusion as dl
-from diffusion_jax import ode, schedules
+from diffusion_jax import ode, samplers, schedules
 
 T = 1000
 BETAS = schedules.get_beta_schedule("linear", T)
@@ -251,9 +251,9 @@ def test_samplers_converge_to_the_exact_ode_solution_at_their_order(name, calls,
 # Samplers: segments, network calls, argument checks
 
 SEGMENT_D = dl.GaussianDiffusion.create(BETAS)
-SEGMENT_CASES = {  # name: (init, steps, sample, number of steps for num_steps = 9)
-    "dpmpp_2m": (ode.dpmpp_2m_init, ode.dpmpp_2m_steps, ode.dpmpp_2m_sample, 9),
-    "heun": (ode.heun_init, ode.heun_steps, ode.heun_sample, 5),
+SEGMENT_CASES = {  # name: (init, step, sample, number of steps for num_steps = 9)
+    "dpmpp_2m": (samplers.dpmpp_2m_init, samplers.dpmpp_2m_step, ode.dpmpp_2m_sample, 9),
+    "heun": (samplers.heun_init, samplers.heun_step, ode.heun_sample, 5),
 }
 
 
@@ -269,12 +269,11 @@ def test_segments_rebuild_the_whole_sampler(name, count):
     """X_steps over [0, count), [count, 2 count), ... (start traced; the last segment runs past
     the end, skipped) from X_init give X_sample: DPM-Solver++(2M) with 9 steps, Heun with
     num_steps = 9 calls (N = 5 steps)."""
-    init, steps, _, total = SEGMENT_CASES[name]
+    init, step_of, _, total = SEGMENT_CASES[name]
     x_T, whole = _whole_sample(name)
-    run = jax.jit(
-        lambda s, start: steps(SEGMENT_D, toy_eps, s, start, count, 9, clip_denoised=False)
-    )
-    state = init(SEGMENT_D, x_T, 9)
+    step = step_of(dl.DiscreteProcess(SEGMENT_D), toy_eps, 9, clip_denoised=False)
+    run = jax.jit(lambda s, start: samplers.run_steps(step, s, start, count, total))
+    state = init(x_T)
     for start in range(0, total, count):
         state = run(state, start)
     np.testing.assert_allclose(state["x"], whole, rtol=1e-5, atol=1e-6)
@@ -294,7 +293,7 @@ def test_network_calls_are_as_documented():
         counter[0] = 0
         jax.block_until_ready(jax.jit(fn)())
         assert counter[0] == want, (want, counter[0])
-    assert ode.heun_num_steps(7) == ode.heun_num_steps(8) == 4  # 8 calls: one left unused
+    assert samplers.heun_num_steps(7) == samplers.heun_num_steps(8) == 4  # 8 calls: one left unused
 
 
 def test_one_call_samplers_return_the_denoised_prior_sample():
@@ -520,12 +519,10 @@ def test_dpmpp_2m_sde_segments_rebuild_the_whole_sampler(count):
     x_T = jax.random.normal(jax.random.key(3), (4, 4))
     key = jax.random.key(5)
     whole = _sde(d, toy_eps, x_T, key, 9)
-    run = jax.jit(
-        lambda s, start: ode.dpmpp_2m_steps(
-            d, toy_eps, s, start, count, 9, clip_denoised=False, eta=1.0, key=key
-        )
-    )
-    state = ode.dpmpp_2m_init(d, x_T, 9)
+    process = dl.DiscreteProcess(d)
+    step = samplers.dpmpp_2m_step(process, toy_eps, 9, clip_denoised=False, eta=1.0, key=key)
+    run = jax.jit(lambda s, start: samplers.run_steps(step, s, start, count, 9))
+    state = samplers.dpmpp_2m_init(x_T)
     for start in range(0, 9, count):
         state = run(state, start)
     np.testing.assert_allclose(state["x"], whole, rtol=1e-5, atol=1e-6)
@@ -537,8 +534,8 @@ def test_lower_order_final_makes_the_last_interval_first_order_below_10_steps():
     the option changes nothing."""
     d = SEGMENT_D
     for m in (3, 8, 10, 11, 20):
-        base = ode.dpmpp_2m_schedule(d, m)
-        low = ode.dpmpp_2m_schedule(d, m, lower_order_final=True)
+        base = samplers.dpmpp_2m_schedule(dl.DiscreteProcess(d), m)
+        low = samplers.dpmpp_2m_schedule(dl.DiscreteProcess(d), m, lower_order_final=True)
         want = np.asarray(base["c"]).copy()
         if m <= 10:
             assert want[m - 2] > 0

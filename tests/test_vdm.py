@@ -2,6 +2,7 @@
 its exact denoiser, where −log p(x), the posterior, the probability-flow map and every
 expectation over ε and t are known in closed form or by quadrature (float64)."""
 
+import functools
 import math
 
 import jax
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import schedules, vdm
+from diffusion_jax import samplers, schedules, vdm
 
 S = 0.5  # data x ~ N(MU, S^2) per dimension
 MU = 0.3
@@ -224,8 +225,11 @@ def _pf_ode_target(z1, lo, hi):
     return m[0] + np.sqrt(v[0]) * (z1 - m[1]) / np.sqrt(v[1])
 
 
-@pytest.mark.parametrize("solver,order", [("ddim", 1), ("dpmpp_2m", 2)])
+@pytest.mark.parametrize("solver,order", [("ddim", 1), ("dpmpp_2m", 2), ("heun", 2)])
 def test_deterministic_samplers_converge_at_their_order(solver, order):
+    """The samplers of ``samplers`` on continuous time (``vdm.ContinuousProcess``) converge to
+    the probability-flow map at their order: DDIM (eta = 0) and DPM-Solver++(2M) to z_0 at
+    t = 0; Heun, whose last step goes to sigma = 0, to x_hat(z_0) there."""
     with jax.enable_x64(True):
         lo, hi = -5.0, 5.0
 
@@ -235,12 +239,23 @@ def test_deterministic_samplers_converge_at_their_order(solver, order):
         model = model_of(gamma_fn)
         z1 = jnp.asarray([[-1.5], [0.2], [1.0]], jnp.float64)
         target = _pf_ode_target(np.asarray(z1), lo, hi)
+        if solver == "heun":  # x_hat(z_0, t = 0)
+            t0 = jnp.zeros((3,), jnp.float64)
+            target = np.asarray(vdm.predict_x(target, gamma_fn(t0), model(target, t0)))
         errs = []
         for n in (16, 32, 64, 128):
+            process = vdm.ContinuousProcess(gamma_fn).chain(n)
             if solver == "ddim":
-                z0 = vdm.ancestral_steps(model, gamma_fn, z1, jax.random.key(0), 0, n, n, eta=0.0)
+                update = functools.partial(
+                    samplers.ddim_update, process, model, eta=0.0, clip_denoised=False
+                )
+                step = samplers.chain_step_fn(process, update, jax.random.key(0))
+                z0 = samplers.run_steps(lambda i, z, step=step: step(i, z)[0], z1, 0, n, n)
+            elif solver == "dpmpp_2m":
+                step = samplers.dpmpp_2m_step(process, model, n, clip_denoised=False)
+                z0 = samplers.run_steps(step, samplers.dpmpp_2m_init(z1), 0, n, n)["x"]
             else:
-                z0 = vdm.dpmpp_2m_steps(model, gamma_fn, vdm.dpmpp_2m_init(z1), 0, n, n)["x"]
+                z0 = samplers.heun_sample(process, model, z1, 2 * n, clip_denoised=False)
             errs.append(np.max(np.abs(np.asarray(z0) - target)))
         rates = np.log2(np.asarray(errs[:-1]) / np.asarray(errs[1:]))
         assert np.all(np.abs(rates - order) < 0.3), (errs, rates)
@@ -248,7 +263,7 @@ def test_deterministic_samplers_converge_at_their_order(solver, order):
 
 
 def test_ancestral_sampler_converges_weakly_at_order_one():
-    """The chain's final variance, propagated exactly through vdm.ancestral_step's linear
+    """The chain's final variance, propagated exactly through ancestral steps' linear
     Gaussian steps (z_s = a z_t + b + c ξ, read off the step at z_t = 0 and 1 with its own
     noise ξ), against the variance of z_0 under the data."""
     with jax.enable_x64(True):
@@ -263,11 +278,14 @@ def test_ancestral_sampler_converges_weakly_at_order_one():
         errs = []
         for n in (8, 16, 32, 64):
             mean, var = 0.0, 1.0  # z_1 ~ N(0, 1), the sampler's start
+            process = vdm.ContinuousProcess(gamma_fn).chain(n)
             for j in range(n):
                 t, s = (n - j) / n, (n - j - 1) / n
                 key = jax.random.key(j)
-                xi = np.asarray(jax.random.normal(key, pts.shape, pts.dtype))[:, 0]
-                out = np.asarray(vdm.ancestral_step(model, gamma_fn, pts, t, s, key))[:, 0]
+                xi = np.asarray(samplers.normal(key, pts.shape, pts.dtype))[:, 0]
+                step = process.chain_step(jnp.int32(j), pts)
+                out = samplers.ancestral_update(process, model, pts, step, key, False)[0]
+                out = np.asarray(out)[:, 0]
                 g_s, g_t = jnp.full((2,), gamma_fn(s)), jnp.full((2,), gamma_fn(t))
                 c = float(np.sqrt(vdm.q_posterior(pts, pts, g_s, g_t)[1][0, 0]))
                 b = out[0] - c * xi[0]
