@@ -1,13 +1,14 @@
 """Write the tiny workdir of an earlier commit into ``tests/data/old_runs/<commit>/``.
 
-    python tests/data/old_runs/make.py [COMMIT]      # default: HEAD, before your change
+    python tests/data/old_runs/make.py [COMMIT [CONFIG]]   # default: HEAD, before your change
 
 The commit's tree is exported to a temporary folder (``git archive``) and its own
-``python -m diffusion_jax.main`` trains the tiny digits config of ``OVERRIDES`` there (4 steps,
-then its samples and bits/dim on 8 test digits), on one CPU device as a laptop user would. The
-workdir is copied here without its log files, with ``manifest.json`` naming the commit, the
-command and the versions that wrote it. ``tests/test_old_runs.py`` resumes, evaluates and
-samples every folder here with today's code.
+``python -m diffusion_jax.main`` trains a tiny config there (``configs/digits.py``, or CONFIG
+among ``CONFIGS``, shrunk by ``OVERRIDES``: 4 steps, then its samples and bits/dim on 8 test
+digits), on one CPU device as a laptop user would. The workdir is copied to ``<commit>`` (the
+digits config) or ``<commit>_<config>`` without its log files, with ``manifest.json`` naming
+the commit, the command and the versions that wrote it. ``tests/test_old_runs.py`` resumes,
+evaluates and samples every folder here with today's code.
 
 Run it at the commit before a change to the config, the checkpoint or the workdir layout, and
 commit the folder it writes (about 1 MB) with the change.
@@ -47,15 +48,23 @@ OVERRIDES = {
 }
 
 
+# The configs an old run may come from, with what shrinks each beyond OVERRIDES.
+CONFIGS = {
+    "digits": {},
+    "digits_vdm": {"vdm.gamma_hidden": 8, "vdm.eval_num_steps": 4, "eval.bound_num_t": 2},
+}
+
+
 def flag(key: str, value) -> str:
     if isinstance(value, tuple):
         value = "(" + "".join(f"{v!r}," for v in value) + ")"
     return f"--config.{key}={value}"
 
 
-def main(commit: str = "HEAD") -> str:
+def main(commit: str = "HEAD", config: str = "digits") -> str:
     full = subprocess.check_output(["git", "-C", ROOT, "rev-parse", commit], text=True).strip()
-    out = os.path.join(HERE, full[:7])
+    overrides = {**OVERRIDES, **CONFIGS[config]}
+    out = os.path.join(HERE, full[:7] if config == "digits" else f"{full[:7]}_{config}")
     if os.path.exists(out):
         raise SystemExit(f"{out} exists: remove it first to write it again.")
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,8 +75,8 @@ def main(commit: str = "HEAD") -> str:
         ).stdout
         subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
         run = os.path.join(tmp, "run")
-        argv = ["--config=configs/digits.py", f"--workdir={run}"]
-        argv += [flag(k, v) for k, v in OVERRIDES.items()]
+        argv = [f"--config=configs/{config}.py", f"--workdir={run}"]
+        argv += [flag(k, v) for k, v in overrides.items()]
         env = dict(
             os.environ, PYTHONPATH=tree, XLA_FLAGS="--xla_force_host_platform_device_count=1"
         )
@@ -79,8 +88,8 @@ def main(commit: str = "HEAD") -> str:
     manifest = {
         "commit": full,
         "written": datetime.date.today().isoformat(),
-        "config": "configs/digits.py",
-        "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in OVERRIDES.items()},
+        "config": f"configs/{config}.py",
+        "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
         "command": "python -m diffusion_jax.main " + " ".join(argv[:1] + argv[2:]),
         "devices": 1,
         "versions": {
@@ -95,4 +104,4 @@ def main(commit: str = "HEAD") -> str:
 
 
 if __name__ == "__main__":
-    print(main(*sys.argv[1:2]))
+    print(main(*sys.argv[1:3]))
