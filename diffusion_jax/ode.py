@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import diffusion, likelihood, samplers
-from diffusion_jax.diffusion import (  # noqa: F401  the real-time maps, importable here too
+from diffusion_jax.diffusion import (  # the real-time maps, importable here too
     alpha_sigma,
     eps_and_x0,
     lambda_from_t,
@@ -43,6 +43,30 @@ from diffusion_jax.diffusion import (  # noqa: F401  the real-time maps, importa
     t_from_lambda,
     t_from_sigma,
 )
+
+__all__ = [
+    "PROBES",
+    "TRACES",
+    "alpha_sigma",
+    "ddim_invert",
+    "dequantized_bpd",
+    "dpmpp_2m_sample",
+    "dpmpp_2m_sde_sample",
+    "eps_and_x0",
+    "exact_divergence",
+    "heun_sample",
+    "hutchinson_divergence",
+    "lambda_from_t",
+    "log_alpha_cumprod",
+    "model_time",
+    "ode_bpd",
+    "ode_log_likelihood",
+    "pf_ode_drift",
+    "sigma_from_t",
+    "standard_normal_logpdf",
+    "t_from_lambda",
+    "t_from_sigma",
+]
 
 ModelFn = diffusion.ModelFn
 TRACES = ("hutchinson", "exact")  # how ode_log_likelihood computes tr(df/dx)

@@ -31,6 +31,39 @@ import jax.numpy as jnp
 
 from diffusion_jax import samplers
 
+__all__ = [
+    "ContinuousProcess",
+    "GAMMAS",
+    "GammaFn",
+    "ModelFn",
+    "T_SAMPLERS",
+    "WEIGHTINGS",
+    "alpha_sigma",
+    "bits_per_dim_scale",
+    "bound_terms",
+    "diffusion_loss",
+    "diffusion_loss_from_gamma",
+    "finite_diffusion_loss",
+    "gamma_and_derivative",
+    "gamma_beta_linear",
+    "gamma_cosine",
+    "gamma_learned",
+    "gamma_linear",
+    "init_monotone_params",
+    "level_values",
+    "monotone_shape",
+    "normalised_shape",
+    "predict_x",
+    "prior_loss",
+    "q_posterior",
+    "q_sample",
+    "reconstruction_loss",
+    "sample_t",
+    "snr_net_time",
+    "variance_gradient",
+    "weight",
+]
+
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]  # (z_t [B, ...], t [B]) -> ε̂ [B, ...]
 GammaFn = Callable[[jax.Array], jax.Array]  # t [B] -> γ(t) [B]
 
