@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import models, schedules
+from diffusion_jax import models, schedules, timesteps
 from diffusion_jax import score as score_lib
 from diffusion_jax import vdm as vdm_lib
 
@@ -154,7 +154,7 @@ def _vdm_loss(config: ml_collections.ConfigDict, model) -> LossFn:
         if k > 1:  # each example at k times: one network batch of k B, the t spread over it
             x0 = jnp.concatenate([x0] * k)
             labels = None if labels is None else jnp.concatenate([labels] * k)
-        t = vdm_lib.sample_t(t_key, k * b, c.t_sampler)  # [k B]
+        t = timesteps.sample_continuous_t(t_key, k * b, c.t_sampler)  # [k B]
         noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
 
         def apply(p, *args, method, **kw):
@@ -207,7 +207,7 @@ def _check_vdm(config: ml_collections.ConfigDict) -> None:
     for key, allowed in (
         ("gamma", vdm_lib.GAMMAS),
         ("weighting", vdm_lib.WEIGHTINGS),
-        ("t_sampler", vdm_lib.T_SAMPLERS),
+        ("t_sampler", timesteps.CONTINUOUS_T_SAMPLERS),
         ("schedule_grad", SCHEDULE_GRADS),
     ):
         if c[key] not in allowed:
@@ -259,9 +259,9 @@ def _check_ddpm(config: ml_collections.ConfigDict) -> None:
         )
     c = config.diffusion
     sampler = c.t_sampler
-    if sampler not in diffusion_lib.T_SAMPLERS:
+    if sampler not in timesteps.TRAIN_T_SAMPLERS:
         raise ValueError(
-            f"config.diffusion.t_sampler={sampler!r} is not one of {diffusion_lib.T_SAMPLERS}."
+            f"config.diffusion.t_sampler={sampler!r} is not one of {timesteps.TRAIN_T_SAMPLERS}."
         )
     if sampler == "loss_aware_vb" and loss_type != "hybrid":
         raise ValueError(

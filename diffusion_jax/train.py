@@ -35,10 +35,10 @@ from diffusion_jax import (
     reporting,
     sampling,
     sharding,
+    timesteps,
     workdir_lock,
 )
 from diffusion_jax import config as config_lib
-from diffusion_jax import diffusion as diffusion_lib
 
 
 @flax.struct.dataclass
@@ -72,7 +72,7 @@ def init_state(
             ema_params=params,
             opt_state=optimizer.init(params),
             loss_history=(
-                diffusion_lib.init_loss_history(config.diffusion.num_timesteps)
+                timesteps.init_loss_history(config.diffusion.num_timesteps)
                 if objectives.loss_aware(config)
                 else None
             ),
@@ -108,7 +108,7 @@ def make_train_step(
     model, ``label`` [B].
 
     With ``diffusion.t_sampler="loss_aware"`` t is drawn from the state's loss history
-    (``diffusion.sample_t_importance``, its own key split off the step's), the loss reweighted
+    (``timesteps.sample_t_importance``, its own key split off the step's), the loss reweighted
     to stay unbiased, and the history updated with the step's per-example losses."""
     loss_fn = make_loss_fn(config, model)
     decay = config.optim.ema_decay
@@ -120,7 +120,7 @@ def make_train_step(
         t = weights = None
         if state.loss_history is not None:
             key, t_key = jax.random.split(key)
-            t, weights = diffusion_lib.sample_t_importance(
+            t, weights = timesteps.sample_t_importance(
                 t_key, state.loss_history, x0.shape[0]
             )  # [B], [B]
         grads, (metrics, losses) = jax.grad(loss_fn, has_aux=True)(
@@ -136,7 +136,7 @@ def make_train_step(
         }
         history = state.loss_history
         if history is not None:
-            history = diffusion_lib.update_loss_history(history, t, losses)
+            history = timesteps.update_loss_history(history, t, losses)
         new_state = TrainState(state.step + 1, params, ema_params, opt_state, history)
         return new_state, metrics
 

@@ -36,7 +36,6 @@ __all__ = [
     "GAMMAS",
     "GammaFn",
     "ModelFn",
-    "T_SAMPLERS",
     "WEIGHTINGS",
     "alpha_sigma",
     "bits_per_dim_scale",
@@ -58,7 +57,6 @@ __all__ = [
     "q_posterior",
     "q_sample",
     "reconstruction_loss",
-    "sample_t",
     "snr_net_time",
     "variance_gradient",
     "weight",
@@ -69,7 +67,6 @@ GammaFn = Callable[[jax.Array], jax.Array]  # t [B] -> γ(t) [B]
 
 GAMMAS = ("learned", "linear", "cosine", "beta_linear")
 WEIGHTINGS = ("elbo", "sigmoid", "edm", "min_snr")
-T_SAMPLERS = ("low_discrepancy", "uniform")
 
 
 def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
@@ -203,18 +200,6 @@ def snr_net_time(gamma: jax.Array, gamma_min: float, gamma_max: float) -> jax.Ar
 
 
 # ----------------------------------------------------------------------------- the loss
-
-
-def sample_t(key: jax.Array, batch: int, sampler: str = "low_discrepancy") -> jax.Array:
-    """t [B] in [0, 1): ``uniform`` i.i.d., or ``low_discrepancy`` (VDM appendix I.1):
-    t_i = (u + i/B) mod 1, one u ~ U(0, 1), so each t_i is uniform and the batch covers [0, 1)
-    evenly (a lower-variance batch mean)."""
-    if sampler not in T_SAMPLERS:
-        raise ValueError(f"sampler={sampler!r} is not one of {T_SAMPLERS}.")
-    if sampler == "uniform":
-        return jax.random.uniform(key, (batch,))
-    u = jax.random.uniform(key, ())
-    return jnp.mod(u + jnp.arange(batch) / batch, 1.0)
 
 
 def weight(name: str, lam: jax.Array, bias: float = 2.0, snr_gamma: float = 5.0) -> jax.Array:

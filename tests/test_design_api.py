@@ -141,7 +141,16 @@ def test_design_name_imports_and_is_callable(module, name):
 # listed in each module's __all__").
 MATH_CORE = tuple(
     f"diffusion_jax.{m}"
-    for m in ("schedules", "likelihood", "samplers", "diffusion", "vdm", "ode", "score")
+    for m in (
+        "schedules",
+        "likelihood",
+        "timesteps",
+        "samplers",
+        "diffusion",
+        "vdm",
+        "ode",
+        "score",
+    )
 )
 
 

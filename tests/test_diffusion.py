@@ -19,7 +19,7 @@ import pytest
 from scipy import stats
 
 from diffusion_jax import diffusion as dl
-from diffusion_jax import schedules
+from diffusion_jax import schedules, timesteps
 
 LN2 = math.log(2.0)
 MU, SD = 0.1, 0.3  # the Gaussian data
@@ -498,10 +498,10 @@ def test_training_losses_sample_t_uniformly():
 
 
 def test_loss_history_update_matches_a_fifo():
-    history = dl.init_loss_history(5, history_per_t=3)
+    history = timesteps.init_loss_history(5, history_per_t=3)
     t = jnp.array([1, 1, 4, 1, 1, 0], jnp.int32)
     losses = jnp.arange(6.0)
-    history = jax.jit(dl.update_loss_history)(history, t, losses)
+    history = jax.jit(timesteps.update_loss_history)(history, t, losses)
     expected = np.full((5, 3), np.nan)
     expected[1] = [1.0, 3.0, 4.0]  # the oldest (0.0) dropped
     expected[4, -1], expected[0, -1] = 2.0, 5.0
@@ -512,17 +512,17 @@ def test_importance_sampling():
     T, k = 10, 4
     rng = np.random.default_rng(6)
     # Not warm (a NaN slot left): uniform with unit weights.
-    cold = dl.init_loss_history(T, k).at[:, :].set(1.0).at[3, 0].set(jnp.nan)
-    t, w = dl.sample_t_importance(jax.random.key(0), cold, 1000)
-    np.testing.assert_allclose(dl.importance_probs(cold), np.full(T, 0.1), rtol=1e-6)
+    cold = timesteps.init_loss_history(T, k).at[:, :].set(1.0).at[3, 0].set(jnp.nan)
+    t, w = timesteps.sample_t_importance(jax.random.key(0), cold, 1000)
+    np.testing.assert_allclose(timesteps.importance_probs(cold), np.full(T, 0.1), rtol=1e-6)
     np.testing.assert_allclose(w, 1.0, rtol=1e-6)
     # Warm: p_t ~ sqrt(mean L_t^2), mixed with 0.1% uniform.
     history = rng.uniform(0.1, 2.0, (T, k)) * np.arange(1, T + 1)[:, None]
     root_ms = np.sqrt((history**2).mean(1))
     p_ref = 0.999 * root_ms / root_ms.sum() + 0.001 / T
-    p = dl.importance_probs(jnp.asarray(history, jnp.float32))
+    p = timesteps.importance_probs(jnp.asarray(history, jnp.float32))
     np.testing.assert_allclose(p, p_ref, rtol=1e-5)
-    t, w = jax.jit(dl.sample_t_importance, static_argnums=2)(
+    t, w = jax.jit(timesteps.sample_t_importance, static_argnums=2)(
         jax.random.key(1), jnp.asarray(history, jnp.float32), 200_000
     )
     counts = np.bincount(np.asarray(t), minlength=T)
@@ -935,7 +935,7 @@ def test_stratified_bound_timesteps_draw_one_t_per_stratum_and_are_unbiased():
     """T = 50, K = 7: the columns' values are K contiguous, disjoint strata covering {1..49},
     each reached whole, smaller at small t; each weight is its stratum's size; and the weighted
     sum of a fixed L_t is unbiased for sum_{t>=1} L_t (20,000 draws: within 4 SE)."""
-    t, w = dl.stratified_bound_timesteps(jax.random.key(0), 20_000, 50, 7)
+    t, w = timesteps.stratified_bound_timesteps(jax.random.key(0), 20_000, 50, 7)
     t, w = np.asarray(t), np.asarray(w)
     strata = [np.unique(t[:, k]) for k in range(7)]
     np.testing.assert_array_equal(np.concatenate(strata), np.arange(1, 50))  # cover, in order
@@ -947,16 +947,18 @@ def test_stratified_bound_timesteps_draw_one_t_per_stratum_and_are_unbiased():
     values = np.random.default_rng(3).gamma(2.0, 1.0, 50) * np.linspace(3, 0.1, 50)  # L_t
     mean, se = _mc_mean_and_se(t, w, values)
     assert abs(mean - values[1:].sum()) < 4 * se, (mean, values[1:].sum(), se)
-    t1, w1 = dl.stratified_bound_timesteps(jax.random.key(1), 4, 50, 49)  # K = T - 1: every t
+    t1, w1 = timesteps.stratified_bound_timesteps(
+        jax.random.key(1), 4, 50, 49
+    )  # K = T - 1: every t
     np.testing.assert_array_equal(np.asarray(t1), np.tile(np.arange(1, 50), (4, 1)))
     np.testing.assert_array_equal(np.asarray(w1), 1.0)
     for num_t in (1, 2, 20, 48):  # always K non-empty strata of 1..T-1
-        edges = dl.stratum_edges(50, num_t)
+        edges = timesteps.stratum_edges(50, num_t)
         assert len(edges) == num_t + 1 and edges[0] == 1 and edges[-1] == 50
         assert np.all(np.diff(edges) >= 1)
     for bad in (0, 50):
         with pytest.raises(ValueError, match=r"num_t=.* must be in \[1, T - 1 = 49\]"):
-            dl.stratified_bound_timesteps(jax.random.key(0), 2, 50, bad)
+            timesteps.stratified_bound_timesteps(jax.random.key(0), 2, 50, bad)
 
 
 def test_importance_bound_timesteps_are_unbiased_and_never_draw_t0():
@@ -964,7 +966,7 @@ def test_importance_bound_timesteps_are_unbiased_and_never_draw_t0():
     follow q, and the weighted sum of a fixed L_t is unbiased (the exact sum within 4 SE)."""
     rng = np.random.default_rng(4)
     probs = rng.dirichlet(np.ones(50))
-    t, w = dl.importance_bound_timesteps(jax.random.key(2), jnp.asarray(probs), 20_000, 5)
+    t, w = timesteps.importance_bound_timesteps(jax.random.key(2), jnp.asarray(probs), 20_000, 5)
     t, w = np.asarray(t), np.asarray(w)
     q = probs[1:] / probs[1:].sum()
     assert t.min() >= 1 and t.max() <= 49
@@ -989,10 +991,10 @@ def test_sampled_bound_agrees_with_the_full_bound_on_the_gaussian_oracle(sampler
     full = BPD_1000(x0, key)
     full_total = np.asarray(full["total_bpd"], np.float64)
     if sampler == "stratified":
-        t, w = dl.stratified_bound_timesteps(jax.random.key(7), 256, 1000, 20)
+        t, w = timesteps.stratified_bound_timesteps(jax.random.key(7), 256, 1000, 20)
     else:
         probs = jnp.sqrt(jnp.mean(jnp.square(full["terms_bpd"]), axis=0))  # [T]
-        t, w = dl.importance_bound_timesteps(jax.random.key(7), probs / probs.sum(), 256, 20)
+        t, w = timesteps.importance_bound_timesteps(jax.random.key(7), probs / probs.sum(), 256, 20)
     out = jax.jit(lambda x0, t, w: dl.sampled_bound_terms(D1000, MODEL_1000, x0, key, t, w))(
         x0, t, w
     )

@@ -12,7 +12,7 @@ import pytest
 from helpers import tiny_config
 
 from diffusion_jax import diffusion as dl
-from diffusion_jax import evaluation, models, objectives, reporting, sharding
+from diffusion_jax import evaluation, models, objectives, reporting, sharding, timesteps
 from diffusion_jax.evaluation import plots
 
 
@@ -97,9 +97,9 @@ def test_bound_estimate_is_the_sampled_bound_of_each_batch(run, tmp_path, sample
     for i, rows in enumerate((slice(0, 8), slice(8, 10))):
         t_key, noise_key = jax.random.split(jax.random.fold_in(key, i))
         if sampler == "stratified":
-            t, w = dl.stratified_bound_timesteps(t_key, 8, 20, 5)
+            t, w = timesteps.stratified_bound_timesteps(t_key, 8, 20, 5)
         else:
-            t, w = dl.importance_bound_timesteps(t_key, probs, 8, 5)
+            t, w = timesteps.importance_bound_timesteps(t_key, probs, 8, 5)
         xb = x0[rows] if i == 0 else jnp.concatenate([x0[rows], jnp.repeat(x0[:1], 6, 0)])
         o = dl.sampled_bound_terms(d, net, xb, noise_key, t, w, config.eval.clip_denoised, 17)
         n = 8 if i == 0 else 2

@@ -15,6 +15,7 @@ LAYERS = {
         "schedules",
         "likelihood",
         "samplers",
+        "timesteps",
         "diffusion",
         "vdm",
         "ode",

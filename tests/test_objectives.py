@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from helpers import run_main, tiny_config
 
-from diffusion_jax import objectives
+from diffusion_jax import objectives, timesteps
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.5])
@@ -184,7 +184,7 @@ def test_vdm_t_per_example_averages_the_diffusion_term_over_k_times():
     terms = objectives.get_objective(config).make_loss_fn(config, model)(params, x0, key)
     assert terms["loss"].shape == (4,)
     _, t_key, noise_key, _ = jax.random.split(key, 4)
-    t = vdm.sample_t(t_key, 12)
+    t = timesteps.sample_continuous_t(t_key, 12)
     x = jnp.concatenate([x0] * 3)
     noise = jax.random.normal(noise_key, x.shape)
     net = models.model_fn(model, params)

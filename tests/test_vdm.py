@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import samplers, schedules, vdm
+from diffusion_jax import samplers, schedules, timesteps, vdm
 
 S = 0.5  # data x ~ N(MU, S^2) per dimension
 MU = 0.3
@@ -319,13 +319,13 @@ def test_variance_gradient_is_that_of_the_batch_variance():
 
 
 def test_low_discrepancy_times_cover_the_interval():
-    t = np.sort(np.asarray(vdm.sample_t(jax.random.key(1), 8)))
+    t = np.sort(np.asarray(timesteps.sample_continuous_t(jax.random.key(1), 8)))
     assert np.all((t >= 0) & (t < 1))
     np.testing.assert_allclose(np.diff(t), 1 / 8, atol=1e-6)
-    u = np.asarray(vdm.sample_t(jax.random.key(2), 1000, "uniform"))
+    u = np.asarray(timesteps.sample_continuous_t(jax.random.key(2), 1000, "uniform"))
     assert 0.45 < u.mean() < 0.55 and len(np.unique(u)) == 1000
     with pytest.raises(ValueError, match="sampler='sobol' is not one of"):
-        vdm.sample_t(jax.random.key(0), 4, "sobol")
+        timesteps.sample_continuous_t(jax.random.key(0), 4, "sobol")
 
 
 def test_weightings():

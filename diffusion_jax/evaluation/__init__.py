@@ -25,9 +25,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import checkpoints, models, objectives, reporting, sampling, sharding
+from diffusion_jax import checkpoints, models, objectives, reporting, sampling, sharding, timesteps
 from diffusion_jax import config as config_lib
-from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax.evaluation import bpd as bpd_lib
 from diffusion_jax.evaluation import classifier as classifier_lib
 from diffusion_jax.evaluation import fid as fid_lib
@@ -137,10 +136,10 @@ def _check_bound_estimate(config: ml_collections.ConfigDict) -> None:
             f"config.eval.bound_num_t={k!r} must be 0 (every t) or an integer in [1, T - 1 = "
             f"{num_t - 1}] (timesteps per example of the bound's estimate)."
         )
-    if e.bound_t_sampler not in diffusion_lib.BOUND_T_SAMPLERS:
+    if e.bound_t_sampler not in timesteps.BOUND_T_SAMPLERS:
         raise ValueError(
             f"config.eval.bound_t_sampler={e.bound_t_sampler!r} is not one of "
-            f"{diffusion_lib.BOUND_T_SAMPLERS}."
+            f"{timesteps.BOUND_T_SAMPLERS}."
         )
     if k and e.bound_t_sampler == "importance" and not objectives.loss_aware(config):
         raise ValueError(

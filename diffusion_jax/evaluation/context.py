@@ -22,6 +22,7 @@ from diffusion_jax import (
     reporting,
     sampling,
     sharding,
+    timesteps,
 )
 from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import vdm as vdm_lib
@@ -171,11 +172,11 @@ class EvalContext:
 
     def bound_t_probs(self) -> jax.Array:
         """p_t [T] of ``eval.bound_t_sampler = "importance"``: the run's own importance
-        distribution over t (``diffusion.importance_probs`` of the newest checkpoint's loss
+        distribution over t (``timesteps.importance_probs`` of the newest checkpoint's loss
         history, what its loss-aware training drew t from)."""
         if "bound_t_probs" not in self.cache:
             history = checkpoints.load_state_item(self.workdir, "loss_history")
-            self.cache["bound_t_probs"] = diffusion_lib.importance_probs(history)
+            self.cache["bound_t_probs"] = timesteps.importance_probs(history)
         return self.cache["bound_t_probs"]
 
     def bound_estimate_sums(self, split: str, num_examples: int) -> dict[str, np.ndarray]:
@@ -201,11 +202,11 @@ class EvalContext:
             t_key, noise_key = jax.random.split(key)
             b = x0.shape[0]
             if probs is None:
-                t, w = diffusion_lib.stratified_bound_timesteps(
+                t, w = timesteps.stratified_bound_timesteps(
                     t_key, b, d.num_timesteps, e.bound_num_t
                 )
             else:
-                t, w = diffusion_lib.importance_bound_timesteps(t_key, probs, b, e.bound_num_t)
+                t, w = timesteps.importance_bound_timesteps(t_key, probs, b, e.bound_num_t)
             net = models.model_fn(self.model, params, labels=batch.get("label"))
             out = diffusion_lib.sampled_bound_terms(
                 d, net, x0, noise_key, t, w, e.clip_denoised, num_bins
