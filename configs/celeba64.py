@@ -5,11 +5,11 @@
 Not measured here.
 """
 
-from configs import default
+from configs import base
 
 
 def get_config():
-    config = default.get_config()
+    config = base.get_config()
     config.data.dataset = "celeb_a"
     config.data.image_size = 64
     config.model.ch_mult = (1, 2, 2, 2, 4)  # 64 -> 32 -> 16 -> 8 -> 4

@@ -10,10 +10,10 @@ Expected, the paper's (Table 1; not trained here): FID 3.17 and a bound of <= 3.
 the test set. The paper's trained weights run as a workdir of ours: docs/weights.md.
 """
 
-from configs import default
+from configs import base
 
 
 def get_config():
-    config = default.get_config()
+    config = base.get_config()
     config.data.dataset = "cifar10"
     return config

@@ -15,11 +15,11 @@ FD 9.05 ± 4.64 by the 1000-step ancestral chain and 7.36 ± 2.99 by
 ``--config.sampling.method=dpmpp_2m_sde --config.sampling.num_steps=20``.
 """
 
-from configs import default
+from configs import base
 
 
 def get_config():
-    config = default.get_config()
+    config = base.get_config()
     config.data.dataset = "digits"
     config.data.image_size = 8
     config.data.num_channels = 1

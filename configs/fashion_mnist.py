@@ -43,7 +43,7 @@ def get_config():
     config.eval.num_examples = 0
     config.eval.batch_size = 200
     config.eval.bound_num_t = 20
-    config.eval.rd_num_examples = 200
+    config.eval.rate_distortion.num_examples = 200
     config.eval.figures = ("progressive",)
     # Sample quality judged by a classifier trained on the 60,000 training images, 1,000 samples
     # of DPM-Solver++(2M) SDE at 20 network calls (digits' best sampler at <= 20 calls).

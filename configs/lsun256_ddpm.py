@@ -9,11 +9,11 @@ Adam 2e-5, batch 64.
 Not measured here.
 """
 
-from configs import default
+from configs import base
 
 
 def get_config():
-    config = default.get_config()
+    config = base.get_config()
     config.data.dataset = "lsun/church_outdoor"
     config.data.image_size = 256
     config.model.ch_mult = (1, 1, 2, 2, 4, 4)

@@ -8,11 +8,11 @@ network allows).
 Not measured here.
 """
 
-from configs import default
+from configs import base
 
 
 def get_config():
-    config = default.get_config()
+    config = base.get_config()
     config.data.dataset = "mnist"
     config.data.image_size = 28
     config.data.num_channels = 1

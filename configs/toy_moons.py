@@ -5,11 +5,11 @@
 Not measured here.
 """
 
-from configs import default
+from configs import base
 
 
 def get_config():
-    config = default.get_config()
+    config = base.get_config()
     config.data.dataset = "moons"
     config.data.image_size = 0  # vector data
     config.data.num_channels = 2  # dimension

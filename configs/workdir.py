@@ -4,7 +4,8 @@ a run whose recipe has since changed (or an earlier version's run):
     python -m diffusion_jax.main --config configs/workdir.py:runs/digits --workdir runs/digits \
         --mode eval
 
-Keys added after the run was written take their defaults, which keep the old behaviour;
+Keys added after the run was written take their defaults, which keep the old behaviour; keys
+renamed since are moved to their new names (``configs/base.py``: ``RENAMED``, ``migrate``);
 ``--config.KEY=VALUE`` overrides still apply.
 """
 
@@ -12,6 +13,8 @@ import json
 import os
 
 import ml_collections
+
+from configs import base
 
 
 def _tuples(value):
@@ -32,4 +35,4 @@ def get_config(workdir: str = "") -> ml_collections.ConfigDict:
     if not os.path.exists(path):
         raise ValueError(f"{path} does not exist: {workdir!r} holds no run written by train mode.")
     with open(path) as f:
-        return ml_collections.ConfigDict(_tuples(json.load(f)))
+        return ml_collections.ConfigDict(_tuples(base.migrate(json.load(f))))

@@ -499,7 +499,7 @@ def main(argv):
         raise app.UsageError(
             "--peer_python needs --peer_script (e.g. shared/bench/peer_torch_unet.py)."
         )
-    library = runtime.process_library(config, _CPU_CONV.value)
+    library = _CPU_CONV.value
     runtime.configure_cpu_convolutions(library)  # before JAX starts
     malloc_tuned = runtime.configure_allocator()
     if _INPUT_ONLY.value:

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 from absl import flags
 
+from configs import base as base_config
+
 
 class ReadableLog(std_logging.Filter):
     """INFO from this library; only warnings and errors from the libraries under it, and those
@@ -94,9 +96,23 @@ def _overrides(argv: Sequence[str], name: str) -> list[str]:
     return out
 
 
+def renamed_key_message(path: str) -> str | None:
+    """``config key eval.rd_num_examples is now eval.rate_distortion.num_examples`` for a key
+    an earlier version had (``configs/base.py``: ``RENAMED``); None for any other."""
+    if path not in base_config.RENAMED:
+        return None
+    new = base_config.RENAMED[path]
+    if new is None:
+        return f"config key {path} was removed (see RENAMED in configs/base.py)."
+    return f"config key {path} is now {new}: --config.{new}=..."
+
+
 def _unknown_override_message(path: str, config, keys: Sequence[str]) -> str | None:
-    """The message for a dotted override ``path`` that names no key of ``config``; None when it
-    is a key."""
+    """The message for a dotted override ``path`` that names no key of ``config`` (an earlier
+    version's name: its new one); None when it is a key."""
+    renamed = renamed_key_message(path)
+    if renamed is not None:
+        return renamed
     node = config
     parts = path.split(".")
     for i, part in enumerate(parts):

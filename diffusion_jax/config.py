@@ -15,13 +15,12 @@ from typing import Any
 
 import ml_collections
 
-from configs import default as default_config
+from configs import base as base_config
 from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import input_pipeline, models, objectives, optim, sampling, schedules, sharding
 
 # Keys that may change between a run and its resumption (how long, how often, what to report).
 RESUMABLE_KEYS = (
-    "cpu_conv_library",
     # How convolutions are computed, not what: formulations agree to float32 rounding (a run of
     # an earlier version, recorded "xla", resumes with today's "auto").
     "model.conv_impl",
@@ -45,8 +44,8 @@ EVAL_FREE_KEYS = ("optim.", "seed", "training.batch_size")
 
 
 def defaults() -> ml_collections.ConfigDict:
-    """``configs/default.py``: the one place where every key and its default is written."""
-    return default_config.get_config()
+    """``configs/base.py``: the one place where every key and its default is written."""
+    return base_config.get_config()
 
 
 def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -169,7 +168,7 @@ def check_workdir(
     if not os.path.exists(path):
         return
     with open(path) as f:
-        old = json.load(f)
+        old = base_config.migrate(json.load(f))  # an earlier version's names, moved
     ignore = (() if mode == "train" else EVAL_FREE_KEYS) + tuple(allow)
     diffs = config_differences(old, config, ignore=ignore)
     if diffs:

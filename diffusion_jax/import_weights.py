@@ -9,7 +9,7 @@ parameters are the imported ones, so that ``--mode sample``, ``--mode eval``,
 ``configs/workdir.py:DIR`` and ``checkpoints.load_params(DIR)`` read it as a trained run, and
 ``--mode train`` fine-tunes it (with a fresh optimiser state).
 
-Without ``--config`` the run's config is ``configs/default.py`` (CIFAR-10, the paper's recipe)
+Without ``--config`` the run's config is ``configs/cifar10_ddpm.py`` (the paper's recipe)
 with the network, image size and diffusion of the files; with ``--config C`` (and
 ``--config.KEY=VALUE`` overrides) C must describe the same network and diffusion, and every key
 that differs is named. Pickled PyTorch files (``.bin``, ``.pt``, ``.ckpt``) are refused: they
@@ -26,6 +26,8 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+
+from configs import cifar10_ddpm
 
 PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
@@ -136,7 +138,7 @@ def build_config(
     sources: Sources, config: ml_collections.ConfigDict | None
 ) -> tuple[ml_collections.ConfigDict, dict]:
     """(our config, the diffusers UNet config) for ``sources``: ``config`` checked against the
-    files (every differing key named), or ``configs/default.py`` with the files' keys."""
+    files (every differing key named), or ``configs/cifar10_ddpm.py`` with the files' keys."""
     from diffusion_jax import config as config_lib
     from diffusion_jax.models import diffusers_unet
 
@@ -167,12 +169,12 @@ def build_config(
     from absl import logging
 
     if config is None:
-        config = config_lib.defaults()
+        config = cifar10_ddpm.get_config()
         for dotted, value in keys.items():
             section, key = dotted.split(".")
             config[section][key] = value
         logging.info(
-            "Config: configs/default.py (data.dataset=%r) with the files' %s.",
+            "Config: configs/cifar10_ddpm.py (data.dataset=%r) with the files' %s.",
             config.data.dataset,
             ", ".join(f"{k}={v!r}" for k, v in keys.items()),
         )

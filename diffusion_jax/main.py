@@ -106,7 +106,7 @@ def _main(signals: interrupts.SignalRecorder) -> None:
         _fail(ValueError(f"--workdir {_WORKDIR.value} is a file, not a folder."))
     config = _CONFIG.value
     try:  # before JAX starts
-        runtime.configure_cpu_convolutions(runtime.process_library(config, _CPU_CONV.value))
+        runtime.configure_cpu_convolutions(_CPU_CONV.value)
         runtime.configure_allocator()
     except ValueError as e:
         _fail(e)

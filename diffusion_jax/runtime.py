@@ -65,20 +65,6 @@ def default_library() -> str:
     return os.environ.get(CPU_CONV_ENV) or "eigen"
 
 
-def process_library(config, flag_value: str) -> str:
-    """The library of ``--cpu_conv_library``, unless a config still sets the deprecated key
-    ``cpu_conv_library`` (configs of earlier versions): then that, with a warning."""
-    from_config = config.get("cpu_conv_library") or ""
-    if from_config:
-        logging.warning(
-            "config.cpu_conv_library=%r is deprecated: the choice belongs to the process "
-            "(--cpu_conv_library or $%s).",
-            from_config,
-            CPU_CONV_ENV,
-        )
-    return from_config or flag_value
-
-
 def configure_cpu_convolutions(library: str = "eigen") -> str | None:
     """Pick the library XLA:CPU runs convolutions with: "eigen" (XLA's own) or "ynnpack".
 

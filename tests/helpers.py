@@ -46,8 +46,11 @@ TINY = {  # the digits config shrunk to seconds: a 2-level U-Net with 32 channel
 def tiny_config(**overrides):
     config = digits.get_config()
     for key, value in {**TINY, **overrides}.items():
-        section, name = key.split(".")
-        config[section][name] = value
+        *sections, name = key.split(".")
+        node = config
+        for section in sections:
+            node = node[section]
+        node[name] = value
     return config
 
 

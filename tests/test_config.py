@@ -14,18 +14,21 @@ from diffusion_jax import config as config_lib
 def test_with_defaults_fills_only_missing_keys():
     config = tiny_config()
     with config.unlocked():
-        del config.eval["rd_num_examples"]
+        del config.eval.rate_distortion["num_examples"]
         del config["ncsn"]
     filled = config_lib.with_defaults(config)
-    assert filled.eval.rd_num_examples == config_lib.defaults().eval.rd_num_examples
+    assert (
+        filled.eval.rate_distortion.num_examples
+        == config_lib.defaults().eval.rate_distortion.num_examples
+    )
     assert filled.ncsn.num_levels == config_lib.defaults().ncsn.num_levels
     assert filled.model.ch == 32 and filled.diffusion.num_timesteps == 20  # kept as they were
-    assert "rd_num_examples" not in config.eval  # the caller's config is left alone
+    assert "num_examples" not in config.eval.rate_distortion  # the caller's config is left alone
 
 
 def test_a_saved_config_without_a_new_key_matches_its_default():
     saved = tiny_config().to_dict()
-    del saved["eval"]["rd_num_examples"]  # eval.* may change anyway; a model key must not
+    del saved["eval"]["rate_distortion"]  # eval.* may change anyway; a model key must not
     del saved["model"]["num_classes"]
     assert config_lib.config_differences(saved, tiny_config()) == []
     changed = tiny_config(**{"model.num_classes": 10})
@@ -154,12 +157,16 @@ def test_counts_and_noise_scales_that_cannot_work_are_refused(key, value, match)
 @pytest.mark.parametrize(
     "key,value,match",
     [
-        ("eval.ode_num_examples", -1, "ode_num_examples=-1 must be an integer >= 0"),
+        ("eval.bpd_ode.num_examples", -1, "bpd_ode.num_examples=-1 must be an integer >= 0"),
         ("eval.num_examples", -3, "eval.num_examples=-3 must be an integer >= 0"),
-        ("eval.rd_num_examples", -1, "rd_num_examples=-1 must be an integer >= 0"),
+        (
+            "eval.rate_distortion.num_examples",
+            -1,
+            "rate_distortion.num_examples=-1 must be an integer >= 0",
+        ),
         ("eval.bpd_splits_num_examples", -2, "bpd_splits_num_examples=-2 must be an integer"),
-        ("eval.ode_rtol", 0.0, "ode_rtol=0.0 must be > 0"),
-        ("eval.ode_atol", float("nan"), "ode_atol=nan must be > 0"),
+        ("eval.bpd_ode.rtol", 0.0, "bpd_ode.rtol=0.0 must be > 0"),
+        ("eval.bpd_ode.atol", float("nan"), "bpd_ode.atol=nan must be > 0"),
         ("sampling.num_samples", 0, "num_samples=0 must be an integer >= 1"),
         ("eval.bound_num_t", -1, "bound_num_t=-1 must be 0"),
         (
@@ -175,7 +182,7 @@ def test_negative_counts_and_zero_tolerances_are_refused(key, value, match):
 
     with pytest.raises(ValueError, match=match):
         evaluation.prepare(tiny_config(**{key: value}))
-    evaluation.prepare(tiny_config(**{"eval.ode_num_examples": 0, "eval.num_examples": 0}))
+    evaluation.prepare(tiny_config(**{"eval.bpd_ode.num_examples": 0, "eval.num_examples": 0}))
 
 
 def test_heun_with_one_network_call_is_refused():
@@ -189,3 +196,54 @@ def test_a_nan_guidance_scale_is_refused():
     config = tiny_config(**{"model.num_classes": 10, "sampling.guidance_scale": float("nan")})
     with pytest.raises(ValueError, match="guidance_scale=nan must be finite and >= 0"):
         config_lib.validate(config)
+
+
+def _leaves(tree: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for name, value in tree.items():
+        out |= _leaves(value, f"{prefix}{name}.") if isinstance(value, dict) else {prefix + name}
+    return out
+
+
+def test_an_old_config_json_is_migrated_to_todays_names():
+    """Every key of ``base.RENAMED`` in a run's saved config moves to its new name (a removed one
+    is dropped), and the result has exactly today's keys: a config.json of commit 4720a6e (which
+    holds eval.rd_num_examples, the flat eval.classifier_* keys and cpu_conv_library)."""
+    import json
+    import os
+
+    from helpers import ROOT
+
+    from configs import base
+
+    with open(os.path.join(ROOT, "tests", "data", "old_runs", "4720a6e", "config.json")) as f:
+        old = json.load(f)
+    assert "rd_num_examples" in old["eval"] and "cpu_conv_library" in old
+    new = base.migrate(old)
+    assert new["eval"]["rate_distortion"]["num_examples"] == old["eval"]["rd_num_examples"]
+    assert new["eval"]["classifier"]["train_steps"] == old["eval"]["classifier_train_steps"]
+    assert new["eval"]["inception"]["is_num_splits"] == old["eval"]["is_num_splits"]
+    assert "cpu_conv_library" not in new and "rd_num_examples" not in new["eval"]
+    assert "rd_num_examples" in old["eval"]  # the argument is left alone
+    assert _leaves(new) == _leaves(base.get_config().to_dict())
+
+
+def test_no_recipe_is_the_base_config():
+    """Every recipe under configs/ names its data and differs from ``configs/base.py``."""
+    import importlib
+    import os
+
+    from helpers import ROOT
+
+    from configs import base
+
+    names = sorted(
+        f[:-3]
+        for f in os.listdir(os.path.join(ROOT, "configs"))
+        if f.endswith(".py") and f not in ("__init__.py", "base.py", "workdir.py")
+    )
+    assert "cifar10_ddpm" in names and "digits" in names
+    for name in names:
+        config = importlib.import_module(f"configs.{name}").get_config()
+        assert config.data.dataset, name
+        assert config_lib.config_differences(base.get_config().to_dict(), config), name

@@ -220,7 +220,7 @@ def test_fashion_mnist_config_trains_from_idx_files(tmp_path):
             "diffusion.num_timesteps": 20,
             "eval.bound_num_t": 4,
             "eval.num_examples": 8,
-            "eval.rd_num_examples": 8,
+            "eval.rate_distortion.num_examples": 8,
             "eval.metrics": ("bpd",),  # the classifier metrics train a classifier: not here
         },
     )

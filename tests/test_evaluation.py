@@ -27,10 +27,14 @@ def run():
 
 
 def context(run, workdir, **eval_keys):
+    """The run's context with these ``eval`` keys (an evaluator's own as a dict: its section)."""
     config, model, params, mesh = run
     config = config.copy_and_resolve_references()
     for key, value in eval_keys.items():
-        config.eval[key] = value
+        if isinstance(value, dict):
+            config.eval[key].update(value)
+        else:
+            config.eval[key] = value
     return evaluation.EvalContext(config, model, params, mesh, str(workdir))
 
 
@@ -60,7 +64,7 @@ def test_rate_distortion_reuses_the_bound_of_the_split(run, tmp_path):
     """bits/dim on 13 examples, then the rate-distortion sums on the first 10: the kept terms
     are summed again under the new mask (no network call), equal to a fresh pass on 10."""
     figures = ("rate_distortion",)
-    ctx = context(run, tmp_path, figures=figures, rd_num_examples=10)
+    ctx = context(run, tmp_path, figures=figures, rate_distortion={"num_examples": 10})
     whole = ctx.bound_sums("test", 13)
     params, ctx.params = ctx.params, None  # a pass through the network would fail now
     reused = ctx.bound_sums("test", 10)
@@ -124,9 +128,8 @@ def test_every_evaluator_end_to_end(run, tmp_path):
         metrics=("bpd", "fid", "is"),
         figures=("lt_curve", "rate_distortion", "progressive"),
         bpd_splits=("train",),
-        rd_num_examples=8,
-        progressive_num_samples=2,
-        progressive_num_frames=4,
+        rate_distortion={"num_examples": 8},
+        progressive={"num_samples": 2, "num_frames": 4},
     )
     assert evaluation.wanted(ctx.config) == [
         "bpd",
@@ -187,12 +190,12 @@ def test_the_eval_config_is_checked():
         evaluation.check_config(config)
     config = evaluation.prepare(tiny_config())
     config.eval.metrics = ("bpd", "fid")
-    config.eval.inception_sha256 = "abc"
+    config.eval.inception.sha256 = "abc"
     with pytest.raises(ValueError, match="64 hex digits"):
         evaluation.check_config(config)
-    config.eval.inception_sha256 = ""
-    config.eval.fid_batch_size = 3  # 2 devices
-    with pytest.raises(ValueError, match="eval.fid_batch_size=3"):
+    config.eval.inception.sha256 = ""
+    config.eval.inception.batch_size = 3  # 2 devices
+    with pytest.raises(ValueError, match="eval.inception.batch_size=3"):
         evaluation.check_config(config)
     config = evaluation.prepare(tiny_config())  # T = 20
     for bad in (-1, 20):
@@ -211,7 +214,7 @@ def test_the_eval_config_is_checked():
 def test_a_config_without_the_eval_keys_gets_their_defaults():
     config = tiny_config()
     with config.unlocked():
-        for key in ("figures", "bpd_splits", "rd_num_examples", "fid_batch_size"):
+        for key in ("figures", "bpd_splits", "rate_distortion", "inception"):
             del config.eval[key]
     prepared = evaluation.prepare(config)
     assert prepared.eval.figures == ("lt_curve", "rate_distortion", "progressive")
@@ -223,7 +226,7 @@ def test_bpd_ode_is_the_mean_of_ode_bpd_over_the_examples(run, tmp_path):
     here batch by batch with the evaluator's keys."""
     from diffusion_jax import input_pipeline, ode
 
-    ctx = context(run, tmp_path, ode_num_examples=10, ode_rtol=1e-3, ode_atol=1e-3)
+    ctx = context(run, tmp_path, bpd_ode={"num_examples": 10, "rtol": 1e-3, "atol": 1e-3})
     out = evaluation.EVALUATORS["bpd_ode"].run(ctx)
     config, model, params, _ = run
     images = input_pipeline.load_split(config, "test").images[:16]

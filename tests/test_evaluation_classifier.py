@@ -17,13 +17,16 @@ from configs import toy_moons
 from diffusion_jax import evaluation, input_pipeline, models, objectives, sampling, sharding
 from diffusion_jax.evaluation import classifier as clf
 
-FAST = {"classifier_train_steps": 150, "classifier_num_bootstrap": 10}
+FAST = {"train_steps": 150, "num_bootstrap": 10}
 
 
-def digits_config(**eval_keys):
+def digits_config(metrics=None, **classifier_keys):
+    """The tiny digits config with these ``eval.classifier`` keys (and ``eval.metrics``)."""
     config = evaluation.prepare(tiny_config())
-    for key, value in {**FAST, **eval_keys}.items():
-        config.eval[key] = value
+    if metrics is not None:
+        config.eval.metrics = metrics
+    for key, value in {**FAST, **classifier_keys}.items():
+        config.eval.classifier[key] = value
     return config
 
 
@@ -40,7 +43,7 @@ def test_the_classifier_is_accurate_on_the_test_digits(trained):
     config, _, model, params, info = trained
     test = input_pipeline.load_split(config, "test")
     logits, features = clf.predict(model, params, test.images, config.data.num_bins)
-    assert logits.shape == (297, 10) and features.shape == (297, config.eval.classifier_feature_dim)
+    assert logits.shape == (297, 10) and features.shape == (297, config.eval.classifier.feature_dim)
     accuracy = float(np.mean(logits.argmax(axis=1) == test.labels))
     assert accuracy >= 0.95
     assert info["test_accuracy"] == pytest.approx(accuracy)
@@ -58,7 +61,7 @@ def test_the_network_takes_mnist_and_cifar_sizes(size, channels):
 
 
 def test_training_is_deterministic_and_cached(tmp_path, monkeypatch):
-    config = digits_config(classifier_train_steps=5)
+    config = digits_config(train_steps=5)
     a = clf.load_or_train(config, str(tmp_path / "a"))
     b = clf.load_or_train(config, str(tmp_path / "b"))
     jax.tree.map(np.testing.assert_array_equal, a[1], b[1])  # same seed: the same parameters
@@ -75,8 +78,8 @@ def test_training_is_deterministic_and_cached(tmp_path, monkeypatch):
     assert cached["params_sha256"] == a[2]["params_sha256"]
     # Another fingerprint (seed, settings) or parameters failing their checksum: trained again.
     with pytest.raises(AssertionError, match="trained again"):
-        clf.load_or_train(digits_config(classifier_train_steps=6), str(tmp_path / "a"))
-    other_seed = digits_config(classifier_train_steps=5)
+        clf.load_or_train(digits_config(train_steps=6), str(tmp_path / "a"))
+    other_seed = digits_config(train_steps=5)
     other_seed.seed = 1
     with pytest.raises(AssertionError, match="trained again"):
         clf.load_or_train(other_seed, str(tmp_path / "a"))
@@ -200,9 +203,9 @@ def untrained(config):
 def test_the_evaluators_end_to_end(tmp_path, monkeypatch):
     config = digits_config(
         metrics=("bpd", *clf.METRICS),
-        classifier_num_samples=8,
-        classifier_train_steps=20,
-        classifier_num_bootstrap=5,
+        num_samples=8,
+        train_steps=20,
+        num_bootstrap=5,
     )
     model, params, mesh = untrained(config)
     calls = []
@@ -270,20 +273,20 @@ def test_unlabelled_data_skips_both_with_one_line(tmp_path, caplog):
 
 
 def test_bad_classifier_keys_are_named():
-    config = digits_config(classifier_num_samples=1)
+    config = digits_config(num_samples=1)
     with pytest.raises(
-        ValueError, match=r"eval.classifier_num_samples=1; allowed: an integer >= 2"
+        ValueError, match=r"eval.classifier.num_samples=1; allowed: an integer >= 2"
     ):
         clf.check_config(config)
-    config = digits_config(classifier_learning_rate=0.0)
-    with pytest.raises(ValueError, match=r"classifier_learning_rate=0.0; allowed: a number > 0"):
+    config = digits_config(learning_rate=0.0)
+    with pytest.raises(ValueError, match=r"classifier.learning_rate=0.0; allowed: a number > 0"):
         clf.check_config(config)
 
 
 def test_against_the_training_split_the_real_values_come_from_held_out_digits(tmp_path):
-    """With eval.classifier_split = the training split, the real-vs-real value is that of the
+    """With eval.classifier.split = the training split, the real-vs-real value is that of the
     test digits (all 297: fewer than asked), never of training digits inside the reference."""
-    config = digits_config(classifier_split="train")
+    config = digits_config(split="train")
     samples = input_pipeline.load_split(config, "test").images[:50]
     out = clf.classifier_metrics(config, samples, str(tmp_path))
     assert out["classifier_reference"] == {"split": "train", "num_examples": 1500}
@@ -291,7 +294,7 @@ def test_against_the_training_split_the_real_values_come_from_held_out_digits(tm
     # the first 50 test digits scored as samples, and a seeded 50 of them as the real set:
     # both are test digits, so their distances to the training digits are of one size
     assert out["fd_classifier_real"] == pytest.approx(out["fd_classifier"], rel=0.5)
-    config = digits_config(classifier_split="train", classifier_num_samples=400)
+    config = digits_config(split="train", num_samples=400)
     many = clf.classifier_metrics(
         config, input_pipeline.load_split(config, "train").images[:400], str(tmp_path)
     )

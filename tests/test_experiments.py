@@ -86,7 +86,7 @@ def test_digits_sampler_comparison_and_inversion_quick(tmp_path):
             "training.num_train_steps": 2,
             "training.checkpoint_every": 2,
             "training.eval_at_end": False,
-            "eval.classifier_train_steps": 20,
+            "eval.classifier.train_steps": 20,
         },
     )
     env = dict(os.environ, XLA_FLAGS=xla_flags(1))
@@ -265,7 +265,7 @@ def test_recipe_compare_table_plots_and_caches(tmp_path):
             "eval.num_examples": 8,
             "eval.batch_size": 8,
             "eval.figures": (),
-            "eval.classifier_train_steps": 20,
+            "eval.classifier.train_steps": 20,
         },
     )
     argv = ["--runs", f"a={workdir}", "--num_samples", "8", "--judge_dir", str(tmp_path / "j")]

@@ -196,7 +196,7 @@ def _sha(path):
 def _config(path, sha):
     import ml_collections
 
-    return ml_collections.ConfigDict({"eval": {"inception_weights": path, "inception_sha256": sha}})
+    return ml_collections.ConfigDict({"eval": {"inception": {"weights": path, "sha256": sha}}})
 
 
 def _write_safetensors(path, arrays):
@@ -336,10 +336,10 @@ def fid_and_is(config, params, mesh, workdir):
 def test_fid_is_skipped_without_weights(tmp_path):
     import ml_collections
 
-    config = ml_collections.ConfigDict({"eval": {"inception_weights": "", "inception_sha256": ""}})
+    config = ml_collections.ConfigDict({"eval": {"inception": {"weights": "", "sha256": ""}}})
     out = fid_and_is(config, None, None, str(tmp_path))
     assert set(out) == {"fid_skipped"} and "No Inception weights configured" in out["fid_skipped"]
-    config.eval.inception_weights = str(tmp_path / "missing.npz")
+    config.eval.inception.weights = str(tmp_path / "missing.npz")
     out = fid_and_is(config, None, None, str(tmp_path))
     assert set(out) == {"fid_skipped"} and "does not exist" in out["fid_skipped"]
 
@@ -394,12 +394,12 @@ def test_fid_and_is_end_to_end_with_random_weights(abstract, tmp_path, monkeypat
     monkeypatch.setattr(sampling, "make_sample_fn", fake_make_sample_fn)
     config = digits.get_config()
     config.eval.metrics = ("bpd", "fid", "is")
-    config.eval.fid_num_samples = 30
-    config.eval.fid_chunk_size = 16
-    config.eval.fid_batch_size = 16
-    config.eval.fid_reference_num_examples = 40
-    config.eval.is_num_splits = 3
-    config.eval.inception_sha256 = "ab" * 32
+    config.eval.inception.num_samples = 30
+    config.eval.inception.chunk_size = 16
+    config.eval.inception.batch_size = 16
+    config.eval.inception.reference_num_examples = 40
+    config.eval.inception.is_num_splits = 3
+    config.eval.inception.sha256 = "ab" * 32
     mesh = sharding.make_mesh()
     params = {"w": jnp.ones(3)}
     out = fid_and_is(config, params, mesh, str(tmp_path))

@@ -181,10 +181,10 @@ def test_scheduler_keys():
 
 
 def test_a_config_that_differs_is_named_key_by_key(tmp_path):
-    from configs import default
+    from configs import cifar10_ddpm
 
     with pytest.raises(import_weights.ImportError_) as e:
-        import_weights.import_diffusers(TINY, str(tmp_path / "run"), default.get_config())
+        import_weights.import_diffusers(TINY, str(tmp_path / "run"), cifar10_ddpm.get_config())
     message = str(e.value)
     for line in (
         "model.ch: config 128, diffusers files 8",

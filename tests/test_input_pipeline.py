@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from configs import default, digits
+from configs import cifar10_ddpm, digits
 from diffusion_jax import config as config_lib
 from diffusion_jax import input_pipeline as ip
 
@@ -47,7 +47,7 @@ def test_each_epoch_visits_every_example_once(batch_size):
 
 
 def test_host_slices_tile_the_global_batch():
-    config = default.get_config()
+    config = cifar10_ddpm.get_config()
     config.data.image_size, config.data.num_channels = 4, 1
     config.training.batch_size = 8
     images = np.random.default_rng(0).integers(0, 256, (20, 4, 4, 1), dtype=np.uint8)
@@ -90,7 +90,7 @@ def test_eval_batches_pad_and_mask():
 def test_npz_and_folder_sources(tmp_path):
     from PIL import Image
 
-    config = default.get_config()
+    config = cifar10_ddpm.get_config()
     config.data.image_size, config.data.num_channels = 8, 3
     images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
     np.savez(tmp_path / "mine.npz", images=images)
@@ -122,7 +122,7 @@ def test_wrong_shapes_and_unknown_names_are_clear_errors(tmp_path):
 def test_tfds_path_with_mock_data():
     import tensorflow_datasets as tfds
 
-    config = default.get_config()  # cifar10, 32x32x3
+    config = cifar10_ddpm.get_config()  # cifar10, 32x32x3
     config.data.dataset = "cifar10"
     with tfds.testing.mock_data(num_examples=12):
         images = ip.load_split(config, "train").images
@@ -136,7 +136,7 @@ def test_tfds_path_with_mock_data():
 
 
 def test_tfds_offline_gives_a_clear_message(tmp_path):
-    config = default.get_config()
+    config = cifar10_ddpm.get_config()
     config.data.dataset = "mnist"
     config.data.image_size, config.data.num_channels = 28, 1
     config.data.data_dir = str(tmp_path)  # nothing prepared there, and no network here
@@ -187,7 +187,7 @@ def test_toy_data_has_no_labels():
 
 
 def test_npz_with_and_without_labels(tmp_path):
-    config = default.get_config()
+    config = cifar10_ddpm.get_config()
     config.data.image_size, config.data.num_channels = 4, 1
     images = np.random.default_rng(0).integers(0, 256, (6, 4, 4, 1), dtype=np.uint8)
     labels = np.array([3, 0, 1, 3, 2, 0], np.int64)
@@ -229,7 +229,7 @@ def test_npz_with_and_without_labels(tmp_path):
     ],
 )
 def test_a_bad_labels_array_is_refused_naming_the_file(tmp_path, bad, shown):
-    config = default.get_config()
+    config = cifar10_ddpm.get_config()
     config.data.image_size, config.data.num_channels = 4, 1
     path = tmp_path / "mine.npz"
     np.savez(path, images=np.zeros((6, 4, 4, 1), np.uint8), labels=bad)
@@ -245,7 +245,7 @@ def test_a_bad_labels_array_is_refused_naming_the_file(tmp_path, bad, shown):
 def test_a_folder_with_sub_folders_gives_labels_by_sorted_folder_name(tmp_path):
     from PIL import Image
 
-    config = default.get_config()
+    config = cifar10_ddpm.get_config()
     config.data.image_size, config.data.num_channels = 4, 3
     rng = np.random.default_rng(1)
     # Classes named so that the sorted order differs from the order of creation.
@@ -278,7 +278,7 @@ def test_a_folder_with_sub_folders_gives_labels_by_sorted_folder_name(tmp_path):
 def test_tfds_labels_with_mock_data():
     import tensorflow_datasets as tfds
 
-    config = default.get_config()
+    config = cifar10_ddpm.get_config()
     config.data.dataset, config.data.image_size, config.data.num_channels = "mnist", 28, 1
     with tfds.testing.mock_data(num_examples=9):
         source = ip.load_split(config, "test")
@@ -295,7 +295,7 @@ def test_tfds_labels_with_mock_data():
 
 
 def test_an_npz_without_the_split_or_images_is_refused_naming_its_arrays(tmp_path):
-    config = default.get_config()
+    config = cifar10_ddpm.get_config()
     config.data.image_size, config.data.num_channels = 4, 1
     path = tmp_path / "mine.npz"
     np.savez(path, pics=np.zeros((6, 4, 4, 1), np.uint8), labels=np.zeros(6, np.int32))
@@ -315,7 +315,7 @@ def test_an_npz_without_the_split_or_images_is_refused_naming_its_arrays(tmp_pat
 
 
 def test_an_object_npz_is_refused_naming_the_file_and_the_array(tmp_path):
-    config = default.get_config()
+    config = cifar10_ddpm.get_config()
     config.data.image_size, config.data.num_channels = 4, 1
     path = tmp_path / "mine.npz"
     labels = np.empty(6, object)
@@ -331,7 +331,7 @@ def test_an_object_npz_is_refused_naming_the_file_and_the_array(tmp_path):
 
 def test_tfds_name_without_tensorflow_datasets_is_one_clear_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import raises ImportError
-    config = default.get_config()
+    config = cifar10_ddpm.get_config()
     config.data.dataset = "cifar10"
     with pytest.raises(ip.DatasetError, match="pip install tensorflow-datasets"):
         ip.validate_dataset(config)
@@ -343,7 +343,7 @@ def test_tfds_name_without_tensorflow_datasets_is_one_clear_line(monkeypatch):
 def test_a_truncated_image_is_named_in_one_error(tmp_path):
     from PIL import Image
 
-    config = default.get_config()
+    config = cifar10_ddpm.get_config()
     config.data.image_size, config.data.num_channels = 8, 3
     folder = tmp_path / "pics"
     folder.mkdir()
@@ -368,7 +368,7 @@ def _labelled_npz(tmp_path, n=20, size=4):
     images[:, 0, 0, 0] = 255  # a mark in one corner, so that flips change the image
     path = tmp_path / "labelled.npz"
     np.savez(path, images=images, labels=(i % 7).astype(np.int32))
-    config = default.get_config()
+    config = cifar10_ddpm.get_config()
     config.data.dataset = str(path)
     config.data.image_size, config.data.num_channels = size, 1
     config.data.random_flip = True
@@ -419,10 +419,10 @@ def test_tfds_data_source_reads_records_on_demand_without_tensorflow(tmp_path):
 import sys
 import numpy as np
 import tensorflow_datasets as tfds
-from configs import default
+from configs import cifar10_ddpm
 from diffusion_jax import input_pipeline as ip
 
-config = default.get_config()
+config = cifar10_ddpm.get_config()
 config.data.dataset, config.data.image_size, config.data.num_channels = "mnist", 28, 1
 config.data.tfds_reader = "data_source"
 with tfds.testing.mock_data(num_examples=9):
@@ -452,7 +452,7 @@ print("ok")
 
 
 def test_tfds_data_source_of_a_set_without_random_access_files_is_one_clear_error(tmp_path):
-    config = default.get_config()
+    config = cifar10_ddpm.get_config()
     config.data.dataset, config.data.image_size, config.data.num_channels = "mnist", 28, 1
     config.data.tfds_reader = "data_source"
     config.data.data_dir = str(tmp_path)
@@ -465,7 +465,7 @@ def test_tfds_data_source_of_a_set_without_random_access_files_is_one_clear_erro
 
 def test_tfds_load_without_tensorflow_is_one_line_naming_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow", None)  # import tensorflow -> ImportError
-    config = default.get_config()  # cifar10: no IDX source, so tfds.load
+    config = cifar10_ddpm.get_config()  # cifar10: no IDX source, so tfds.load
     with pytest.raises(ip.DatasetError) as e:
         ip.load_split(config, "train")
     message = str(e.value)
@@ -480,7 +480,7 @@ def test_a_tfds_name_is_checked_without_tensorflow(monkeypatch):
     import tensorflow_datasets  # noqa: F401  (imported as the base install imports it)
 
     monkeypatch.setitem(sys.modules, "tensorflow", None)  # from here: import tensorflow fails
-    config = default.get_config()  # cifar10
+    config = cifar10_ddpm.get_config()  # cifar10
     ip.validate_dataset(config)
     config.data.dataset = "no_such_set_xyz"
     with pytest.raises(ip.DatasetError, match="Unknown data set data.dataset='no_such_set_xyz'"):
@@ -496,7 +496,7 @@ def test_each_name_goes_to_its_source_in_the_registry(tmp_path):
     (tmp_path / "prep").mkdir()
     (tmp_path / "prep" / "dataset.json").write_text("{}")
     (tmp_path / "pics").mkdir()
-    config = default.get_config()
+    config = cifar10_ddpm.get_config()
     expected = {
         "digits": "digits",
         "moons": "toy",

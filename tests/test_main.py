@@ -103,6 +103,11 @@ def test_one_and_two_devices_give_the_same_parameters(reference, tmp_path):
         ),
         ("--config.training.bogus=1", "error: unknown config key training.bogus; did you mean"),
         ("--config.trainin.seed=1", "error: unknown config key trainin; did you mean training?"),
+        (  # a name of an earlier version: configs/base.py RENAMED
+            "--config.eval.rd_num_examples=16",
+            "error: config key eval.rd_num_examples is now eval.rate_distortion.num_examples",
+        ),
+        ("--config.cpu_conv_library=eigen", "error: config key cpu_conv_library was removed"),
     ],
 )
 def test_unknown_config_key_is_a_clear_error(tmp_path, override, line):

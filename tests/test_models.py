@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import cifar10_ddpm, cifar10_improved, default, lsun256_ddpm
+from configs import cifar10_ddpm, cifar10_improved, lsun256_ddpm
 from diffusion_jax import models
 from diffusion_jax.models import layers, mlp, unet
 
@@ -20,7 +20,7 @@ LSUN256_PARAMS = 113_673_219  # the paper's "114M" 256x256 model
 
 
 def tiny_config(image_size=8, channels=1, ch_mult=(1, 2), **model):
-    config = default.get_config()
+    config = cifar10_ddpm.get_config()
     config.data.image_size = image_size
     config.data.num_channels = channels
     config.model.ch = 32
@@ -34,7 +34,7 @@ def tiny_config(image_size=8, channels=1, ch_mult=(1, 2), **model):
 
 
 def mlp_config(dim=2, **model):
-    config = default.get_config()
+    config = cifar10_ddpm.get_config()
     config.data.image_size = 0
     config.data.num_channels = dim
     config.model.name = "mlp"

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from helpers import ROOT
 
+from configs import base
 from configs import workdir as workdir_config
 from diffusion_jax import checkpoints, evaluation, train
 
@@ -47,8 +48,11 @@ def _command_config(name: str) -> ml_collections.ConfigDict:
     module = os.path.splitext(os.path.basename(manifest["config"]))[0]
     config = importlib.import_module(f"configs.{module}").get_config()
     for key, value in manifest["overrides"].items():
-        section, field = key.split(".")
-        config[section][field] = tuple(value) if isinstance(value, list) else value
+        *sections, field = (base.RENAMED.get(key) or key).split(".")  # an earlier version's name
+        node = config
+        for section in sections:
+            node = node[section]
+        node[field] = tuple(value) if isinstance(value, list) else value
     return config
 
 

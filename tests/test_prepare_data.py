@@ -4,7 +4,7 @@ lazily, and either gives the very batches of the in-memory source."""
 import numpy as np
 import pytest
 
-from configs import default, digits
+from configs import cifar10_ddpm, digits
 from diffusion_jax import input_pipeline as ip
 from diffusion_jax import prepare_data
 from diffusion_jax.data import folder
@@ -26,7 +26,7 @@ def _folder(tmp_path, n=12, size=10):
 
 
 def _config(dataset, size=8, **data):
-    config = default.get_config()
+    config = cifar10_ddpm.get_config()
     config.data.dataset = str(dataset)
     config.data.image_size, config.data.num_channels = size, 3
     config.training.batch_size = 4

@@ -129,18 +129,11 @@ def test_eigen_takes_convolutions_from_ynnpack_with_the_same_results(tmp_path):
         assert float(abs(a - b).max()) <= 1e-5 * scale, name
 
 
-def test_the_library_is_the_processs_unless_an_old_config_sets_it(monkeypatch):
-    import ml_collections
-
+def test_the_library_is_the_processs(monkeypatch):
     monkeypatch.delenv(runtime.CPU_CONV_ENV, raising=False)
     assert runtime.default_library() == "eigen"
     monkeypatch.setenv(runtime.CPU_CONV_ENV, "ynnpack")
     assert runtime.default_library() == "ynnpack"
-    new = ml_collections.ConfigDict({"cpu_conv_library": ""})  # today's default: no choice
-    assert runtime.process_library(new, "eigen") == "eigen"
-    old = ml_collections.ConfigDict({"cpu_conv_library": "ynnpack"})  # an earlier config file
-    assert runtime.process_library(old, "eigen") == "ynnpack"
-    assert runtime.process_library(ml_collections.ConfigDict(), "ynnpack") == "ynnpack"
 
 
 _HEAP_PROBE = """

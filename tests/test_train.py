@@ -331,8 +331,8 @@ def test_a_conditional_run_samples_each_class_and_states_its_bound(tmp_path):
     config = _conditional(
         **{"training.eval_at_end": True, "sampling.num_samples": 12, "sampling.batch_size": 4},
         **{"sampling.guidance_scale": 1.5, "eval.num_examples": 8},
-        **{"eval.metrics": ("bpd", "class_match"), "eval.classifier_train_steps": 20},
-        **{"eval.classifier_num_samples": 10, "eval.classifier_num_bootstrap": 2},
+        **{"eval.metrics": ("bpd", "class_match"), "eval.classifier.train_steps": 20},
+        **{"eval.classifier.num_samples": 10, "eval.classifier.num_bootstrap": 2},
     )
     train.train_and_evaluate(config, workdir)
     with np.load(os.path.join(workdir, "samples", "samples.npz")) as f:

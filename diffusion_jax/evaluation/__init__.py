@@ -149,6 +149,12 @@ def _check_bound_estimate(config: ml_collections.ConfigDict) -> None:
         )
 
 
+def _get(config: ml_collections.ConfigDict, dotted: str):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raise ValueError for a bad key of ``config.eval``; compiles and reads nothing."""
     e = config.eval
@@ -163,34 +169,36 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     _check_bound_estimate(config)
     for key, least in (
         ("num_examples", 0),
-        ("ode_num_examples", 0),
-        ("rd_num_examples", 0),
+        ("bpd_ode.num_examples", 0),
+        ("rate_distortion.num_examples", 0),
         ("bpd_splits_num_examples", -1),
     ):
-        v = e[key]
+        v = _get(e, key)
         if isinstance(v, bool) or not isinstance(v, int) or v < least:
             meaning = "0: the whole split" + (", -1: as eval.num_examples" if least < 0 else "")
             raise ValueError(f"config.eval.{key}={v!r} must be an integer >= {least} ({meaning}).")
-    for key in ("ode_rtol", "ode_atol"):
-        if not 0 < e[key] < float("inf"):
+    for key in ("rtol", "atol"):
+        if not 0 < e.bpd_ode[key] < float("inf"):
             raise ValueError(
-                f"config.eval.{key}={e[key]!r} must be > 0 (the bpd_ode solver's tolerance; "
-                "1e-5 by default): at 0 no step is ever accepted."
+                f"config.eval.bpd_ode.{key}={e.bpd_ode[key]!r} must be > 0 (the solver's "
+                "tolerance; 1e-5 by default): at 0 no step is ever accepted."
             )
     if {*classifier_lib.METRICS, "class_match"} & set(e.metrics):
         classifier_lib.check_config(config)
     if "fid" in e.metrics or "is" in e.metrics:
-        sharding.check_batch_size(e.fid_batch_size, "eval.fid_batch_size")
-        sha = e.inception_sha256
+        sharding.check_batch_size(e.inception.batch_size, "eval.inception.batch_size")
+        sha = e.inception.sha256
         if sha and not re.fullmatch(r"[0-9a-fA-F]{64}", sha.strip()):
-            raise ValueError(f"config.eval.inception_sha256={sha!r} is not 64 hex digits.")
-        for key in ("fid_chunk_size", "fid_num_samples"):
-            if e[key] <= 0:
-                raise ValueError(f"config.eval.{key} must be positive, got {e[key]}.")
-        if e.fid_num_samples < e.is_num_splits:
+            raise ValueError(f"config.eval.inception.sha256={sha!r} is not 64 hex digits.")
+        for key in ("chunk_size", "num_samples"):
+            if e.inception[key] <= 0:
+                raise ValueError(
+                    f"config.eval.inception.{key} must be positive, got {e.inception[key]}."
+                )
+        if e.inception.num_samples < e.inception.is_num_splits:
             raise ValueError(
-                f"config.eval.fid_num_samples={e.fid_num_samples} must be >= "
-                f"eval.is_num_splits={e.is_num_splits}."
+                f"config.eval.inception.num_samples={e.inception.num_samples} must be >= "
+                f"eval.inception.is_num_splits={e.inception.is_num_splits}."
             )
 
 

@@ -186,9 +186,9 @@ def lt_curve(ctx: EvalContext) -> dict[str, Any]:
 
 def bpd_ode(ctx: EvalContext) -> dict[str, Any]:
     """``bpd_ode``: bits/dim by the probability-flow ODE (``ode.ode_bpd``: Dopri5 at
-    ``eval.ode_rtol`` / ``eval.ode_atol``, Hutchinson's trace, uniform dequantization) on the first
-    ``eval.ode_num_examples`` of ``eval.split`` (0: all), with its standard error over examples
-    and the network calls per batch; batch i's dequantization and probe from
+    ``eval.bpd_ode.rtol`` / ``eval.bpd_ode.atol``, Hutchinson's trace, uniform dequantization) on
+    the first ``eval.bpd_ode.num_examples`` of ``eval.split`` (0: all), with its standard error
+    over examples and the network calls per batch; batch i's dequantization and probe from
     fold_in(fold_in(run eval key, 0x0DE), i)."""
     config, mesh = ctx.config, ctx.mesh
     e = config.eval
@@ -197,14 +197,14 @@ def bpd_ode(ctx: EvalContext) -> dict[str, Any]:
     def fn(params, batch, key):
         x0 = input_pipeline.to_model_space(batch["image"], num_bins)  # [B, ...]
         net = models.model_fn(ctx.model, params, labels=batch.get("label"))
-        return ode.ode_bpd(d, net, x0, key, num_bins, e.ode_rtol, e.ode_atol)
+        return ode.ode_bpd(d, net, x0, key, num_bins, e.bpd_ode.rtol, e.bpd_ode.atol)
 
     jitted = jax.jit(fn)
     source = input_pipeline.load_split(config, e.split)
     n = (
         source.num_examples
-        if e.ode_num_examples <= 0
-        else min(e.ode_num_examples, source.num_examples)
+        if e.bpd_ode.num_examples <= 0
+        else min(e.bpd_ode.num_examples, source.num_examples)
     )
     batches = input_pipeline.eval_batches(
         source, e.batch_size, n, jax.process_index(), jax.process_count(), ctx.conditional
@@ -227,7 +227,7 @@ def bpd_ode(ctx: EvalContext) -> dict[str, Any]:
         else 0.0,
         "bpd_ode_num_examples": len(values),
         "bpd_ode_nfe_per_batch": nfes,
-        "bpd_ode_settings": {"rtol": e.ode_rtol, "atol": e.ode_atol, "trace": "hutchinson"},
+        "bpd_ode_settings": {"rtol": e.bpd_ode.rtol, "atol": e.bpd_ode.atol, "trace": "hutchinson"},
         "bpd_ode_bound": _bound_name(ctx),
     }
     logging.info(

@@ -6,7 +6,7 @@ dense ones) and reports, for a set of samples,
 
 - ``fd_classifier``: the Fréchet distance (``fid.frechet_distance``) between the Gaussians fitted
   (``fid.FeatureStats``) to the classifier's penultimate features of the samples and of the
-  reference split (``eval.classifier_split``, "" = ``eval.split``);
+  reference split (``eval.classifier.split``, "" = ``eval.split``);
 - ``is_classifier``: exp(E_x KL(p(y | x) || p(y))), p(y) the mean of p(y | x) over the samples:
   ``fid.inception_score`` over one split, so between 1 and the number of classes K;
 - ``kid_classifier``: the Kernel Inception Distance (``sample_metrics.kid_with_stderr``: the
@@ -21,7 +21,7 @@ each with, for scale, the same statistic of as many real training images as samp
 FD real train vs the reference split; IS of those real images), and for FD and IS a bootstrap
 standard error
 (``_stderr``): the standard deviation (ddof 1) of the statistic over
-``eval.classifier_num_bootstrap`` resamplings of the samples with replacement (the reference
+``eval.classifier.num_bootstrap`` resamplings of the samples with replacement (the reference
 statistics held fixed), rows from key fold_in(fold_in(key(seed), 0xB007), N). It measures the
 spread due to the finite sample set only; a resampled set repeats rows, so the bootstrap FDs sit a
 little above the FD itself.
@@ -33,8 +33,8 @@ cache whose fingerprint or checksum differs is trained again. The reference spli
 and the real-vs-real values are cached beside it, so ``classifier_metrics`` called for sample set
 after sample set (one per sampler, say) costs one forward pass of the samples and the bootstrap.
 
-Training: ``eval.classifier_train_steps`` Adam steps (cosine-decayed ``classifier_learning_rate``)
-on batches of ``classifier_batch_size`` drawn with replacement from the training split, batch s
+Training: ``eval.classifier.train_steps`` Adam steps (cosine-decayed ``learning_rate``) on
+batches of ``eval.classifier.batch_size`` drawn with replacement from the training split, batch s
 from fold_in(data key, s); init and data keys split from fold_in(key(seed), 0xC1A5). Images go
 through ``input_pipeline.to_model_space`` exactly as they reach the diffusion model; samples are
 first rounded to the data's levels (``input_pipeline.to_uint8_levels``), so samples and data are
@@ -124,29 +124,30 @@ def classifier_dir(workdir: str) -> str:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Raise ValueError naming a bad ``eval.classifier_*`` key, its value and what is allowed."""
+    """Raise ValueError naming a bad ``eval.classifier.*`` key, its value and what is allowed."""
     e = config.eval
     minimum = {
-        "classifier_num_samples": 2,
-        "classifier_train_steps": 1,
-        "classifier_batch_size": 1,
-        "classifier_width": 1,
-        "classifier_feature_dim": 1,
-        "classifier_num_bootstrap": 2,
+        "num_samples": 2,
+        "train_steps": 1,
+        "batch_size": 1,
+        "width": 1,
+        "feature_dim": 1,
+        "num_bootstrap": 2,
     }
     for key, low in minimum.items():
-        if not isinstance(e[key], int) or e[key] < low:
-            raise ValueError(f"config.eval.{key}={e[key]!r}; allowed: an integer >= {low}.")
-    if not e.classifier_learning_rate > 0:
+        v = e.classifier[key]
+        if not isinstance(v, int) or v < low:
+            raise ValueError(f"config.eval.classifier.{key}={v!r}; allowed: an integer >= {low}.")
+    if not e.classifier.learning_rate > 0:
         raise ValueError(
-            f"config.eval.classifier_learning_rate={e.classifier_learning_rate!r}; "
+            f"config.eval.classifier.learning_rate={e.classifier.learning_rate!r}; "
             "allowed: a number > 0."
         )
 
 
 def reference_split(config: ml_collections.ConfigDict) -> str:
-    """The split the samples are compared with: ``eval.classifier_split``, "" = ``eval.split``."""
-    return config.eval.classifier_split or config.eval.split
+    """The split the samples are compared with: ``eval.classifier.split``, "" = ``eval.split``."""
+    return config.eval.classifier.split or config.eval.split
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -161,11 +162,11 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
         num_channels=d.num_channels,
         num_bins=d.num_bins,
         seed=config.seed,
-        train_steps=e.classifier_train_steps,
-        batch_size=e.classifier_batch_size,
-        learning_rate=e.classifier_learning_rate,
-        width=e.classifier_width,
-        feature_dim=e.classifier_feature_dim,
+        train_steps=e.classifier.train_steps,
+        batch_size=e.classifier.batch_size,
+        learning_rate=e.classifier.learning_rate,
+        width=e.classifier.width,
+        feature_dim=e.classifier.feature_dim,
     )
 
 
@@ -175,7 +176,7 @@ def _digest(obj: Any) -> str:
 
 def build_classifier(config: ml_collections.ConfigDict, num_classes: int) -> Classifier:
     e = config.eval
-    return Classifier(num_classes, width=e.classifier_width, feature_dim=e.classifier_feature_dim)
+    return Classifier(num_classes, width=e.classifier.width, feature_dim=e.classifier.feature_dim)
 
 
 def _labelled_split(config: ml_collections.ConfigDict, split: str) -> input_pipeline.DataSource:
@@ -204,11 +205,11 @@ def train_classifier(
     example = jnp.zeros((1, *train.images.shape[1:]), jnp.float32)  # [1, H, W, C]
     params = model.init(init_key, example)["params"]
     opt_state = _ADAM.init(params)
-    total = e.classifier_train_steps
-    schedule = optax.cosine_decay_schedule(e.classifier_learning_rate, total)
+    total = e.classifier.train_steps
+    schedule = optax.cosine_decay_schedule(e.classifier.learning_rate, total)
     rates = np.asarray(schedule(np.arange(total)), np.float32)  # [steps]
     images, labels = jnp.asarray(train.images), jnp.asarray(train.labels)  # on one device
-    static = (model, e.classifier_batch_size, config.data.num_bins)
+    static = (model, e.classifier.batch_size, config.data.num_bins)
     with reporting.progress_bar(total, "classifier", unit="step") as bar:
         for s in range(total):
             params, opt_state, loss = _train_step(
@@ -319,7 +320,7 @@ def load_or_train(
         num_test_examples=test.num_examples,
         num_train_examples=train.num_examples,
         num_classes=train.num_classes,
-        train_steps=config.eval.classifier_train_steps,
+        train_steps=config.eval.classifier.train_steps,
         train_seconds=seconds,
         params_sha256=_params_sha256(data),
         cache_dir=cache_dir,
@@ -551,7 +552,7 @@ def classifier_metrics(
     score = fid_lib.inception_score(probs, 1)[0]
     kid_pr = _kid_pr(config, features, reference["features"])
 
-    num_boot = config.eval.classifier_num_bootstrap
+    num_boot = config.eval.classifier.num_bootstrap
     key = jax.random.fold_in(jax.random.key(config.seed), _BOOTSTRAP_TAG)
     n = len(samples)
     rows = np.asarray(jax.random.randint(jax.random.fold_in(key, n), (num_boot, n), 0, n))
@@ -625,14 +626,14 @@ def needs_labels(ctx: EvalContext) -> str | None:
 
 
 def classifier_samples(ctx: EvalContext) -> np.ndarray:
-    """uint8 levels [eval.classifier_num_samples, H, W, C] drawn with the config's sampler.
+    """uint8 levels [eval.classifier.num_samples, H, W, C] drawn with the config's sampler.
 
     Key fold_in(run sample key, 0xC15A); cached in ``WORKDIR/eval/classifier/samples_TAG.npz``,
     TAG hashing the parameters (``fid.params_fingerprint``), the sampler's and the diffusion's
     settings, the seed and the number of samples.
     """
     config = ctx.config
-    num = config.eval.classifier_num_samples
+    num = config.eval.classifier.num_samples
     run_tag = dict(
         params=fid_lib.params_fingerprint(ctx.params),
         seed=config.seed,

@@ -81,8 +81,8 @@ class EvalContext:
         and the padding rows differ), and each example's terms depend on its own row alone. So
         the per-example terms of the batches covering the first ``_kept_examples(split)``
         examples are kept, and a later request for at most that many (the rate–distortion
-        curve's ``eval.rd_num_examples`` after bits/dim on the whole split) sums them again
-        under its own mask instead of running the T network calls per example a second time.
+        curve's ``eval.rate_distortion.num_examples`` after bits/dim on the whole split) sums them
+        again under its own mask instead of running the T network calls per example a second time.
         """
         cache_key = ("bound", split, num_examples)
         if cache_key in self.cache:
@@ -163,12 +163,14 @@ class EvalContext:
 
     def _kept_examples(self, split: str) -> int:
         """How many leading examples of ``split`` ``bound_sums`` keeps the terms of: the
-        rate–distortion curve's (``eval.rd_num_examples``, 0 = all) when the run draws it on
-        this split, else none (the terms are [examples, T] arrays: kept only where reused)."""
+        rate–distortion curve's (``eval.rate_distortion.num_examples``, 0 = all) when the run
+        draws it on this split, else none (the terms are [examples, T] arrays: kept only where
+        reused)."""
         ev = self.config.eval
         if split != ev.split or "rate_distortion" not in tuple(ev.figures):
             return 0
-        return ev.rd_num_examples if ev.rd_num_examples > 0 else np.iinfo(np.int64).max
+        n = ev.rate_distortion.num_examples
+        return n if n > 0 else np.iinfo(np.int64).max
 
     def bound_t_probs(self) -> jax.Array:
         """p_t [T] of ``eval.bound_t_sampler = "importance"``: the run's own importance

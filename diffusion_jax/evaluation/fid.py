@@ -4,9 +4,9 @@ The standard FID protocol on uint8 images, with the network of ``models.inceptio
 FID = ||mu_1 - mu_2||^2 + tr(S_1) + tr(S_2) - 2 tr((S_1 S_2)^(1/2)) between the Gaussians fitted
 to the pool3 features of the samples and of the reference data (reference statistics computed
 once from a data split and cached in ``WORKDIR/eval/fid``); IS = exp(E_x KL(p(y | x) || p(y))),
-the mean and standard deviation over ``eval.is_num_splits`` splits. The samples are drawn in
-resumable chunk files. Where no weights are configured or they cannot be fetched or verified,
-FID and IS are skipped with a message saying why, and no number is reported.
+the mean and standard deviation over ``eval.inception.is_num_splits`` splits. The samples are
+drawn in resumable chunk files. Where no weights are configured or they cannot be fetched or
+verified, FID and IS are skipped with a message saying why, and no number is reported.
 """
 
 from __future__ import annotations
@@ -280,8 +280,8 @@ def reference_statistics(
     Computed once and cached in ``cache_dir`` as .npz, under a name hashing the data set, split,
     number of examples, image size, levels and the weights' SHA-256.
     """
-    split = config.eval.fid_reference_split
-    n_max = config.eval.fid_reference_num_examples
+    split = config.eval.inception.reference_split
+    n_max = config.eval.inception.reference_num_examples
     meta = dict(
         dataset=config.data.dataset,
         split=split,
@@ -301,7 +301,7 @@ def reference_statistics(
     if n_max:
         images = images[:n_max]
     images = levels_to_uint8(images, config.data.num_bins)
-    batch = config.eval.fid_batch_size
+    batch = config.eval.inception.batch_size
     stats, _ = compute_features(
         feature_fn, variables, _slices(images, batch), batch, mesh, want_probs=False
     )
@@ -337,7 +337,7 @@ def _features(ctx: EvalContext) -> dict[str, Any]:
     variables = jax.device_put(variables, sharding.replicated(mesh))
     feature_fn = make_feature_fn(net, mesh)
     out: dict[str, Any] = {}
-    sha = config.eval.inception_sha256.strip().lower()
+    sha = config.eval.inception.sha256.strip().lower()
     if "fid" in config.eval.metrics:
         out["reference"] = reference_statistics(config, feature_fn, variables, mesh, cache_dir, sha)
     s = config.sampling
@@ -349,7 +349,7 @@ def _features(ctx: EvalContext) -> dict[str, Any]:
             num_steps=s.num_steps,
             eta=s.eta,
             clip=s.clip_denoised,
-            chunk=config.eval.fid_chunk_size,
+            chunk=config.eval.inception.chunk_size,
         ),
         sort_keys=True,
     )
@@ -362,11 +362,11 @@ def _features(ctx: EvalContext) -> dict[str, Any]:
         ctx.params,
         mesh,
         sample_dir,
-        config.eval.fid_num_samples,
-        config.eval.fid_chunk_size,
+        config.eval.inception.num_samples,
+        config.eval.inception.chunk_size,
     )
     want_probs = "is" in config.eval.metrics
-    batch = config.eval.fid_batch_size
+    batch = config.eval.inception.batch_size
     out["stats"], out["probs"] = compute_features(
         feature_fn, variables, chunks, batch, mesh, want_probs=want_probs
     )
@@ -391,6 +391,6 @@ def inception_score_metric(ctx: EvalContext) -> dict[str, Any]:
     f = _features(ctx)
     if "fid_skipped" in f:
         return {"fid_skipped": f["fid_skipped"]}
-    mean, std = inception_score(f["probs"], ctx.config.eval.is_num_splits)
+    mean, std = inception_score(f["probs"], ctx.config.eval.inception.is_num_splits)
     logging.info("IS %.4f ± %.4f.", mean, std)
     return {"inception_score": mean, "inception_score_std": std, "fid_num_samples": f["stats"].n}

@@ -1,8 +1,8 @@
 """Inception-v3 weights that can be trusted: fetched, verified against a pinned SHA-256, read
 from array formats that cannot run code, and assigned onto the Flax network.
 
-No pretrained weights ship with the library. They load from ``eval.inception_weights`` (a path or
-an http(s)/file URL) after their SHA-256 is checked against ``eval.inception_sha256``, and only
+No pretrained weights ship with the library. They load from ``eval.inception.weights`` (a path or
+an http(s)/file URL) after their SHA-256 is checked against ``eval.inception.sha256``, and only
 from ``.npz`` (``allow_pickle=False``, every member a plain ``.npy``) or safetensors. Pickles and
 PyTorch checkpoints are refused. Keys are either the Flax layout of ``InceptionV3``
 (``params/Mixed_5b/branch1x1/conv/kernel``, ``batch_stats/.../bn/mean``; what
@@ -48,7 +48,7 @@ def verify_sha256(path: str, expected: str) -> None:
     if not expected:
         raise WeightsError(
             f"No SHA-256 is pinned for {path} (its SHA-256 is {actual}): set "
-            "eval.inception_sha256 to the published hash of the file you trust; unverified "
+            "eval.inception.sha256 to the published hash of the file you trust; unverified "
             "weights are not used."
         )
     if actual != expected.strip().lower():
@@ -66,8 +66,8 @@ def fetch_weights(spec: str, sha256: str, cache_dir: str) -> str:
     """
     if not spec:
         raise WeightsError(
-            "No Inception weights configured (eval.inception_weights is empty): FID/IS need the "
-            "FID Inception-v3 weights as .npz or .safetensors, with eval.inception_sha256."
+            "No Inception weights configured (eval.inception.weights is empty): FID/IS need the "
+            "FID Inception-v3 weights as .npz or .safetensors, with eval.inception.sha256."
         )
     scheme = urllib.parse.urlparse(spec).scheme
     if scheme in ("http", "https", "file"):
@@ -220,7 +220,7 @@ def assign_variables(arrays: dict[str, np.ndarray], target: Any, source: str = "
 
 def load_inception(config: ml_collections.ConfigDict, cache_dir: str) -> tuple[InceptionV3, Any]:
     """(model, variables) from the configured, verified weights; raises WeightsError."""
-    path = fetch_weights(config.eval.inception_weights, config.eval.inception_sha256, cache_dir)
+    path = fetch_weights(config.eval.inception.weights, config.eval.inception.sha256, cache_dir)
     model = InceptionV3()
     variables = assign_variables(read_arrays(path), abstract_variables(model), source=path)
     logging.info("Loaded Inception-v3 weights from %s (SHA-256 verified).", path)

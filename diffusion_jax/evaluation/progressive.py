@@ -50,11 +50,11 @@ def progressive_strip(frames: np.ndarray, num_bins: int) -> np.ndarray:
 
 
 def progressive(ctx: EvalContext) -> dict[str, Any]:
-    """The strip of ``eval.progressive_num_samples`` samples, ``eval.progressive_num_frames``
+    """The strip of ``eval.progressive.num_samples`` samples, ``eval.progressive.num_frames``
     columns, key fold_in(run sample key, 6), the config's chain length (``sampling.num_steps``);
     a conditional model's sample i of class ``sampling.sample_labels(config, n)[i]``."""
     config = ctx.config
-    n = config.eval.progressive_num_samples
+    n = config.eval.progressive.num_samples
     shape = (n, *input_pipeline.example_shape(config))
     key = jax.random.fold_in(objectives.run_keys(config.seed)["sample"], 6)
     _, frames, steps = progressive_samples(
@@ -62,7 +62,7 @@ def progressive(ctx: EvalContext) -> dict[str, Any]:
         sampling.net(config, ctx.model, ctx.params, sampling.sample_labels(config, n)),
         shape,
         key,
-        config.eval.progressive_num_frames,
+        config.eval.progressive.num_frames,
         config.sampling.num_steps or None,
     )
     grid = progressive_strip(frames, config.data.num_bins)

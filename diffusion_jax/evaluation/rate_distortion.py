@@ -64,11 +64,11 @@ def rate_distortion_curve(
 
 
 def rate_distortion(ctx: EvalContext) -> dict[str, Any]:
-    """``rate_distortion_curve`` over the first ``eval.rd_num_examples`` of ``eval.split`` (0:
-    all), the same batches and keys as bits/dim (so on the same examples ``lossless_bpd`` is its
-    ``bpd``); writes ``eval/rate_distortion.json`` and the figure."""
+    """``rate_distortion_curve`` over the first ``eval.rate_distortion.num_examples`` of
+    ``eval.split`` (0: all), the same batches and keys as bits/dim (so on the same examples
+    ``lossless_bpd`` is its ``bpd``); writes ``eval/rate_distortion.json`` and the figure."""
     split = ctx.config.eval.split
-    total = ctx.bound_sums(split, ctx.config.eval.rd_num_examples)
+    total = ctx.bound_sums(split, ctx.config.eval.rate_distortion.num_examples)
     count = float(total["count"])
     rd = rate_distortion_curve(
         total["terms_bpd"] / count,

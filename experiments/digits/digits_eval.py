@@ -44,7 +44,7 @@ def main(argv=None) -> None:
     config.eval.metrics = ("bpd", "fid", "is")
     config.eval.bpd_splits = ("train",)
     config.eval.bpd_splits_num_examples = args.train_examples
-    config.eval.rd_num_examples = args.rd_examples
+    config.eval.rate_distortion.num_examples = args.rd_examples
     if not os.path.isdir(checkpoints.checkpoint_dir(args.workdir)):
         config.training.num_train_steps = args.train_steps
         config.training.eval_at_end = False

@@ -107,7 +107,7 @@ def judge(config, images, reference: str, judge_dir: str) -> dict:
 
     config = config.copy_and_resolve_references()
     with config.unlocked():
-        config.eval.classifier_split = reference
+        config.eval.classifier.split = reference
     m = classifier.classifier_metrics(config, images, judge_dir)
     out = {}
     for short in METRICS:

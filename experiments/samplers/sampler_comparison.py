@@ -127,7 +127,7 @@ def digits_comparison(args) -> None:
     from diffusion_jax.evaluation import classifier
 
     config = evaluation.prepare(workdir_config.get_config(args.digits_workdir))  # the run's own
-    config.eval.classifier_split = "train"  # judged against the 1,500 training digits
+    config.eval.classifier.split = "train"  # judged against the 1,500 training digits
     mesh = sharding.make_mesh()
     model = models.get_model(config)
     params = evaluation.load_ema_params(args.digits_workdir, mesh)
@@ -170,7 +170,7 @@ def digits_comparison(args) -> None:
         f"digits by a classifier of test accuracy {real['classifier_test_accuracy']:.4f}. "
         f"Real vs real ({real['classifier_num_real']} held-out test digits): FD "
         f"{real['fd_classifier_real']:.3f}, IS {real['is_classifier_real']:.3f}. Stderr: "
-        f"bootstrap over the samples ({config.eval.classifier_num_bootstrap} resamplings)."
+        f"bootstrap over the samples ({config.eval.classifier.num_bootstrap} resamplings)."
     )
     common.write_table(args.outdir, args.tag, rows, note)
     for method, x in grids.items():

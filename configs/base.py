@@ -1,23 +1,85 @@
-"""Default configuration: DDPM (Ho et al. 2020) with the paper's CIFAR-10 hyperparameters.
+"""The base config: every key and its default, the values of DDPM (Ho et al. 2020) on CIFAR-10
+(its U-Net, T = 1000 linear betas, Adam 2e-4, batch 128, EMA 0.9999), but no data set: every
+recipe under configs/ imports this one, names its data and changes only what differs
+(``configs/cifar10_ddpm.py`` is the paper's run). Any key can be overridden on the command line,
+e.g. ``--config.training.batch_size=64``.
 
-Every other config imports this one and changes only what differs. Any key can be overridden on
-the command line, e.g. ``--config.training.batch_size=64``.
+``RENAMED`` maps each key an earlier version wrote to where it lives now (None: removed);
+``migrate`` moves them in a run's old ``config.json``, and the command line refuses an old name in
+one line naming the new one.
 """
 
+from __future__ import annotations
+
+import copy
+
 import ml_collections
+
+_EVAL_GROUPS = {  # evaluator (or shared network) -> the flat eval.<prefix>KEY names it took over
+    "rate_distortion": ("rd_", ("num_examples",)),
+    "progressive": ("progressive_", ("num_samples", "num_frames")),
+    "bpd_ode": ("ode_", ("num_examples", "rtol", "atol")),
+    "classifier": (
+        "classifier_",
+        (
+            "num_samples",
+            "split",
+            "train_steps",
+            "batch_size",
+            "learning_rate",
+            "width",
+            "feature_dim",
+            "num_bootstrap",
+        ),
+    ),
+}
+RENAMED: dict[str, str | None] = {
+    "cpu_conv_library": None,  # the process's choice: --cpu_conv_library (diffusion_jax.runtime)
+    **{
+        f"eval.{prefix}{key}": f"eval.{group}.{key}"
+        for group, (prefix, keys) in _EVAL_GROUPS.items()
+        for key in keys
+    },
+    "eval.inception_weights": "eval.inception.weights",
+    "eval.inception_sha256": "eval.inception.sha256",
+    **{
+        f"eval.fid_{key}": f"eval.inception.{key}"
+        for key in ("num_samples", "reference_split", "reference_num_examples", "batch_size")
+    },
+    "eval.fid_chunk_size": "eval.inception.chunk_size",
+    "eval.is_num_splits": "eval.inception.is_num_splits",
+}
+
+
+def migrate(config: dict) -> dict:
+    """A copy of a run's saved config (a dict, as ``config.json`` holds it) with every key of
+    ``RENAMED`` it holds moved to its new place (a removed one dropped)."""
+    out = copy.deepcopy(config)
+    for old, new in RENAMED.items():
+        *path, leaf = old.split(".")
+        parent = out
+        for part in path:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or leaf not in parent:
+            continue
+        value = parent.pop(leaf)
+        if new is not None:
+            *path, leaf = new.split(".")
+            target = out
+            for part in path:
+                target = target.setdefault(part, {})
+            target.setdefault(leaf, value)
+    return out
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
-    # Deprecated (kept so that older command lines and config files still parse): XLA:CPU's
-    # convolution library belongs to the process: --cpu_conv_library or
-    # $DIFFUSION_JAX_CPU_CONV_LIBRARY (diffusion_jax.runtime). "" = the process's choice.
-    config.cpu_conv_library = ""
 
     # Data: images live in [-1, 1]; level k of `num_bins` maps to 2k/(num_bins-1) - 1.
     config.data = ml_collections.ConfigDict()
-    config.data.dataset = "cifar10"  # tfds name | digits | toy name | path to a folder or .npz
+    # tfds name | digits | toy name | path to a folder or .npz: every recipe names its own.
+    config.data.dataset = ""
     config.data.train_split = "train"
     config.data.eval_split = "test"
     config.data.image_size = 32  # 0 for vector (toy) data
@@ -125,7 +187,8 @@ def get_config() -> ml_collections.ConfigDict:
     # The bound's sum of L_t (bpd, bpd_splits): 0 = every t (T network calls per example, and the
     # per-t curves); K > 0 = an unbiased estimate from K timesteps per example (K + 1 calls; L_0
     # and L_T exact), its standard error counting both examples and t. bound_t_sampler: how they
-    # are drawn: "stratified" (one in each of K equal strata of t) | "importance" (the run's
+    # are drawn: "stratified" (one in each of K strata of t, growing geometrically with t:
+    # timesteps.stratum_edges) | "importance" (the run's
     # loss-aware distribution over t, reweighted; diffusion.t_sampler loss_aware* runs only).
     config.eval.bound_num_t = 0
     config.eval.bound_t_sampler = "stratified"
@@ -135,35 +198,43 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.figures = ("lt_curve", "rate_distortion", "progressive")
     config.eval.bpd_splits = ()  # more splits for bits/dim besides eval.split, e.g. ("train",)
     config.eval.bpd_splits_num_examples = -1  # -1: eval.num_examples; 0: the whole split
-    config.eval.rd_num_examples = 256  # rate-distortion examples of eval.split; 0: all
-    config.eval.progressive_num_samples = 8
-    config.eval.progressive_num_frames = 10
-    # FID/IS: Inception-v3 weights as .npz or .safetensors (never a pickle), verified against the
-    # pinned SHA-256 before use; without them FID/IS are skipped with a message, never invented.
-    config.eval.inception_weights = ""  # path or http(s)/file URL
-    config.eval.inception_sha256 = ""
-    config.eval.fid_num_samples = 50_000
-    config.eval.fid_reference_split = "train"
-    config.eval.fid_reference_num_examples = 0  # 0: the whole split
-    config.eval.fid_batch_size = 200  # a multiple of the device count
-    config.eval.fid_chunk_size = 1000
-    config.eval.is_num_splits = 10
+    # Each evaluator's own keys under its name.
+    config.eval.rate_distortion = ml_collections.ConfigDict()
+    config.eval.rate_distortion.num_examples = 256  # examples of eval.split; 0: all
+    config.eval.progressive = ml_collections.ConfigDict()
+    config.eval.progressive.num_samples = 8
+    config.eval.progressive.num_frames = 10
+    # fid and is: Inception-v3 weights as .npz or .safetensors (never a pickle), verified against
+    # the pinned SHA-256 before use; without them FID/IS are skipped with a message, never
+    # invented. One set of num_samples samples serves both.
+    config.eval.inception = ml_collections.ConfigDict()
+    config.eval.inception.weights = ""  # path or http(s)/file URL
+    config.eval.inception.sha256 = ""
+    config.eval.inception.num_samples = 50_000
+    config.eval.inception.reference_split = "train"
+    config.eval.inception.reference_num_examples = 0  # 0: the whole split
+    config.eval.inception.batch_size = 200  # a multiple of the device count
+    config.eval.inception.chunk_size = 1000
+    config.eval.inception.is_num_splits = 10
     # bpd_ode: bits/dim by the probability-flow ODE (Dopri5, Hutchinson trace, uniform
-    # dequantization) on the first ode_num_examples of eval.split (0: all).
-    config.eval.ode_num_examples = 1000
-    config.eval.ode_rtol = 1e-5
-    config.eval.ode_atol = 1e-5
-    # Offline sample quality (fd_classifier, is_classifier; labelled image data only): a small CNN
-    # trained on the training split's labels, cached in WORKDIR/eval/classifier, judges
-    # classifier_num_samples samples of the config's sampler against classifier_split.
-    config.eval.classifier_num_samples = 1000
-    config.eval.classifier_split = ""  # the reference split; "" = eval.split
-    config.eval.classifier_train_steps = 1000
-    config.eval.classifier_batch_size = 128
-    config.eval.classifier_learning_rate = 2e-3  # Adam, cosine-decayed to 0
-    config.eval.classifier_width = 32  # channels of the first stage (x2, x4 after each pooling)
-    config.eval.classifier_feature_dim = 64  # penultimate features: the Frechet distance's space
-    config.eval.classifier_num_bootstrap = 50  # resamplings of the samples for the stderr
+    # dequantization) on the first num_examples of eval.split (0: all).
+    config.eval.bpd_ode = ml_collections.ConfigDict()
+    config.eval.bpd_ode.num_examples = 1000
+    config.eval.bpd_ode.rtol = 1e-5
+    config.eval.bpd_ode.atol = 1e-5
+    # Offline sample quality (fd_classifier, is_classifier, kid_classifier,
+    # precision_recall_classifier, class_match; labelled image data only): a small CNN trained on
+    # the training split's labels, cached in WORKDIR/eval/classifier, judges num_samples samples
+    # of the config's sampler against split.
+    config.eval.classifier = ml_collections.ConfigDict()
+    config.eval.classifier.num_samples = 1000
+    config.eval.classifier.split = ""  # the reference split; "" = eval.split
+    config.eval.classifier.train_steps = 1000
+    config.eval.classifier.batch_size = 128
+    config.eval.classifier.learning_rate = 2e-3  # Adam, cosine-decayed to 0
+    config.eval.classifier.width = 32  # channels of the first stage (x2, x4 after each pooling)
+    config.eval.classifier.feature_dim = 64  # penultimate features: the Frechet distance's space
+    config.eval.classifier.num_bootstrap = 50  # resamplings of the samples for the stderr
 
     config.sampling = ml_collections.ConfigDict()
     # sampling.SAMPLERS: ancestral | ddim | dpmpp_2m | dpmpp_2m_sde | heun (ddpm and vdm: for vdm
