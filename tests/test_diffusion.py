@@ -19,7 +19,7 @@ import pytest
 from scipy import stats
 
 from diffusion_jax import diffusion as dl
-from diffusion_jax import schedules, timesteps
+from diffusion_jax import samplers, schedules, timesteps
 
 LN2 = math.log(2.0)
 MU, SD = 0.1, 0.3  # the Gaussian data
@@ -444,7 +444,7 @@ def test_hybrid_with_its_own_t_for_the_vb_term():
     assert calls == [16]
     apart = dl.training_losses(d, model_of(params), x0, key, "hybrid", t=t, noise=noise)
     np.testing.assert_allclose(out["mse"], apart["mse"], rtol=1e-6)
-    noise_vb = dl._normal(jax.random.fold_in(jax.random.split(key)[1], 1), x0.shape, x0.dtype)
+    noise_vb = samplers.normal(jax.random.fold_in(jax.random.split(key)[1], 1), x0.shape, x0.dtype)
     kl = dl.training_losses(d, model_of(params), x0, key, "kl", t=t_vb, noise=noise_vb)
     np.testing.assert_allclose(out["vb"], kl["vb"], rtol=1e-5)
     np.testing.assert_allclose(out["vb_loss"], 50 * kl["vb"], rtol=1e-5)

@@ -16,6 +16,7 @@ LAYERS = {
         "likelihood",
         "samplers",
         "timesteps",
+        "discrete",
         "diffusion",
         "vdm",
         "ode",

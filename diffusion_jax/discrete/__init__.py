@@ -1,0 +1,2 @@
+"""The discrete-time DDPM, one module per concept; ``diffusion_jax.diffusion`` lists its public
+names."""
