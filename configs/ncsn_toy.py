@@ -8,7 +8,7 @@ annealed Langevin dynamics with step α_i = ε σ_i² / σ_L²:
   (NCSNv2's technique 1); σ_L = 0.05 is well below the modes' width 0.3, so q_σL ≈ the data.
 - ε = 5e-4 = 0.2 σ_L²: at every level the step is α_i = 0.2 σ_i², and the 100 steps per level
   (1000 network calls per sample) let the chain forget the previous level. With the exact score
-  of ``toy_data.get("gmm8").noised(1, σ)`` in place of the network these settings reach the
+  of ``toy_distributions.get("gmm8").noised(1, σ)`` in place of the network these settings reach the
   data-vs-data floor of the two-sample distances (``experiments/samplers/sampler_comparison.py``).
 
 Training and 2000 samples take about 75 s on a CPU:

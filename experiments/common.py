@@ -32,7 +32,8 @@ matplotlib.use("Agg")
 
 from configs import ncsn_toy  # noqa: E402
 from diffusion_jax import diffusion as diffusion_lib  # noqa: E402
-from diffusion_jax import models, objectives, score, toy_data, train  # noqa: E402
+from diffusion_jax import models, objectives, score, train  # noqa: E402
+from diffusion_jax.data import toy_distributions  # noqa: E402
 
 DATASET = "gmm8"
 
@@ -149,7 +150,7 @@ def exact_eps(dist, d: diffusion_lib.GaussianDiffusion):
 
 
 def toy_dist():
-    return toy_data.get(DATASET)
+    return toy_distributions.get(DATASET)
 
 
 # ------------------------------------------------------------------------------ output

@@ -21,7 +21,6 @@ LAYERS = {
         "vdm",
         "ode",
         "score",
-        "toy_data",
     ),
     "infrastructure": (
         "sharding",

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import score, toy_data
+from diffusion_jax import score
+from diffusion_jax.data import toy_distributions
 
 S, D, Z = 1.5, 3, 5.0  # data std, dimension, how many standard errors a mean may be off
 _X, _KEY, _SIGMAS = jnp.zeros((5, 2)), jax.random.PRNGKey(0), jnp.array([1.0, 0.5])
@@ -120,7 +121,7 @@ def test_dsm_minus_esm_is_constant_on_a_mixture():
     # perturbed score exceeds the DSM of the exact noised score by ½ E_q‖δ‖²: the exact score of
     # the noised mixture is the minimiser.
     sigma, n = 0.5, 20_000
-    dist = toy_data.get("gmm8")
+    dist = toy_distributions.get("gmm8")
     noised = dist.noised(1.0, sigma)
     delta = lambda y: 0.5 * jnp.tanh(y[:, ::-1])
     x = dist.sample(jax.random.PRNGKey(9), n)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffusion_jax import toy_data
+from diffusion_jax.data import toy_distributions
 from diffusion_jax.data.base import DataSource
 
 
@@ -72,7 +72,7 @@ def train_batch(
     rows = host_slice(batch_size, process_index, process_count)
     if source.images is None:  # toy data: fresh points each step, from (seed, step)
         key = jax.random.fold_in(jax.random.key(config.seed), step)
-        points = np.asarray(toy_data.sample(source.toy_name, key, batch_size), np.float32)
+        points = np.asarray(toy_distributions.sample(source.toy_name, key, batch_size), np.float32)
         return {"image": points[rows]}
     idx = global_batch_indices(config.seed, step, batch_size, source.num_examples)[rows]
     images = source.images[idx]  # [b, H, W, C]

@@ -131,9 +131,9 @@ def validate(config) -> None:
     if name.split("/")[0].split(":")[0] not in tfds.list_builders(with_community_datasets=False):
         raise DatasetError(
             f"Unknown data set data.dataset={name!r}. Use an offline one (digits, a toy set: "
-            "see diffusion_jax.toy_data.NAMES; fashion_mnist or mnist from IDX files), a folder "
-            "or .npz of your own images, or a tensorflow-datasets name (e.g. mnist, cifar10, "
-            "celeb_a)."
+            "see diffusion_jax.data.toy_distributions.NAMES; fashion_mnist or mnist from IDX "
+            "files), a folder or .npz of your own images, or a tensorflow-datasets name (e.g. "
+            "mnist, cifar10, celeb_a)."
         )
 
 

@@ -1,12 +1,12 @@
-"""Toy 2-D (vector) distributions of ``diffusion_jax.toy_data``: fresh points each step, or a
-fixed draw (``data.toy_size``; other splits always a fixed draw)."""
+"""Toy 2-D (vector) distributions of ``data.toy_distributions``: fresh points each step, or a fixed
+draw (``data.toy_size``; other splits always a fixed draw)."""
 
 from __future__ import annotations
 
 import jax
 import numpy as np
 
-from diffusion_jax import toy_data
+from diffusion_jax.data import toy_distributions
 from diffusion_jax.data.base import DatasetError, DataSource, Source, split_id
 
 
@@ -20,7 +20,7 @@ def load(config, split: str) -> DataSource:
     if not n:
         return DataSource(None, toy_name=name)
     key = jax.random.fold_in(jax.random.key(config.seed), split_id(split))
-    return DataSource(np.asarray(toy_data.sample(name, key, n), np.float32))
+    return DataSource(np.asarray(toy_distributions.sample(name, key, n), np.float32))
 
 
 def validate(config) -> None:
@@ -33,7 +33,7 @@ def validate(config) -> None:
 
 
 SOURCE = Source(
-    matches=lambda name, data: name in toy_data.NAMES,
+    matches=lambda name, data: name in toy_distributions.NAMES,
     load=load,
     unlabelled_reason=lambda config: (
         f"data.dataset={config.data.dataset!r} is a toy data set, which has no labels"

@@ -1,6 +1,6 @@
 """ISM vs SSM (and SSM-VR) vs DSM: one small MLP score network s(x) trained with each objective.
 
-Data: the ring of 8 Gaussians (``toy_data.get("gmm8")``: radius 3, std 0.3), whose score
+Data: the ring of 8 Gaussians (``toy_distributions.get("gmm8")``: radius 3, std 0.3), whose score
 ∇ log p(x) = Σ_k r_k(x) (μ_k − x)/τ² is exact. Every objective trains the same network (the
 library's residual MLP at a constant time input, hidden 128, 2 blocks) from the same
 initialisation, with the same optimiser (Adam 1e-3, global-norm clip 1), batch (256 fresh

@@ -13,7 +13,7 @@ z ~ N(0, I): the DDPM marginal q(x_t) is ``noised(sqrt(ᾱ_t), sqrt(1 − ᾱ_t)
 along the curves, so they too have exact densities (no kernel density fit). Data is continuous and
 unscaled, roughly within [-4, 4].
 
-    dist = toy_data.get("gmm8")
+    dist = toy_distributions.get("gmm8")
     x = dist.sample(key, 1000)                        # [n, D]
     dist.log_prob(x), dist.score(x)                   # [n], [n, D]
     dist.noised(0.8, 0.6).score(x)                    # score of q(x_t)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import toy_data
+from diffusion_jax.data import toy_distributions
 
 SCALE, SIGMA = 0.7, 0.5  # a DDPM-like noising: scale·x + sigma·z
 H = 0.08  # grid step; divides the checkerboard's edges, so its midpoint sums are exact
@@ -20,17 +20,17 @@ def midpoints(h, half_width=8.0):
 POINTS = midpoints(H)
 
 
-@pytest.mark.parametrize("name", toy_data.NAMES)
+@pytest.mark.parametrize("name", toy_distributions.NAMES)
 def test_density_integrates_to_one(name):
-    dist = toy_data.get(name)
+    dist = toy_distributions.get(name)
     for d in (dist, dist.noised(SCALE, SIGMA), dist.noised(1.0, 0.1)):
         total = float(jnp.sum(jnp.exp(jax.jit(d.log_prob)(POINTS)))) * H**2
         assert abs(total - 1) < 1e-4, (name, total)
 
 
-@pytest.mark.parametrize("name", toy_data.NAMES)
+@pytest.mark.parametrize("name", toy_distributions.NAMES)
 def test_score_is_gradient_of_log_prob(name):
-    dist = toy_data.get(name)
+    dist = toy_distributions.get(name)
     for d in (dist, dist.noised(0.9, 0.3)):
         x = d.sample(jax.random.PRNGKey(0), 256)
         grad = jax.jit(jax.vmap(jax.grad(d.log_prob)))(x)
@@ -38,7 +38,7 @@ def test_score_is_gradient_of_log_prob(name):
 
 
 def test_checkerboard_score_is_zero_and_support_is_the_dark_squares():
-    dist = toy_data.get("checkerboard")
+    dist = toy_distributions.get("checkerboard")
     x = dist.sample(jax.random.PRNGKey(1), 1000)
     np.testing.assert_array_equal(dist.score(x), 0.0)
     cells = np.floor(np.asarray(x) / 2).astype(int)  # squares of side 2
@@ -57,12 +57,12 @@ def bin_probabilities(dist, edges, sub=10):
     return mass.reshape(nb, sub, nb, sub).sum((1, 3))
 
 
-@pytest.mark.parametrize("name", toy_data.NAMES)
+@pytest.mark.parametrize("name", toy_distributions.NAMES)
 def test_samples_match_density_and_noised_matches_monte_carlo(name):
     # Histogram counts of n draws against n·P(bin), within Z binomial standard errors, for the
     # distribution's own sampler and for scale·x + sigma·z against the noised density.
     n, z_max = 20_000, 5.0
-    dist = toy_data.get(name)
+    dist = toy_distributions.get(name)
     x_key, z_key = jax.random.split(jax.random.PRNGKey(2))
     x = dist.sample(x_key, n)
     y = SCALE * x + SIGMA * jax.random.normal(z_key, x.shape)
@@ -74,10 +74,10 @@ def test_samples_match_density_and_noised_matches_monte_carlo(name):
         np.testing.assert_array_less(np.abs(counts - n * p), z_max * se + 3)
 
 
-@pytest.mark.parametrize("name", toy_data.NAMES)
+@pytest.mark.parametrize("name", toy_distributions.NAMES)
 def test_noised_density_is_the_convolution(name):
     # q(y) = ∫ p(x) N(y; scale·x, σ² I) dx, by a midpoint sum over the grid.
-    dist = toy_data.get(name)
+    dist = toy_distributions.get(name)
     noised = dist.noised(SCALE, SIGMA)
     y = noised.sample(jax.random.PRNGKey(3), 16)  # [16, 2]
     p = jnp.exp(jax.jit(dist.log_prob)(POINTS)) * H**2  # [G]
@@ -88,7 +88,7 @@ def test_noised_density_is_the_convolution(name):
 
 
 def test_gaussian_in_d_dimensions():
-    dist = toy_data.get("gaussian", dim=5, std=2.0)
+    dist = toy_distributions.get("gaussian", dim=5, std=2.0)
     assert dist.dim == 5
     x = dist.sample(jax.random.PRNGKey(4), 64)
     sq = np.sum(np.asarray(x, np.float64) ** 2, 1)
@@ -99,21 +99,21 @@ def test_gaussian_in_d_dimensions():
     np.testing.assert_allclose(noised.score(x), -x / 3.25, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", toy_data.NAMES)
+@pytest.mark.parametrize("name", toy_distributions.NAMES)
 def test_sample_shapes_and_range(name):
-    x = toy_data.sample(name, jax.random.PRNGKey(5), 2000)
-    assert x.shape == (2000, toy_data.get(name).dim) and x.dtype == jnp.float32
-    np.testing.assert_array_equal(x, toy_data.sample(name, jax.random.PRNGKey(5), 2000))
+    x = toy_distributions.sample(name, jax.random.PRNGKey(5), 2000)
+    assert x.shape == (2000, toy_distributions.get(name).dim) and x.dtype == jnp.float32
+    np.testing.assert_array_equal(x, toy_distributions.sample(name, jax.random.PRNGKey(5), 2000))
     assert np.quantile(np.abs(x), 0.99) < 4.5  # roughly within [-4, 4]
 
 
 def test_unknown_name_lists_the_names():
     with pytest.raises(ValueError, match="'spiral'.*gmm8.*checkerboard.*swissroll"):
-        toy_data.get("spiral")
+        toy_distributions.get("spiral")
 
 
 @pytest.mark.parametrize("scale, sigma", [(0.0, 1.0), (-1.0, 1.0), (1.0, -0.1)])
 def test_noised_rejects_bad_arguments(scale, sigma):
     for name in ("gmm8", "checkerboard"):
         with pytest.raises(ValueError, match="scale > 0 and sigma >= 0"):
-            toy_data.get(name).noised(scale, sigma)
+            toy_distributions.get(name).noised(scale, sigma)
