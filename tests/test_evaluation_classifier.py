@@ -16,6 +16,7 @@ from helpers import tiny_config
 from configs import toy_moons
 from diffusion_jax import evaluation, input_pipeline, models, objectives, sampling, sharding
 from diffusion_jax.evaluation import classifier as clf
+from diffusion_jax.evaluation import judge
 
 FAST = {"train_steps": 150, "num_bootstrap": 10}
 
@@ -35,14 +36,14 @@ def trained(tmp_path_factory):
     """A classifier trained on the training digits, cached in a module-wide workdir."""
     config = digits_config()
     workdir = str(tmp_path_factory.mktemp("classifier"))
-    model, params, info = clf.load_or_train(config, clf.classifier_dir(workdir))
+    model, params, info = judge.load_or_train(config, judge.classifier_dir(workdir))
     return config, workdir, model, params, info
 
 
 def test_the_classifier_is_accurate_on_the_test_digits(trained):
     config, _, model, params, info = trained
     test = input_pipeline.load_split(config, "test")
-    logits, features = clf.predict(model, params, test.images, config.data.num_bins)
+    logits, features = judge.predict(model, params, test.images, config.data.num_bins)
     assert logits.shape == (297, 10) and features.shape == (297, config.eval.classifier.feature_dim)
     accuracy = float(np.mean(logits.argmax(axis=1) == test.labels))
     assert accuracy >= 0.95
@@ -62,8 +63,8 @@ def test_the_network_takes_mnist_and_cifar_sizes(size, channels):
 
 def test_training_is_deterministic_and_cached(tmp_path, monkeypatch):
     config = digits_config(train_steps=5)
-    a = clf.load_or_train(config, str(tmp_path / "a"))
-    b = clf.load_or_train(config, str(tmp_path / "b"))
+    a = judge.load_or_train(config, str(tmp_path / "a"))
+    b = judge.load_or_train(config, str(tmp_path / "b"))
     jax.tree.map(np.testing.assert_array_equal, a[1], b[1])  # same seed: the same parameters
     info = json.load(open(tmp_path / "a" / "classifier.json"))
     assert info["fingerprint"]["seed"] == config.seed and info["train_steps"] == 5
@@ -72,22 +73,22 @@ def test_training_is_deterministic_and_cached(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("trained again")
 
-    monkeypatch.setattr(clf, "train_classifier", no_training)
-    model, params, cached = clf.load_or_train(config, str(tmp_path / "a"))  # from the cache
+    monkeypatch.setattr(judge, "train_classifier", no_training)
+    model, params, cached = judge.load_or_train(config, str(tmp_path / "a"))  # from the cache
     jax.tree.map(np.testing.assert_array_equal, params, a[1])
     assert cached["params_sha256"] == a[2]["params_sha256"]
     # Another fingerprint (seed, settings) or parameters failing their checksum: trained again.
     with pytest.raises(AssertionError, match="trained again"):
-        clf.load_or_train(digits_config(train_steps=6), str(tmp_path / "a"))
+        judge.load_or_train(digits_config(train_steps=6), str(tmp_path / "a"))
     other_seed = digits_config(train_steps=5)
     other_seed.seed = 1
     with pytest.raises(AssertionError, match="trained again"):
-        clf.load_or_train(other_seed, str(tmp_path / "a"))
+        judge.load_or_train(other_seed, str(tmp_path / "a"))
     with open(tmp_path / "a" / "classifier.msgpack", "r+b") as f:
         f.seek(100)
         f.write(b"\x00\x01\x02")
     with pytest.raises(AssertionError, match="trained again"):
-        clf.load_or_train(config, str(tmp_path / "a"))
+        judge.load_or_train(config, str(tmp_path / "a"))
 
 
 def reference_fd(a: np.ndarray, b: np.ndarray) -> float:
@@ -117,20 +118,20 @@ def test_fd_and_is_against_textbook_formulas_and_scale(trained):
     train = input_pipeline.load_split(config, "train").images
     test = input_pipeline.load_split(config, "test").images
     noise = np.random.default_rng(0).integers(0, bins, (400, 8, 8, 1), dtype=np.uint8)
-    _, test_features = clf.predict(model, params, test, bins)
+    _, test_features = judge.predict(model, params, test, bins)
 
     same = clf.classifier_metrics(config, test, workdir)
     assert abs(same["fd_classifier"]) < 1e-6  # the test set against itself
 
     real = clf.classifier_metrics(config, train[:400], workdir)
-    logits, features = clf.predict(model, params, train[:400], bins)
+    logits, features = judge.predict(model, params, train[:400], bins)
     assert real["fd_classifier"] == pytest.approx(reference_fd(features, test_features), rel=1e-4)
     assert real["is_classifier"] == pytest.approx(reference_is(logits), rel=1e-6)
     assert real["classifier_num_samples"] == real["classifier_num_real"] == 400
     assert real["classifier_reference"] == {"split": "test", "num_examples": 297}
 
     fake = clf.classifier_metrics(config, noise, workdir)
-    logits, features = clf.predict(model, params, noise, bins)
+    logits, features = judge.predict(model, params, noise, bins)
     assert fake["fd_classifier"] == pytest.approx(reference_fd(features, test_features), rel=1e-4)
     assert fake["is_classifier"] == pytest.approx(reference_is(logits), rel=1e-6)
     # Real training digits are close to the test digits on the scale of noise images.
@@ -156,12 +157,12 @@ def test_kid_and_precision_recall_of_the_classifier_features(trained):
     train = input_pipeline.load_split(config, "train").images
     test = input_pipeline.load_split(config, "test").images
     noise = np.random.default_rng(0).integers(0, bins, (400, 8, 8, 1), dtype=np.uint8)
-    _, ref = clf.predict(model, params, test, bins)
+    _, ref = judge.predict(model, params, test, bins)
     scale = np.sqrt(np.mean(np.square(ref.astype(np.float64))))
     real = clf.classifier_metrics(config, train[:400], workdir)
     fake = clf.classifier_metrics(config, noise, workdir)
     for m, images in ((real, train[:400]), (fake, noise)):
-        _, feats = clf.predict(model, params, images, bins)
+        _, feats = judge.predict(model, params, images, bins)
         x, y = feats / scale, ref / scale
         k = lambda a, b: (a @ b.T / a.shape[1] + 1.0) ** 3
         kxx, kyy = k(x, x), k(y, y)
@@ -237,7 +238,7 @@ def test_the_evaluators_end_to_end(tmp_path, monkeypatch):
 
     # A second evaluation of the same parameters reads the classifier and the samples.
     monkeypatch.setattr(sampling, "make_sample_fn", lambda *a, **k: pytest.fail("sampled again"))
-    monkeypatch.setattr(clf, "train_classifier", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(judge, "train_classifier", lambda *a, **k: pytest.fail("trained again"))
     again = evaluation.run_evaluators(
         evaluation.EvalContext(config, model, params, mesh, str(tmp_path))
     )
@@ -277,10 +278,10 @@ def test_bad_classifier_keys_are_named():
     with pytest.raises(
         ValueError, match=r"eval.classifier.num_samples=1; allowed: an integer >= 2"
     ):
-        clf.check_config(config)
+        judge.check_config(config)
     config = digits_config(learning_rate=0.0)
     with pytest.raises(ValueError, match=r"classifier.learning_rate=0.0; allowed: a number > 0"):
-        clf.check_config(config)
+        judge.check_config(config)
 
 
 def test_against_the_training_split_the_real_values_come_from_held_out_digits(tmp_path):
@@ -306,7 +307,7 @@ def test_class_match_of_real_digits_with_their_labels_and_with_others(trained):
     asked for the next class, almost never; the share and its error by their formulas."""
     config, workdir, model, params, info = trained
     test = input_pipeline.load_split(config, "test")
-    logits, _ = clf.predict(model, params, test.images, config.data.num_bins)
+    logits, _ = judge.predict(model, params, test.images, config.data.num_bins)
     right = logits.argmax(axis=1) == test.labels  # [297]
     own = clf.classifier_metrics(config, test.images, workdir, labels=test.labels)
     assert own["class_match"] == pytest.approx(right.mean()) == pytest.approx(info["test_accuracy"])

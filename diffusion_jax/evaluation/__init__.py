@@ -30,6 +30,7 @@ from diffusion_jax import config as config_lib
 from diffusion_jax.evaluation import bpd as bpd_lib
 from diffusion_jax.evaluation import classifier as classifier_lib
 from diffusion_jax.evaluation import fid as fid_lib
+from diffusion_jax.evaluation import judge
 from diffusion_jax.evaluation import progressive as progressive_lib
 from diffusion_jax.evaluation import rate_distortion as rd_lib
 from diffusion_jax.evaluation.bpd import evaluate_bpd
@@ -184,7 +185,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                 "tolerance; 1e-5 by default): at 0 no step is ever accepted."
             )
     if {*classifier_lib.METRICS, "class_match"} & set(e.metrics):
-        classifier_lib.check_config(config)
+        judge.check_config(config)
     if "fid" in e.metrics or "is" in e.metrics:
         sharding.check_batch_size(e.inception.batch_size, "eval.inception.batch_size")
         sha = e.inception.sha256

@@ -1,6 +1,6 @@
 """A small convolutional image classifier: the judge of the offline sample-quality metric.
 
-Not a diffusion network (it takes no ``t`` and is not in MODELS): ``evaluation.classifier`` trains
+Not a diffusion network (it takes no ``t`` and is not in MODELS): ``evaluation.judge`` trains
 it on a data set's labels and reads its penultimate features (for a Fréchet distance) and its
 class probabilities (for an Inception-Score-like number).
 

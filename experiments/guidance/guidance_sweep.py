@@ -72,7 +72,7 @@ def main(argv=None) -> list[dict]:
         sampling,
         sharding,
     )
-    from diffusion_jax.evaluation import classifier
+    from diffusion_jax.evaluation import classifier, judge
 
     config = evaluation.prepare(workdir_config.get_config(args.workdir))
     if not config.model.num_classes:
@@ -85,10 +85,10 @@ def main(argv=None) -> list[dict]:
     num_bins = config.data.num_bins
 
     # The real test digits' within-class spread, in the same classifier's features.
-    cache = classifier.classifier_dir(args.workdir)
-    clf, clf_params, info = classifier.load_or_train(config, cache)
+    cache = judge.classifier_dir(args.workdir)
+    clf, clf_params, info = judge.load_or_train(config, cache)
     test = input_pipeline.load_split(config, classifier.reference_split(config))
-    _, test_features = classifier.predict(clf, clf_params, test.images, num_bins)
+    _, test_features = judge.predict(clf, clf_params, test.images, num_bins)
     real_spread = within_class_spread(np.asarray(test_features), test.labels)  # [K]
 
     key = jax.random.fold_in(jax.random.key(args.seed), 0x6D)  # the same keys for every w
@@ -109,7 +109,7 @@ def main(argv=None) -> list[dict]:
         labels = sampling.sample_labels(cfg, n)  # [n]
         levels = input_pipeline.to_uint8_levels(x, num_bins)
         m = classifier.classifier_metrics(cfg, levels, args.workdir, labels)
-        _, features = classifier.predict(clf, clf_params, levels, num_bins)
+        _, features = judge.predict(clf, clf_params, levels, num_bins)
         spread = within_class_spread(np.asarray(features), labels) / real_spread  # [K]
         rows.append(
             {
