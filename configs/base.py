@@ -34,7 +34,7 @@ _EVAL_GROUPS = {  # evaluator (or shared network) -> the flat eval.<prefix>KEY n
     ),
 }
 RENAMED: dict[str, str | None] = {
-    "cpu_conv_library": None,  # the process's choice: --cpu_conv_library (diffusion_jax.runtime)
+    "cpu_conv_library": None,  # the process's choice: --cpu_conv_library (cpu/runtime.py)
     **{
         f"eval.{prefix}{key}": f"eval.{group}.{key}"
         for group, (prefix, keys) in _EVAL_GROUPS.items()

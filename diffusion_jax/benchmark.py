@@ -60,7 +60,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffusion_jax import cli, runtime
+from diffusion_jax import cli
+from diffusion_jax.cpu import runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Train batch (default: training.batch_size).")

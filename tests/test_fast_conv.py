@@ -1,4 +1,4 @@
-"""Tests of diffusion_jax.models.fast_conv: exact agreement with lax.conv_general_dilated (values
+"""Tests of diffusion_jax.cpu.fast_conv: exact agreement with lax.conv_general_dilated (values
 and both gradients), interchangeability with flax.linen.Conv, and jit / vmap / remat / bfloat16."""
 
 import flax.linen as nn
@@ -9,8 +9,8 @@ import pytest
 from jax import lax
 from jax.test_util import check_grads
 
-from diffusion_jax.models import fast_conv
-from diffusion_jax.models.fast_conv import Conv, conv2d
+from diffusion_jax.cpu import fast_conv
+from diffusion_jax.cpu.fast_conv import Conv, conv2d
 
 DN = ("NHWC", "HWIO", "NHWC")
 

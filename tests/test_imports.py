@@ -28,7 +28,7 @@ LAYERS = {
         "data",
         "input_pipeline",
         "checkpoints",
-        "runtime",
+        "cpu",
         "distributed",
         "workdir_lock",
         "interrupts",

@@ -1,4 +1,4 @@
-"""Tests of diffusion_jax.runtime: the XLA:CPU convolution library is chosen through XLA_FLAGS,
+"""Tests of diffusion_jax.cpu.runtime: the XLA:CPU convolution library is chosen through XLA_FLAGS,
 before JAX starts, without overriding a user's own setting, and it takes effect."""
 
 import json
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from helpers import ROOT
 
-from diffusion_jax import runtime
+from diffusion_jax.cpu import runtime
 
 FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 REAL_JAXLIB_MINOR = runtime._jaxlib_minor
@@ -82,7 +82,7 @@ def test_bad_library_is_named():
 PROBE = r"""
 import json, re, sys
 import numpy as np
-from diffusion_jax import runtime
+from diffusion_jax.cpu import runtime
 flag = runtime.configure_cpu_convolutions(sys.argv[1])
 import jax, jax.numpy as jnp
 from jax import lax
@@ -138,7 +138,7 @@ def test_the_library_is_the_processs(monkeypatch):
 
 _HEAP_PROBE = """
 import ctypes, ctypes.util, json
-from diffusion_jax import runtime
+from diffusion_jax.cpu import runtime
 tuned = runtime.configure_allocator()
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype = ctypes.c_void_p

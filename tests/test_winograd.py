@@ -1,4 +1,4 @@
-"""Tests of diffusion_jax.models.winograd: the F(4x4, 3x3) transforms are Toom-Cook's (checked
+"""Tests of diffusion_jax.cpu.winograd: the F(4x4, 3x3) transforms are Toom-Cook's (checked
 in float64 against a direct correlation), the convolution and its gradients (both arguments, both
 modes) equal lax.conv_general_dilated's to float32 rounding, and the per-shape rule."""
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from diffusion_jax.models import winograd
+from diffusion_jax.cpu import winograd
 
 DN = ("NHWC", "HWIO", "NHWC")
 

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.models import fast_conv, winograd
+from diffusion_jax.cpu import fast_conv, winograd
 
 Dtype = Any
 

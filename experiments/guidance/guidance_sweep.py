@@ -87,7 +87,7 @@ def main(argv=None) -> list[dict]:
     # The real test digits' within-class spread, in the same classifier's features.
     cache = judge.classifier_dir(args.workdir)
     clf, clf_params, info = judge.load_or_train(config, cache)
-    test = input_pipeline.load_split(config, classifier.reference_split(config))
+    test = input_pipeline.load_split(config, judge.reference_split(config))
     _, test_features = judge.predict(clf, clf_params, test.images, num_bins)
     real_spread = within_class_spread(np.asarray(test_features), test.labels)  # [K]
 

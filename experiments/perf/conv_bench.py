@@ -9,7 +9,7 @@ Formulations (all exact to float32 rounding; `check` in each line is the largest
 the output and both gradients against ``lax.conv_general_dilated`` with autodiff):
 
   xla          lax.conv_general_dilated, gradients by JAX autodiff (XLA's transpose rules).
-  fast         diffusion_jax.models.fast_conv.conv2d (custom VJP: see its docstring).
+  fast         diffusion_jax.cpu.fast_conv.conv2d (custom VJP: see its docstring).
   im2col       concatenate the k*k shifted views along channels, one matmul; autodiff.
   taps         sum over the k*k taps of (shifted view @ kernel tap); autodiff.
   vjp_im2col   custom VJP: forward conv, input gradient as a forward conv with the flipped
@@ -19,7 +19,7 @@ the output and both gradients against ``lax.conv_general_dilated`` with autodiff
   vjp_swap     as vjp_im2col, kernel gradient as a convolution of dy by x with the roles of the
                two swapped (batch = output channels); opt-in (--forms), XLA:CPU does not offload
                it to YNNPACK and it is ~100x slower.
-  winograd     diffusion_jax.models.winograd: F(4x4, 3x3) for every 3x3, stride-1 'SAME' shape
+  winograd     diffusion_jax.cpu.winograd: F(4x4, 3x3) for every 3x3, stride-1 'SAME' shape
                with sizes in tiles of 4 (also those below the product's MIN_SIZE / MIN_CHANNELS),
                xla for the others. (An F(2x2, 3x3) tried before, its transforms fused in one
                pass, was 2-3x slower than xla forward.)
@@ -48,8 +48,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from diffusion_jax import runtime  # noqa: E402
-from diffusion_jax.models import fast_conv, winograd  # noqa: E402
+from diffusion_jax.cpu import (  # noqa: E402
+    fast_conv,
+    runtime,  # noqa: E402
+    winograd,
+)
 
 DN = fast_conv.DIMENSION_NUMBERS
 

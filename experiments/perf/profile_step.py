@@ -6,7 +6,7 @@ operations summed by kind. Prints a table and one JSON line.
 Kinds are read from the compiled HLO: convolutions (forward, input gradient, kernel gradient, by
 their dimension labels), dots, transposes/copies, YNNPACK fusions of other ops, and the remaining
 elementwise/reduction fusions (forward or backward, by the op name XLA keeps from JAX), and
-models/winograd.py's products and transforms (its "winograd" name scope). Each operation's trace
+cpu/winograd.py's products and transforms (its "winograd" name scope). Each operation's trace
 event spans its run on the thread that issued it; an operation that uses both cores (a YNNPACK
 call, a parallel loop) counts once, so the sum over kinds is close to the step's wall time, not
 its CPU time. Eigen's convolutions run asynchronously on the intra-op pool and their events end
@@ -28,7 +28,7 @@ import time
 def _kind(line: str, body: str) -> str:
     op_name = re.search(r'op_name="([^"]+)"', line)
     backward = op_name is not None and "transpose(" in op_name.group(1)
-    if op_name is not None and "winograd" in op_name.group(1):  # models/winograd.py's scope
+    if op_name is not None and "winograd" in op_name.group(1):  # cpu/winograd.py's scope
         if " dot(" in body or " dot(" in line:
             return "winograd products"
         return "winograd transforms"
@@ -57,7 +57,7 @@ def main() -> None:
     p.add_argument("--dtype", default="", help="config.model.dtype (default: the config's)")
     args = p.parse_args()
 
-    from diffusion_jax import runtime
+    from diffusion_jax.cpu import runtime
 
     runtime.configure_cpu_convolutions(args.cpu_conv_library)
     malloc_tuned = runtime.configure_allocator()

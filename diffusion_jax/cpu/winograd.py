@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from diffusion_jax.models import fast_conv
+from diffusion_jax.cpu import fast_conv
 
 Array = jax.Array
 Dtype = Any

@@ -21,10 +21,10 @@ the same products, summed in another order). What differs is the program XLA is 
   and dy (not offloaded to YNNPACK: >50x), a Winograd F(2x2, 3x3) with its transforms fused in one
   pass (forward 2-3x, forward+backward 1.04-1.9x slower). See experiments/perf/conv_bench.py.
 
-With ``--cpu_conv_library=eigen`` (the default, ``diffusion_jax.runtime``) XLA:CPU runs
+With ``--cpu_conv_library=eigen`` (the default, ``diffusion_jax.cpu.runtime``) XLA:CPU runs
 every convolution with Eigen, whose kernel gradient is as fast as its forward pass; on the whole
 CIFAR-10 U-Net train step this module then measures within the run-to-run noise of "xla"
-(experiments/perf/README.md); the CPU default (``conv_impl = "auto"``) is models/winograd.py
+(experiments/perf/README.md); the CPU default (``conv_impl = "auto"``) is cpu/winograd.py
 instead.
 
 The forward pass is ``lax.conv_general_dilated`` (the dot for 1x1), so inference is unchanged.
