@@ -265,9 +265,10 @@ def finite_diffusion_loss(
     return 0.5 * num_steps * jnp.expm1(gamma_t - gamma_s) * err
 
 
-def level_values(num_bins: int) -> jax.Array:
-    """The grey levels in model space: level k -> 2k/(num_bins − 1) − 1, [num_bins]."""
-    return 2.0 * jnp.arange(num_bins, dtype=jnp.float32) / (num_bins - 1) - 1.0
+def level_values(num_bins: int, dtype=jnp.float32) -> jax.Array:
+    """The grey levels in model space: level k -> 2k/(num_bins − 1) − 1, [num_bins] of
+    ``dtype`` (computed in it: float64 data gets float64 levels)."""
+    return 2.0 * jnp.arange(num_bins, dtype=dtype) / (num_bins - 1) - 1.0
 
 
 def reconstruction_loss(
@@ -278,7 +279,7 @@ def reconstruction_loss(
     p(v_k | z_0) ∝ exp(−(z_0/α_0 − v_k)² / (2 exp(γ_0))), evaluated at the level of x."""
     z_0 = q_sample(x, gamma_0, noise)
     alpha, _ = alpha_sigma(_bcast(gamma_0, x))
-    v = level_values(num_bins).astype(x.dtype)  # [K]
+    v = level_values(num_bins, x.dtype)  # [K]
     logits = (
         -0.5 * jnp.exp(-_bcast(gamma_0, x))[..., None] * jnp.square((z_0 / alpha)[..., None] - v)
     )  # [B, ..., K]
@@ -382,7 +383,7 @@ class ContinuousProcess:
 
     def _gamma(self, t: jax.Array) -> jax.Array:
         """γ(t) of any shape (gamma_fn takes [B])."""
-        t = jnp.asarray(t, jnp.float32)
+        t = jnp.asarray(t, jnp.result_type(float))  # float32, or float64 under x64
         return self.gamma_fn(t.reshape(-1)).reshape(t.shape)
 
     def denoise(self, model_fn: ModelFn, x: jax.Array, t: jax.Array, clip_denoised: bool):
@@ -404,7 +405,7 @@ class ContinuousProcess:
     def chain_step(self, i: jax.Array, x: jax.Array) -> samplers.ChainStep:
         """Step i from t = (N − i)/N to s = t − 1/N."""
         n = self.num_steps
-        t = (n - i).astype(jnp.float32) / n
+        t = (n - i).astype(x.dtype) / n  # the data's precision
         tb = jnp.full(x.shape[:1], t, x.dtype)  # [B]
         sb = jnp.full(x.shape[:1], t - 1.0 / n, x.dtype)
         g_t, g_s = _bcast(self.gamma_fn(tb), x), _bcast(self.gamma_fn(sb), x)
@@ -417,7 +418,7 @@ class ContinuousProcess:
 
     def solver_grid(self, num_steps: int) -> samplers.SolverGrid:
         """Calls at t_i = (N − i)/N, i < N, landing at t = 0."""
-        t = (num_steps - jnp.arange(num_steps)).astype(jnp.float32) / num_steps
+        t = (num_steps - jnp.arange(num_steps)).astype(jnp.result_type(float)) / num_steps
         return samplers.SolverGrid(t, -0.5 * self._gamma(t), -0.5 * self._gamma(0.0))
 
     def sigma_ve(self, t: jax.Array) -> jax.Array:
@@ -426,7 +427,7 @@ class ContinuousProcess:
 
     def t_from_sigma_ve(self, sigma: jax.Array, iterations: int = 40) -> jax.Array:
         """t with γ(t) = 2 log σ (γ increasing), by bisection on [0, 1]; clamped there."""
-        target = 2.0 * jnp.log(jnp.asarray(sigma, jnp.float32))
+        target = 2.0 * jnp.log(jnp.asarray(sigma, jnp.result_type(float)))
         lo, hi = jnp.zeros_like(target), jnp.ones_like(target)
 
         def halve(_, bounds):

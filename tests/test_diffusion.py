@@ -1008,3 +1008,22 @@ def test_sampled_bound_agrees_with_the_full_bound_on_the_gaussian_oracle(sampler
     # The weights matter: without them the estimate is the sum of 20 terms, far below.
     unweighted = np.asarray(out["kl_bpd"]) / np.asarray(w).mean()
     assert np.mean(unweighted) < 0.2 * np.mean(full_total)
+
+
+def test_the_estimated_bound_runs_in_float64():
+    """``sampled_bound_terms`` under jax_enable_x64 with float64 data and tables (its scan's carry
+    once started as float32 and the scan refused it), agreeing with the float32 run on the same
+    keys (the noise is drawn in float32 either way)."""
+    betas = schedules.get_beta_schedule("linear", 50)
+    x0 = np.random.default_rng(0).uniform(-1, 1, (3, 4, 4, 1))
+    t, w = timesteps.stratified_bound_timesteps(jax.random.key(1), 3, 50, 5)
+    out = {}
+    for dtype in (jnp.float32, jnp.float64):
+        with jax.enable_x64(dtype == jnp.float64):
+            d = dl.GaussianDiffusion.create(betas, dtype=dtype)
+            terms = dl.sampled_bound_terms(
+                d, lambda x, t: 0.1 * x, jnp.asarray(x0, dtype), jax.random.key(0), t, w
+            )
+            assert terms["kl_bpd"].dtype == dtype and terms["decoder_bpd"].dtype == dtype
+            out[dtype] = np.asarray(terms["kl_bpd"], np.float64)
+    np.testing.assert_allclose(out[jnp.float64], out[jnp.float32], rtol=1e-5)

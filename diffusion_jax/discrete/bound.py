@@ -190,5 +190,6 @@ def sampled_bound_terms(
         return total + w_k * _kl_bpd(d, p, x0, x_t, t_k), None
 
     ks = jnp.arange(t.shape[1], dtype=jnp.int32)
-    kl, _ = jax.lax.scan(step, jnp.zeros(x0.shape[:1], jnp.float32), (ks, t.T, weights.T))
+    dtype = jnp.result_type(x0.dtype, weights.dtype, d.betas.dtype)  # each term's: the carry's
+    kl, _ = jax.lax.scan(step, jnp.zeros(x0.shape[:1], dtype), (ks, t.T, weights.T))
     return dict(decoder_bpd=decoder, kl_bpd=kl)
