@@ -111,7 +111,9 @@ class GroupNorm(nn.Module):
     """Group normalisation (Wu & He 2018) over [B, ..., C], written for XLA's fusion.
 
     y = (x - mu_g) / sqrt(var_g + eps) * scale + bias, with mu_g and var_g the mean and (biased)
-    variance of the group's C / G channels over all positions. The statistics are reduced first
+    variance of the group's C / G channels over all positions, in two passes (the mean, then
+    E[(x - mu_g)^2]: the one-pass E[x^2] - mu_g^2 cancels where |mean| >> std, 5.2e-3 off at
+    |mean|/std = 100; cost and precision: experiments/perf/README.md). Each is reduced first
     over positions to per-channel moments [B, C], then over each group's channels on [B, G]; the
     normalisation is applied as one multiply-add y = x * a + b with a = scale / sqrt(var_g + eps)
     and b = bias - mu_g * a ([B, C] each). flax's nn.GroupNorm computes the same function on a
@@ -138,10 +140,12 @@ class GroupNorm(nn.Module):
         xf = x.astype(jnp.float32)
         positions = tuple(range(1, x.ndim - 1))
         mean_c = jnp.mean(xf, axis=positions)  # [B, C]
-        square_c = jnp.mean(jnp.square(xf), axis=positions)  # [B, C]
         grouped = (x.shape[0], self.num_groups, c // self.num_groups)
         mu = jnp.mean(mean_c.reshape(grouped), axis=-1, keepdims=True)  # [B, G, 1]
-        var = jnp.maximum(jnp.mean(square_c.reshape(grouped), axis=-1, keepdims=True) - mu**2, 0)
+        expand0 = (x.shape[0],) + (1,) * len(positions) + (c,)
+        mu_c = jnp.broadcast_to(mu, grouped).reshape(expand0)
+        square_c = jnp.mean(jnp.square(xf - mu_c), axis=positions)  # [B, C]
+        var = jnp.mean(square_c.reshape(grouped), axis=-1, keepdims=True)
         inv = jnp.broadcast_to(jax.lax.rsqrt(var + self.epsilon), grouped).reshape(mean_c.shape)
         a = inv * scale  # [B, C]
         b = bias - jnp.broadcast_to(mu, grouped).reshape(mean_c.shape) * a  # [B, C]
