@@ -6,10 +6,12 @@ state and how to run a segment of its steps. ``make_sample_fn`` runs chains of
 the segment's first step is an argument), so the progress bar moves while a long chain runs and
 the result equals the one-scan loops of the math core (``diffusion.p_sample_loop`` etc.).
 
-A new sampler is one new entry in SAMPLERS: the objectives it applies to and a builder
-``(config, model) -> Chain``; its network is ``net(config, model, params, labels)``, so
-class labels and classifier-free guidance (``sampling.guidance_scale``) reach every sampler the
-same way.
+The algorithms are ``samplers``', written once over the process of the config's objective
+(``process_fn``: the DDPM chain or continuous time); a new sampler is its step there and one
+entry in SAMPLERS here: the objectives it applies to and a builder ``(config, model) -> Chain``.
+Its network is ``net(config, model, params, labels)``, so class labels and classifier-free
+guidance (``sampling.guidance_scale``) reach every sampler the same way. ``ALIASES``: the names
+of earlier versions (``vdm_ancestral`` etc.), read as today's.
 
 A class-conditional model (``model.num_classes`` K > 0) draws sample i of class
 ``sampling.class_label``, or i mod K for -1 (``sample_labels``).
