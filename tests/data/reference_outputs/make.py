@@ -36,6 +36,7 @@ SAMPLERS = {  # name in the .npz: (config, overrides of config.sampling)
 }
 BOUNDS = {"bound_full": ("digits", 0), "bound_k20": ("digits", 20), "vdm_bound": ("digits_vdm", 0)}
 TRAIN_STEPS = 10
+PARTS = ("samplers", "bound")
 
 
 def _config(name: str):
@@ -70,7 +71,10 @@ def _trained(name: str) -> tuple[object, object, object, dict]:
     return config, program, state.ema_params, {f"loss_{name}": np.stack(losses)}
 
 
-def compute(names: tuple[str, ...] = ("digits", "digits_vdm")) -> dict:
+def compute(
+    names: tuple[str, ...] = ("digits", "digits_vdm"), parts: tuple[str, ...] = PARTS
+) -> dict:
+    """The outputs of the configs ``names``: their losses, and of ``parts`` (samplers, bound)."""
     import jax
     import numpy as np
 
@@ -84,7 +88,7 @@ def compute(names: tuple[str, ...] = ("digits", "digits_vdm")) -> dict:
         runs[name] = (config, program, params)
         out |= losses
     for key, (name, overrides) in SAMPLERS.items():
-        if name not in runs:
+        if name not in runs or "samplers" not in parts:
             continue
         config, program, params = runs[name]
         config = config.copy_and_resolve_references()
@@ -92,7 +96,7 @@ def compute(names: tuple[str, ...] = ("digits", "digits_vdm")) -> dict:
         sample = sampling.make_sample_fn(config, program.model, program.mesh, desc=key)
         out[key] = np.asarray(sample(params, jax.random.PRNGKey(1)))
     for key, (name, num_t) in BOUNDS.items():
-        if name not in runs:
+        if name not in runs or "bound" not in parts:
             continue
         config, program, params = runs[name]
         config = config.copy_and_resolve_references()
@@ -141,6 +145,7 @@ def main() -> int:
     parser.add_argument(
         "--config", action="append", choices=("digits", "digits_vdm"), help="only these"
     )
+    parser.add_argument("--part", action="append", choices=PARTS, help="only these (and losses)")
     args = parser.parse_args()
     if args.compare:
         return compare(*args.compare)
@@ -153,7 +158,7 @@ def main() -> int:
     assert os.path.abspath(diffusion_jax.__file__).startswith(os.path.abspath(args.src)), (
         diffusion_jax.__file__
     )
-    out = compute(tuple(args.config or ("digits", "digits_vdm")))
+    out = compute(tuple(args.config or ("digits", "digits_vdm")), tuple(args.part or PARTS))
     np.savez(args.out, **out)
     print(f"wrote {len(out)} arrays to {args.out}")
     return 0
