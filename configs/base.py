@@ -163,6 +163,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.weight_decay = 0.0
     config.optim.grad_clip = 1.0  # global norm; 0 disables
     config.optim.ema_decay = 0.9999
+    # EMA warm-up (k-diffusion, diffusers): the decay at step n is min(ema_decay, 1 - (1 + n)^-p),
+    # so the average forgets the random initial weights; 0: the constant ema_decay.
+    config.optim.ema_warmup_power = 0.0
 
     config.training = ml_collections.ConfigDict()
     config.training.objective = "ddpm"  # ddpm | ncsn | vdm

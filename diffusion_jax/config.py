@@ -81,7 +81,7 @@ def validate(config: ml_collections.ConfigDict, check_data: bool = True) -> None
     _choice("diffusion.mean_type", c.diffusion.mean_type, diffusion_lib.MEAN_TYPES)
     _choice("diffusion.var_type", c.diffusion.var_type, diffusion_lib.VAR_TYPES)
     _choice("diffusion.loss_type", c.diffusion.loss_type, diffusion_lib.LOSS_TYPES)
-    _choice("optim.optimizer", c.optim.optimizer, tuple(optim.OPTIMIZERS))
+    optim.check_config(c)
     if check_data:
         input_pipeline.validate_dataset(c)
     models.check_config(c)

@@ -1,11 +1,17 @@
-"""Optimisers by name (optax): Adam(W) with linear warmup and global-norm clipping."""
+"""Optimisers by name (optax): Adam(W) with linear warmup and global-norm clipping; the EMA of
+the parameters, with its optional warm-up; the checks of every ``config.optim`` value."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
+
+__all__ = ["OPTIMIZERS", "check_config", "ema_decay_at", "ema_update", "make_optimizer"]
 
 
 def _adam(o: ml_collections.ConfigDict, schedule) -> optax.GradientTransformation:
@@ -39,3 +45,62 @@ def make_optimizer(
     if o.grad_clip > 0:
         opt = optax.chain(optax.clip_by_global_norm(o.grad_clip), opt)
     return opt, schedule
+
+
+def ema_decay_at(step: jax.Array, decay: float, warmup_power: float = 0.0) -> jax.Array | float:
+    """The EMA's decay at update ``step`` (0-based: the decay that mixes in the parameters after
+    update step + 1):
+
+        d_n = min(decay, 1 - (1 + n)^-p)
+
+    (the warm-up of k-diffusion's and diffusers' EMA). ``warmup_power`` p = 0 keeps the constant
+    ``decay``. With p > 0, d_0 = 0, so the average starts at the first trained parameters rather
+    than the random initial ones, and its memory grows like n^p / p steps until ``decay`` caps it:
+    a run of N steps keeps none of its initialisation, where a constant 0.999 keeps 0.999^N of it
+    (13.5 % after 2,000 steps). With p = 0 the Python float itself, as before the warm-up."""
+    if not warmup_power:
+        return decay
+    n = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(jnp.float32(decay), 1.0 - (1.0 + n) ** -jnp.float32(warmup_power))
+
+
+def ema_update(ema, params, decay: jax.Array | float):
+    """ema <- decay * ema + (1 - decay) * params, leaf by leaf, in each leaf's dtype."""
+    return optax.incremental_update(params, ema, 1.0 - decay)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Every ``config.optim`` value, before anything compiles: ValueError naming the key, the
+    bad value and what is allowed."""
+    o = config.optim
+    if o.optimizer not in OPTIMIZERS:
+        raise ValueError(
+            f"config.optim.optimizer={o.optimizer!r} is not one of {tuple(OPTIMIZERS)}."
+        )
+    rules = (  # key, test, what is allowed
+        ("learning_rate", lambda v: _finite(v) and v > 0, "a finite number > 0"),
+        ("beta1", lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+        ("beta2", lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+        ("eps", lambda v: _finite(v) and v > 0, "a finite number > 0"),
+        ("weight_decay", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+        ("grad_clip", lambda v: _finite(v) and v >= 0, "a finite number >= 0 (0: no clipping)"),
+        ("ema_decay", lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+        (
+            "ema_warmup_power",
+            lambda v: _finite(v) and v >= 0,
+            "a finite number >= 0 (0: no warm-up; 3/4 suits runs of thousands of steps)",
+        ),
+        (
+            "warmup_steps",
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+            "an integer >= 0",
+        ),
+    )
+    for key, ok, allowed in rules:
+        value = o[key]
+        if not ok(value):
+            raise ValueError(f"config.optim.{key}={value!r} must be {allowed}.")

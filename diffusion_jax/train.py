@@ -111,7 +111,7 @@ def make_train_step(
     (``timesteps.sample_t_importance``, its own key split off the step's), the loss reweighted
     to stay unbiased, and the history updated with the step's per-example losses."""
     loss_fn = make_loss_fn(config, model)
-    decay = config.optim.ema_decay
+    o = config.optim
 
     def train_step(state: TrainState, batch: dict, base_key: jax.Array):
         key = jax.random.fold_in(base_key, state.step)
@@ -128,7 +128,8 @@ def make_train_step(
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema_params = optax.incremental_update(params, state.ema_params, 1.0 - decay)
+        decay = optim.ema_decay_at(state.step, o.ema_decay, o.ema_warmup_power)
+        ema_params = optim.ema_update(state.ema_params, params, decay)
         metrics |= {
             "grad_norm": optax.tree.norm(grads),
             "param_norm": optax.tree.norm(params),  # finite iff the new parameters are
