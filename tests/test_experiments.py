@@ -289,3 +289,24 @@ def test_recipe_compare_table_plots_and_caches(tmp_path):
     assert again == rows and (out / "quality_vs_calls.png").stat().st_size > 0
     with pytest.raises(ValueError, match="METHOD:CALLS"):
         recipe_compare.parse_sampler("ddim")
+
+
+def test_codecs_mosaic_and_the_lossless_png_size(tmp_path):
+    """fashion_mnist/lossless_codecs.py: image i sits at block (i // 100, i % 100) of the
+    mosaic, and the PNG anchor is read from a lossless file of an IDX set it was given (200
+    random 4x3 images)."""
+    sys.path.insert(0, os.path.join(EXPERIMENTS, "fashion_mnist"))
+    import lossless_codecs as fm_codecs
+
+    images = np.random.default_rng(0).integers(0, 256, (200, 4, 3), dtype=np.uint8)
+    tiled = fm_codecs.mosaic(images)
+    assert tiled.shape == (8, 300)
+    for i in (0, 1, 99, 100, 157, 199):
+        r, c = divmod(i, 100)
+        np.testing.assert_array_equal(tiled[4 * r : 4 * r + 4, 3 * c : 3 * c + 3], images[i])
+    header = bytes([0, 0, 8, 3]) + np.array([200, 4, 3], ">u4").tobytes()
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(header + images.tobytes())
+    out = fm_codecs.main(["--idx_dir", str(tmp_path), "--out", str(tmp_path / "c.json")])
+    png = out["png (Pillow, compress_level 9, optimize)"]
+    assert out["pixels"] == 2400 and png["bits_per_dim"] == 8 * png["bytes"] / 2400
+    assert png["bits_per_dim"] > 7.5  # random bytes do not compress
