@@ -7,14 +7,13 @@ writes; on other processes every method is a no-op.
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from diffusion_jax import interrupts
+from diffusion_jax import files, interrupts
 
 
 class MetricWriter:
@@ -68,8 +67,8 @@ def save_png(path: str, image: np.ndarray, scale: int = 1) -> None:
 
     if scale > 1:
         image = image.repeat(scale, axis=0).repeat(scale, axis=1)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+    with files.atomic_write(path) as f:
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(f, format="PNG")
 
 
 def class_rows(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, int]:
@@ -99,14 +98,11 @@ def save_sample_grid(
 
 
 def write_json(path: str, obj: dict) -> None:
-    """Write ``obj`` as indented JSON atomically (tmp file + rename); process 0 only."""
+    """Write ``obj`` as indented JSON atomically (``files.atomic_write``); process 0 only."""
     if jax.process_index() != 0:
         return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with files.atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 class _Bar(tqdm):

@@ -32,7 +32,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import input_pipeline, models, objectives, reporting, samplers, sharding
+from diffusion_jax import files, input_pipeline, models, objectives, reporting, samplers, sharding
 from diffusion_jax import score as score_lib
 from diffusion_jax import vdm as vdm_lib
 
@@ -325,18 +325,45 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def nonfinite_cause(params, otherwise: str) -> str:
+    """The likely cause of a result that is not finite, for its one-line error: parameters that
+    are not finite (a diverged optimiser value), else ``otherwise``."""
+    bad = sum(int(np.size(x) - np.isfinite(np.asarray(x)).sum()) for x in jax.tree.leaves(params))
+    if bad:
+        return (
+            f"the parameters read hold {bad} non-finite values (training diverged: check "
+            "optim.learning_rate and optim.ema_decay, and resume from an earlier checkpoint)"
+        )
+    return otherwise
+
+
 def sample_and_save(
     config: ml_collections.ConfigDict, sampler, params, workdir: str, writer=None
 ) -> np.ndarray:
     """Draw ``sampling.num_samples`` samples; write samples.npz (``samples``, and ``labels``
-    [N] for a conditional model) and, for images, a PNG grid (one class per row)."""
+    [N] for a conditional model) and, for images, a PNG grid (one class per row), each renamed
+    into place (``files``). Samples that are not all finite are not written (the previous files
+    stay): FloatingPointError naming how many and the likely cause."""
     samples = sampler(params, objectives.run_keys(config.seed)["sample"])
     labels = sample_labels(config, len(samples))
     out = os.path.join(workdir, "samples")
+    finite = np.isfinite(np.asarray(samples)).reshape(len(samples), -1).all(axis=1)
+    if not finite.all():
+        raise FloatingPointError(
+            f"{int((~finite).sum())} of {len(samples)} samples are not finite (NaN or inf): "
+            f"nothing written to {out} (any previous samples are kept); likely cause: "
+            + nonfinite_cause(
+                params,
+                f"the parameters are finite: the sampler diverged (sampling.method="
+                f"{config.sampling.method!r}, sampling.num_steps={config.sampling.num_steps}); "
+                "try another method or more steps",
+            )
+            + "."
+        )
     if jax.process_index() == 0:
-        os.makedirs(out, exist_ok=True)
         arrays = {"samples": samples} if labels is None else {"samples": samples, "labels": labels}
-        np.savez(os.path.join(out, "samples.npz"), **arrays)
+        with files.atomic_write(os.path.join(out, "samples.npz")) as f:
+            np.savez(f, **arrays)
         if config.data.image_size:
             grid = reporting.save_sample_grid(
                 os.path.join(out, "samples.png"), samples, config.data.num_bins, labels

@@ -33,6 +33,7 @@ LAYERS = {
         "workdir_lock",
         "interrupts",
         "safe_arrays",
+        "files",
     ),
     "models": ("models",),
     "recipes": ("objectives", "optim", "sampling"),

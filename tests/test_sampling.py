@@ -225,3 +225,72 @@ def test_class_label_and_guidance_are_checked():
     config = tiny_config(**{"model.num_classes": 10, "sampling.guidance_scale": -1.0})
     with pytest.raises(ValueError, match=r"guidance_scale=-1.0 must be finite and >= 0"):
         sampling.check_config(config)
+
+
+def _sample_config():
+    from configs import digits
+    from diffusion_jax import config as config_lib
+
+    return config_lib.with_defaults(digits.get_config())
+
+
+def _write_good_samples(config, workdir):
+    good = np.linspace(-1, 1, 4 * 8 * 8).reshape(4, 8, 8, 1).astype(np.float32)
+    sampling.sample_and_save(config, lambda p, k: good, {"w": np.ones(3)}, workdir)
+    out = {n: (workdir / "samples" / n).read_bytes() for n in ("samples.npz", "samples.png")}
+    assert len(out["samples.npz"]) > 1000 and out["samples.png"][:4] == b"\x89PNG"
+    return out
+
+
+def test_samples_that_are_not_finite_are_not_written_and_name_the_likely_cause(tmp_path):
+    config = _sample_config()
+    before = _write_good_samples(config, tmp_path)
+    nan = np.zeros((4, 8, 8, 1), np.float32)
+    nan[1, 2, 3] = np.nan
+    for params, cause in (
+        ({"w": np.ones(3)}, "the parameters are finite: the sampler diverged (sampling.method="),
+        ({"w": np.array([1.0, np.nan, np.inf])}, "the parameters read hold 2 non-finite values"),
+    ):
+        with pytest.raises(FloatingPointError) as e:
+            sampling.sample_and_save(config, lambda p, k: nan, params, str(tmp_path))
+        message = str(e.value)
+        assert "\n" not in message and message.startswith("1 of 4 samples are not finite")
+        assert cause in message and f"nothing written to {tmp_path}/samples" in message
+        for name, data in before.items():
+            assert (tmp_path / "samples" / name).read_bytes() == data  # the previous ones
+
+
+def test_a_full_disk_or_a_kill_while_writing_samples_keeps_the_previous_files(
+    tmp_path, monkeypatch
+):
+    import errno
+    import os
+
+    from diffusion_jax import files
+
+    config = _sample_config()
+    before = _write_good_samples(config, tmp_path)
+    other = np.zeros((4, 8, 8, 1), np.float32)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def killed(src, dst):
+        raise KeyboardInterrupt  # between the temporary write and the rename
+
+    for name, fault, error in (
+        ("fsync", full, files.WriteError),
+        ("replace", killed, KeyboardInterrupt),
+    ):
+        with monkeypatch.context() as m:
+            m.setattr(os, name, fault)
+            with pytest.raises(error) as e:
+                sampling.sample_and_save(config, lambda p, k: other, {}, str(tmp_path))
+        if error is files.WriteError:
+            assert str(e.value) == (
+                f"cannot write {tmp_path}/samples/samples.npz: No space left on device (ENOSPC); "
+                "any previous version of it is kept."
+            )
+        assert sorted(os.listdir(tmp_path / "samples")) == ["samples.npz", "samples.png"]
+        for n, data in before.items():
+            assert (tmp_path / "samples" / n).read_bytes() == data

@@ -45,7 +45,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import input_pipeline, objectives, reporting, sampling
+from diffusion_jax import files, input_pipeline, objectives, reporting, sampling
 from diffusion_jax.evaluation import fid as fid_lib
 from diffusion_jax.evaluation import sample_metrics
 from diffusion_jax.evaluation.context import EvalContext
@@ -222,10 +222,8 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
     if jax.process_index() != 0:
         return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with files.atomic_write(path) as f:
+        np.savez(f, **arrays)
 
 
 def _check_samples(config: ml_collections.ConfigDict, samples: np.ndarray) -> None:

@@ -27,7 +27,7 @@ import scipy.special
 from absl import logging
 from jax.experimental import multihost_utils
 
-from diffusion_jax import input_pipeline, objectives, reporting, sampling, sharding
+from diffusion_jax import files, input_pipeline, objectives, reporting, sampling, sharding
 from diffusion_jax.evaluation.context import EvalContext
 from diffusion_jax.evaluation.inception_weights import (
     WeightsError,
@@ -248,10 +248,8 @@ def sample_chunks(
             x = sampler(params, jax.random.fold_in(key, i))  # [chunk, H, W, C] model space
             images = reporting.to_display_uint8(x, config.data.num_bins)
             if jax.process_index() == 0:
-                os.makedirs(out_dir, exist_ok=True)
-                tmp = path + ".tmp.npz"
-                np.savez(tmp, images=images)
-                os.replace(tmp, path)
+                with files.atomic_write(path) as f:
+                    np.savez(f, images=images)
             logging.info("FID samples: chunk %d/%d written.", i + 1, num_chunks)
         yield np.asarray(images)[: num_samples - i * chunk_size]
 
@@ -308,10 +306,8 @@ def reference_statistics(
     mu, sigma = stats.mean, stats.covariance()
     meta["num_examples"] = stats.n
     if jax.process_index() == 0:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, mu=mu, sigma=sigma, meta=np.array(json.dumps(meta)))
-        os.replace(tmp, path)
+        with files.atomic_write(path) as f:
+            np.savez(f, mu=mu, sigma=sigma, meta=np.array(json.dumps(meta)))
         logging.info("FID reference statistics of %d %s images cached in %s.", stats.n, split, path)
     return mu, sigma, meta
 

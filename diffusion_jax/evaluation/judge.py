@@ -28,7 +28,7 @@ import optax
 from absl import logging
 from flax import serialization
 
-from diffusion_jax import input_pipeline, reporting
+from diffusion_jax import files, input_pipeline, reporting
 from diffusion_jax.evaluation.context import EvalContext
 from diffusion_jax.models.classifier import Classifier
 
@@ -259,10 +259,8 @@ def load_or_train(
         cache_dir=cache_dir,
     )
     if jax.process_index() == 0:
-        os.makedirs(cache_dir, exist_ok=True)
-        with open(params_path + ".tmp", "wb") as f:
+        with files.atomic_write(params_path) as f:
             f.write(data)
-        os.replace(params_path + ".tmp", params_path)
         reporting.write_json(info_path, info)  # last: a json names complete parameters
     logging.info(
         "Classifier trained (%d steps, %.1f s): test accuracy %.2f %% on %d %s examples; "

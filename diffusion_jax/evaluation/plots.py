@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from diffusion_jax import files
+
 
 def _pyplot():
     # Imported where a figure is drawn, so that a broken matplotlib fails that figure's step
@@ -22,9 +24,11 @@ def _pyplot():
 def _save(fig, path: str) -> None:
     """Lay out, write (creating the folder) and close a matplotlib figure."""
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path)
-    _pyplot().close(fig)
+    try:
+        with files.atomic_write(path) as f:
+            fig.savefig(f, format=os.path.splitext(path)[1].lstrip(".") or "png")
+    finally:
+        _pyplot().close(fig)
 
 
 def plot_lt_curve(
