@@ -243,3 +243,56 @@ def test_bpd_ode_is_the_mean_of_ode_bpd_over_the_examples(run, tmp_path):
     assert out["bpd_ode"] == pytest.approx(float(values.mean()), rel=1e-4)
     assert out["bpd_ode_stderr"] == pytest.approx(float(values.std(ddof=1) / np.sqrt(10)), rel=1e-3)
     assert out["bpd_ode_nfe_per_batch"] == [int(r["nfe"]) for r in ref]
+
+
+def test_a_bound_that_is_not_finite_is_not_the_result(run, tmp_path, monkeypatch):
+    """Issue 41 row 4: a NaN bpd is a failed evaluator naming the likely cause, not a number."""
+    import dataclasses
+    import json
+
+    fake = evaluation.EVALUATORS["bpd"]
+    fake = dataclasses.replace(fake, run=lambda ctx: {"bpd": float("nan"), "bpd_stderr": 0.1})
+    monkeypatch.setitem(evaluation.EVALUATORS, "bpd", fake)
+    ctx = context(run, tmp_path, metrics=("bpd",), figures=())
+    for params, cause in (
+        (ctx.params, "the parameters are finite"),
+        ({"w": np.array([np.nan, 1.0])}, "the parameters read hold 1 non-finite values"),
+    ):
+        with pytest.raises(evaluation.EvaluationError) as e:
+            evaluation.run_evaluators(dataclasses.replace(ctx, params=params, metrics={}))
+        assert "bpd (bpd = nan is not finite, not reported as the result; likely cause: " in str(
+            e.value
+        )
+        assert cause in str(e.value) and "\n" not in str(e.value)
+        saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+        assert "bpd" not in saved and "bpd" in saved["failed"]
+
+
+def test_a_full_disk_keeps_the_previous_metrics_and_is_one_line(run, tmp_path, monkeypatch):
+    """Issue 41 row 9: ENOSPC from the write of metrics.json: the old file whole, one line."""
+    import dataclasses
+    import errno
+    import os
+
+    from diffusion_jax import files
+
+    fake = evaluation.EVALUATORS["bpd"]
+    monkeypatch.setitem(
+        evaluation.EVALUATORS, "bpd", dataclasses.replace(fake, run=lambda ctx: {"bpd": 1.5})
+    )
+    ctx = context(run, tmp_path, metrics=("bpd",), figures=())
+    evaluation.run_evaluators(ctx)
+    path = tmp_path / "eval" / "metrics.json"
+    old = path.read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(files.WriteError) as e:
+        evaluation.run_evaluators(dataclasses.replace(ctx, metrics={"checkpoint_step": 9}))
+    assert str(e.value) == (
+        f"cannot write {path}: No space left on device (ENOSPC); any previous version of it is "
+        "kept."
+    )
+    assert path.read_bytes() == old and os.listdir(path.parent) == ["metrics.json"]

@@ -15,6 +15,7 @@ keys are merged into metrics.json, and when it does not apply) plus its module.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Callable
@@ -242,6 +243,16 @@ def run_evaluators(ctx: EvalContext) -> dict[str, Any]:
         except Exception as e:  # a bug: its traceback goes to the log
             failed[name] = _one_line(e)
             logging.exception("eval %s failed: %s", name, failed[name])
+            continue
+        value = out.get(name)
+        if isinstance(value, int | float) and not math.isfinite(value):
+            failed[name] = (
+                f"{name} = {value} is not finite, not reported as the result; likely cause: "
+                + sampling.nonfinite_cause(
+                    ctx.params, "the parameters are finite: the computation overflowed"
+                )
+            )
+            logging.error("eval %s failed: %s", name, failed[name])
             continue
         ctx.metrics.update(out)
         reporting.write_json(path, _with_failures(ctx.metrics, failed))
