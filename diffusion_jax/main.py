@@ -18,6 +18,7 @@ _EARLY = (
 
 import logging as std_logging  # noqa: E402
 import os  # noqa: E402
+import shutil  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -51,11 +52,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _setup_logging(workdir: str, process_index: int) -> None:
     """Log to the terminal and to ``WORKDIR/log.INFO``; other processes: warnings to stderr only."""
     os.makedirs(workdir, exist_ok=True)
-    # A library's malformed log call (orbax's, after a failed save) is dropped, not printed
-    # with a traceback of the logging module's own.
-    std_logging.raiseExceptions = False
     handler = logging.get_absl_handler()
-    handler.addFilter(cli.ReadableLog())
     if process_index != 0:
         logging.set_verbosity(logging.WARNING)
         return
@@ -64,10 +61,26 @@ def _setup_logging(workdir: str, process_index: int) -> None:
     logging.set_verbosity(logging.INFO)
 
 
-def _fail(e: Exception) -> None:
-    """A user's error: one line on stderr (and in the log), exit status 1, no traceback."""
-    logging.error("%s", e)
+def _to_log_file(level: int, message: str, *args) -> None:
+    """Log to ``WORKDIR/log.INFO`` only, not to the terminal (the config dump, an error that
+    is printed on its own)."""
+    also = flags.FLAGS.alsologtostderr
+    flags.FLAGS.alsologtostderr = False
+    try:
+        logging.log(level, message, *args)
+    finally:
+        flags.FLAGS.alsologtostderr = also
+
+
+def _fail(e: Exception, created: str | None = None) -> None:
+    """A user's error: one line on stderr (and in the log), exit status 1, no traceback.
+    ``created``: the workdir this run created, removed when it holds nothing but the log."""
+    if logging.get_absl_handler().python_handler.stream is not sys.stderr:
+        _to_log_file(logging.ERROR, "%s", e)
     print(f"error: {e}", file=sys.stderr)
+    if created and os.path.isdir(created):
+        if all(name.startswith("log") for name in os.listdir(created)):
+            shutil.rmtree(created, ignore_errors=True)
     sys.exit(1)
 
 
@@ -113,12 +126,19 @@ def _main(signals: interrupts.SignalRecorder) -> None:
         _fail(e)
     import jax
 
-    from diffusion_jax import checkpoints, distributed, evaluation, train
+    from diffusion_jax import checkpoints, distributed, evaluation, files, train
 
+    created = None if os.path.exists(_WORKDIR.value) else _WORKDIR.value
+    # A library's malformed log call (orbax's, after a failed save) is dropped, not printed
+    # with a traceback of the logging module's own; libraries' INFO lines (JAX's backends) too.
+    std_logging.raiseExceptions = False
+    logging.get_absl_handler().addFilter(cli.ReadableLog())
     try:
         distributed.initialize(_DISTRIBUTED.value)
+        evaluation.prepare(config)  # a refused config: its one line, and no workdir made
         _setup_logging(_WORKDIR.value, jax.process_index())
-        logging.info("Mode %s, workdir %s, config:\n%s", _MODE.value, _WORKDIR.value, config)
+        logging.info("Mode %s, workdir %s; the config is in its log.", _MODE.value, _WORKDIR.value)
+        _to_log_file(logging.INFO, "Config:\n%s", config)
         signals.check()
         if _MODE.value == "train":
             train.train_and_evaluate(
@@ -140,8 +160,9 @@ def _main(signals: interrupts.SignalRecorder) -> None:
         FloatingPointError,
         evaluation.EvaluationError,
         checkpoints.CheckpointError,
+        files.WriteError,
     ) as e:
-        _fail(e)
+        _fail(e, created)
 
 
 if __name__ == "__main__":

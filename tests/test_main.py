@@ -191,6 +191,20 @@ def test_an_npz_without_images_is_refused_naming_its_arrays(tmp_path):
     proc = run_main(tmp_path / "run", check=False, **{"data.dataset": str(path)})
     line = _error_line(proc)
     assert str(path) in line and "'images'" in line and "'pics', 'labels'" in line, line
+    # Issue 41 row 13: the error once, no config dump; the workdir this run made is removed.
+    assert proc.stderr.count("error:") == 1 and "Config:" not in proc.stderr
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_refused_run_in_a_new_workdir_leaves_no_workdir_and_one_line(tmp_path):
+    """Issue 41 rows 4 and 13: an optim value refused before compiling, in one line, with no
+    config dump before it; sample mode in a new folder (no checkpoint): one line, no folder."""
+    proc = run_main(tmp_path / "run", check=False, **{"optim.ema_decay": "nan"})
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("error: config.optim.ema_decay=nan") and "must be" in proc.stderr
+    assert not os.path.exists(tmp_path / "run")
+    proc = run_main(tmp_path / "run", "--mode=sample", check=False)
+    assert _error_line(proc).startswith("error: ") and not os.path.exists(tmp_path / "run")
 
 
 def test_an_object_npz_is_refused_naming_the_file_and_the_array(tmp_path):
