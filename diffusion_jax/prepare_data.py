@@ -8,7 +8,9 @@ split ``--split``; class sub-folders give labels), or a ``.npz`` (each array is 
 then holds ``{split}.npy`` (uint8 [N, H, W, C]), ``{split}_labels.npy`` (int32 [N]) where there
 are labels, and ``dataset.json`` (class names, shapes); train with
 ``--config.data.dataset=DIR``. Images are written a chunk at a time and read back as a memory
-map (``input_pipeline``): neither side holds the whole set in memory.
+map (``input_pipeline``): neither side holds the whole set in memory. A full disk or Ctrl-C leaves
+``DIR`` as it was (one line, exit 1 or 130); a killed run's temporary folder is removed by the
+next one.
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
+import sys
 
 import numpy as np
 from absl import logging
 
-from diffusion_jax import input_pipeline, reporting
+from diffusion_jax import files, input_pipeline, reporting
 from diffusion_jax.data import folder, npz
 
 _CHUNK = 4096  # images per write
@@ -29,21 +31,31 @@ _CHUNK = 4096  # images per write
 
 def write_split(out: str, split: str, images, labels: np.ndarray | None) -> dict:
     """``{out}/{split}.npy`` from ``images`` (an array or ``input_pipeline.LazyImages``: read
-    ``_CHUNK`` rows at a time) and ``{split}_labels.npy``; returns the split's description."""
+    ``_CHUNK`` rows at a time) and ``{split}_labels.npy``; returns the split's description.
+
+    Written with ``write`` calls, not through a memory map: on a full disk a write raises
+    ENOSPC (a WriteError naming the file), where a store into a map kills the process with
+    SIGBUS."""
     n = len(images)
     path = os.path.join(out, f"{split}.npy")
-    tmp = path + ".tmp.npy"
-    target = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=tuple(images.shape))
-    with reporting.progress_bar(n, f"{split}", unit="image") as bar:
-        for start in range(0, n, _CHUNK):
-            rows = np.arange(start, min(start + _CHUNK, n))
-            target[rows[0] : rows[-1] + 1] = images[rows]
-            bar.update(len(rows))
-    target.flush()
-    del target
-    os.replace(tmp, path)  # a split is complete or absent
+    header = {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+        "fortran_order": False,
+        "shape": tuple(int(d) for d in images.shape),
+    }
+    with files.write_errors(path), open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        with reporting.progress_bar(n, f"{split}", unit="image") as bar:
+            for start in range(0, n, _CHUNK):
+                rows = np.arange(start, min(start + _CHUNK, n))
+                f.write(np.ascontiguousarray(images[rows], dtype=np.uint8).tobytes())
+                bar.update(len(rows))
+        f.flush()
+        os.fsync(f.fileno())
     if labels is not None:
-        np.save(os.path.join(out, f"{split}_labels.npy"), labels.astype(np.int32))
+        labels_path = os.path.join(out, f"{split}_labels.npy")
+        with files.write_errors(labels_path):
+            np.save(labels_path, labels.astype(np.int32))
     return {"num_examples": n, "shape": list(images.shape[1:]), "labels": labels is not None}
 
 
@@ -52,9 +64,11 @@ def prepare(
 ) -> dict:
     """Write ``input_path`` (a folder of images or a .npz) to ``output``; returns dataset.json.
 
-    The set is written whole into a temporary folder beside ``output`` and renamed into place,
+    The set is written whole into a temporary folder beside ``output`` (``OUTPUT.tmp-PID``,
+    ``files.atomic_path``: those of dead processes are removed first) and renamed into place,
     so ``output`` holds one complete write or none; a non-empty ``output`` is replaced only
-    with ``overwrite``."""
+    with ``overwrite``. A failed write (a full disk) raises ``files.WriteError`` naming the
+    file and the cause; ``output`` is left as it was."""
     if not os.path.exists(input_path):
         raise input_pipeline.DatasetError(f"--input={input_path!r}: no such file or folder.")
     folder_input = not input_path.endswith(".npz")  # a .npz keeps its arrays' sizes
@@ -71,19 +85,10 @@ def prepare(
             f"--output={output!r} is not empty (it holds {sorted(os.listdir(output))[:5]}): "
             "pass --overwrite to replace it, or write to another folder."
         )
-    final, output = output, f"{output.rstrip(os.sep)}.tmp-{os.getpid()}"
-    shutil.rmtree(output, ignore_errors=True)
-    os.makedirs(output)
-    try:
-        meta = _write(input_path, output, image_size, split)
-    except BaseException:
-        shutil.rmtree(output, ignore_errors=True)
-        raise
-    old = f"{final.rstrip(os.sep)}.old-{os.getpid()}"
-    if os.path.exists(final):
-        os.rename(final, old)
-    os.rename(output, final)
-    shutil.rmtree(old, ignore_errors=True)
+    final = output.rstrip(os.sep) or output
+    with files.atomic_path(final) as tmp:
+        os.makedirs(tmp)
+        meta = _write(input_path, tmp, image_size, split)
     logging.info(
         "Wrote %s to %s.",
         ", ".join(f"{k} ({v['num_examples']})" for k, v in meta["splits"].items()),
@@ -112,14 +117,15 @@ def _write(input_path: str, output: str, image_size: int, split: str) -> dict:
                     labels = input_pipeline.checked_labels(f[label_key], len(images), where)
                 splits[name] = write_split(output, name, images, labels)
     else:
-        files = folder.folder_files(input_path)
-        if not files:
+        image_files = folder.folder_files(input_path)
+        if not image_files:
             raise input_pipeline.DatasetError(f"--input={input_path!r} holds no images.")
-        labels, names = folder.folder_classes(input_path, files)
-        images = input_pipeline.folder_images(tuple(files), image_size, input_path)
+        labels, names = folder.folder_classes(input_path, image_files)
+        images = input_pipeline.folder_images(tuple(image_files), image_size, input_path)
         splits[split] = write_split(output, split, images, labels)
     meta = {"source": os.path.abspath(input_path), "class_names": list(names), "splits": splits}
-    with open(os.path.join(output, input_pipeline.PREPARED_MARKER), "w") as f:
+    marker = os.path.join(output, input_pipeline.PREPARED_MARKER)
+    with files.write_errors(marker), open(marker, "w") as f:
         json.dump(meta, f, indent=2)
     return meta
 
@@ -138,8 +144,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.set_verbosity(logging.INFO)
     try:
         prepare(args.input, args.output, args.image_size, args.split, args.overwrite)
-    except input_pipeline.DatasetError as e:
+    except (input_pipeline.DatasetError, files.WriteError) as e:
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        print(f"interrupted: nothing written to {args.output} (as it was).", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

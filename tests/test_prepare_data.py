@@ -211,3 +211,56 @@ def test_bad_image_sizes_and_outputs_are_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ip.DatasetError, match=r"--output=.*file' is a file, not a folder"):
         prepare_data.prepare(str(root), str(tmp_path / "file"), 8, "train")
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_old_set_and_no_temporary(
+    tmp_path, monkeypatch, capsys
+):
+    """Issue 41 rows 3 and 14: ENOSPC from the write of the images (no memory map, which would
+    die of SIGBUS) and Ctrl-C leave the old set whole and no temporary folder; a dead run's
+    OUTPUT.tmp-PID folder is removed by the next one."""
+    import errno
+    import os
+    import subprocess
+    import sys
+
+    from diffusion_jax import files
+
+    out = tmp_path / "out"
+    prepare_data.prepare(_npz(tmp_path / "a.npz"), str(out), 8, "train")
+    before = (out / "train.npy").read_bytes()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f"out.tmp-{dead.pid}").mkdir()  # left by a kill -9
+    (tmp_path / f"out.tmp-{dead.pid}" / "train.npy").write_bytes(b"half")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def no_map(*args, **kwargs):
+        raise AssertionError("a memory map written on a full disk dies of SIGBUS")
+
+    monkeypatch.setattr(os, "fsync", full)
+    monkeypatch.setattr(np.lib.format, "open_memmap", no_map)
+    with pytest.raises(files.WriteError) as e:
+        prepare_data.prepare(_npz(tmp_path / "b.npz"), str(out), 8, "train", overwrite=True)
+    temp = tmp_path / f"out.tmp-{os.getpid()}" / "train.npy"
+    assert str(e.value) == (
+        f"cannot write {temp}: No space left on device (ENOSPC); any previous version of it is "
+        "kept."
+    )
+    assert (out / "train.npy").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz", "b.npz", "out"]
+
+    def interrupted(*args):
+        raise KeyboardInterrupt  # Ctrl-C mid-write
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(SystemExit) as e:
+        prepare_data.main(["--input", str(tmp_path / "b.npz"), "--output", str(out), "--overwrite"])
+    assert e.value.code == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"interrupted: nothing written to {out} (as it was)."
+    assert (out / "train.npy").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz", "b.npz", "out"]
