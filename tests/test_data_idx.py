@@ -245,3 +245,34 @@ def test_fashion_mnist_config_trains_from_idx_files(tmp_path):
     metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
     assert metrics["bound_estimate"] == {"kind": "importance", "num_t": 4}
     assert np.isfinite(metrics["bpd"])
+
+
+@pytest.mark.parametrize("tf", ["without TensorFlow", "with tfds and TensorFlow importable"])
+def test_a_missing_file_or_folder_or_an_empty_set_is_one_line_naming_it(tmp_path, monkeypatch, tf):
+    """Issue 41 rows 10 and 11: with data.idx_dir set the IDX files are read whatever else is
+    installed, and what is wrong is named (the folder, the missing file, the empty file)."""
+    from diffusion_jax.data import tfds_load
+
+    if tf == "without TensorFlow":
+        monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
+        monkeypatch.setitem(sys.modules, "tensorflow", None)
+    else:
+        monkeypatch.setattr(tfds_load, "installed", lambda *names: True)
+    config = config_for(tmp_path / "idx")
+    write_set(tmp_path / "idx")
+    (tmp_path / "idx" / "t10k-images-idx3-ubyte.gz").unlink()
+    for folder, expected in (
+        (tmp_path / "nowhere", "(data.idx_dir) is not a folder. Set --config.data.idx_dir=DIR"),
+        (tmp_path / "idx", "(data.idx_dir) lacks t10k-images-idx3-ubyte. Set"),
+    ):
+        config.data.idx_dir = str(folder)
+        assert ip.dataset_kind("fashion_mnist", config.data) == "idx"
+        with pytest.raises(ip.DatasetError) as e:
+            ip.validate_dataset(config)
+        assert f"{folder} {expected}" in str(e.value) and "\n" not in str(e.value)
+    write_set(tmp_path / "idx", num=(0, 5))
+    with pytest.raises(ip.DatasetError) as e:
+        ip.validate_dataset(config)
+    assert str(e.value).startswith(
+        f"{tmp_path / 'idx' / 'train-images-idx3-ubyte.gz'} holds 0 items: an empty set"
+    )

@@ -118,20 +118,40 @@ def idx_dir(data, name: str) -> tuple[str, str]:
 
 
 def _missing(config) -> str | None:
-    """Why the IDX files cannot be read (a sentence naming the key, the files and, for
-    Fashion-MNIST, the package), or None when all four are there."""
+    """Why the IDX files cannot be read (a sentence naming the folder or the files missing, the
+    key to set and, for Fashion-MNIST, the package), or None when all four are there."""
     folder, origin = idx_dir(config.data, config.data.dataset)
     if _complete(folder):
         return None
     names = [n for pair in SPLIT_FILES.values() for n in pair]
     name, s = config.data.dataset, SETS[config.data.dataset]
-    where = f"the IDX files are not in {folder} ({origin})" if folder else "data.idx_dir is unset"
+    if not folder:
+        where = "data.idx_dir is unset"
+    elif not os.path.isdir(folder):
+        where = f"{folder} ({origin}) is not a folder"
+    else:
+        absent = [n for n in names if not _find(folder, n)]
+        where = f"{folder} ({origin}) lacks {', '.join(absent)}"
     install = f"; or `apt-get install {s.package}` puts them in {s.system_dir}" if s.package else ""
     return (
         f"data.dataset={name!r}: no tensorflow-datasets copy is prepared and {where}. Set "
         f"--config.data.idx_dir=DIR to a folder with {', '.join(names)} (each may end in "
         f".gz){install}."
     )
+
+
+def _num_items(path: str) -> int | None:
+    """The first dimension in the header of the IDX file ``path`` (None: unreadable, left to
+    ``read_idx`` to name)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(8)
+    except (OSError, EOFError, zlib.error):
+        return None
+    if len(head) < 8 or head[:2] != b"\0\0" or head[2] not in IDX_DTYPES or not head[3]:
+        return None
+    return int.from_bytes(head[4:8], "big")
 
 
 def load(config, split: str) -> DataSource:
@@ -163,19 +183,32 @@ def load(config, split: str) -> DataSource:
 
 
 def validate(config) -> None:
+    """DatasetError for files that are missing, or that hold no images (cheap: headers only)."""
     reason = _missing(config)
     if reason:
         raise DatasetError(reason)
+    folder, origin = idx_dir(config.data, config.data.dataset)
+    for pair in SPLIT_FILES.values():
+        for n in pair:
+            path = _find(folder, n)
+            if _num_items(path) == 0:
+                raise DatasetError(
+                    f"{path} holds 0 items: an empty set cannot be trained or evaluated; set "
+                    f"--config.data.idx_dir to a folder ({origin}: {folder}) with the full files."
+                )
 
 
 def matches(name: str, data) -> bool:
-    """An IDX set, unless tfds is installed and has a prepared copy, or no IDX files are there
-    and tfds can read it (with TensorFlow for ``tfds.load``, which may download it, as before)."""
+    """An IDX set, unless tfds is installed and has a prepared copy, or (``data.idx_dir`` unset)
+    no IDX files are there and tfds can read it (with TensorFlow for ``tfds.load``, which may
+    download it, as before)."""
     if name not in SETS:
         return False
     data_dir = getattr(data, "data_dir", None)
     if tfds_load.installed("tensorflow_datasets") and tfds_load.prepared_copy(name, data_dir):
         return False
+    if getattr(data, "idx_dir", ""):  # asked for by name: its errors name the folder and files
+        return True
     have_files = _complete(idx_dir(data, name)[0])
     reader_needs = ("tensorflow",) if getattr(data, "tfds_reader", "load") == "load" else ()
     return have_files or not tfds_load.installed("tensorflow_datasets", *reader_needs)
