@@ -12,6 +12,7 @@ one line naming the new one.
 from __future__ import annotations
 
 import copy
+import json
 
 import ml_collections
 
@@ -70,6 +71,23 @@ def migrate(config: dict) -> dict:
                 target = target.setdefault(part, {})
             target.setdefault(leaf, value)
     return out
+
+
+def read_run_config(path: str) -> dict:
+    """A run's saved ``config.json`` (``path``), migrated (``migrate``); ValueError naming the
+    file when it cannot be read or is not a JSON object."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
+        raise ValueError(
+            f"{path} cannot be read as a run's config ({type(e).__name__}: {cause}): restore it "
+            "from a copy, or start the run in another --workdir."
+        ) from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not a run's config.")
+    return migrate(value)
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -9,7 +9,6 @@ renamed since are moved to their new names (``configs/base.py``: ``RENAMED``, ``
 ``--config.KEY=VALUE`` overrides still apply.
 """
 
-import json
 import os
 
 import ml_collections
@@ -34,5 +33,4 @@ def get_config(workdir: str = "") -> ml_collections.ConfigDict:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise ValueError(f"{path} does not exist: {workdir!r} holds no run written by train mode.")
-    with open(path) as f:
-        return ml_collections.ConfigDict(_tuples(base.migrate(json.load(f))))
+    return ml_collections.ConfigDict(_tuples(base.read_run_config(path)))

@@ -9,7 +9,6 @@ and leaves the workdir untouched. The evaluators' own keys are checked by
 from __future__ import annotations
 
 import copy
-import json
 import os
 from typing import Any
 
@@ -167,8 +166,7 @@ def check_workdir(
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        old = base_config.migrate(json.load(f))  # an earlier version's names, moved
+    old = base_config.read_run_config(path)  # an earlier version's names, moved
     ignore = (() if mode == "train" else EVAL_FREE_KEYS) + tuple(allow)
     diffs = config_differences(old, config, ignore=ignore)
     if diffs:

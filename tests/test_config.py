@@ -250,3 +250,19 @@ def test_no_recipe_is_the_base_config():
         config = importlib.import_module(f"configs.{name}").get_config()
         assert config.data.dataset, name
         assert config_lib.config_differences(base.get_config().to_dict(), config), name
+
+
+@pytest.mark.parametrize("text", ["{\n", "[1, 2]", "\xff\xfe"], ids=["not JSON", "a list", "bytes"])
+def test_a_config_json_that_is_not_a_runs_config_is_one_line_naming_it(tmp_path, text):
+    """Issue 41 row 12: train's check and configs/workdir.py name the file."""
+    from configs import workdir as workdir_config
+
+    path = tmp_path / "config.json"
+    path.write_bytes(text.encode("latin-1"))
+    for read in (
+        lambda: config_lib.check_workdir(tiny_config(), str(tmp_path)),
+        lambda: workdir_config.get_config(str(tmp_path)),
+    ):
+        with pytest.raises(ValueError) as e:
+            read()
+        assert str(e.value).startswith(f"{path} ") and "\n" not in str(e.value)
