@@ -13,7 +13,9 @@ Without ``--config`` the run's config is ``configs/cifar10_ddpm.py`` (the paper'
 with the network, image size and diffusion of the files; with ``--config C`` (and
 ``--config.KEY=VALUE`` overrides) C must describe the same network and diffusion, and every key
 that differs is named. Pickled PyTorch files (``.bin``, ``.pt``, ``.ckpt``) are refused: they
-can run code when read.
+can run code when read. Without ``scheduler_config.json`` the config's diffusion is taken and
+named in one line; every value read is type-checked (naming the file and key) and every tensor
+must be finite. DIR (new or empty) is written whole in ``DIR.tmp-PID`` and renamed into place.
 """
 
 from __future__ import annotations
@@ -130,6 +132,33 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         raise ImportError_(str(e)) from e
 
 
+def _named(path: str, read: Any, values: dict) -> dict:
+    """``read(values)`` (``unet_keys`` / ``scheduler_keys``), its refusal prefixed with the file
+    it read."""
+    from diffusion_jax.models import diffusers_unet
+
+    try:
+        return read(values)
+    except diffusers_unet.DiffusersImportError as e:
+        raise ImportError_(f"{path}: {e}") from e
+
+
+def check_finite(tensors: dict[str, np.ndarray], path: str) -> None:
+    """ImportError_ naming the tensors of ``path`` that hold NaN or infinite values."""
+    bad = {
+        name: int(np.size(t) - np.isfinite(t).sum())
+        for name, t in tensors.items()
+        if np.issubdtype(t.dtype, np.floating) and not np.isfinite(t).all()
+    }
+    if bad:
+        first = next(iter(bad))
+        raise ImportError_(
+            f"{path}: {len(bad)} tensor(s) hold NaN or infinite values ({first}: {bad[first]} of "
+            f"{tensors[first].size}{', ...' if len(bad) > 1 else ''}): a damaged or diverged "
+            "file; nothing was imported."
+        )
+
+
 # The DDPM conversions' conventions, for a bare .safetensors file with no config.json beside it.
 DDPM_CONVENTIONS = {"flip_sin_to_cos": False, "freq_shift": 1, "downsample_padding": 0}
 
@@ -151,11 +180,13 @@ def build_config(
     dconfig: dict = {}
     if sources.config is not None:
         dconfig = read_json(sources.config)
-        keys.update(diffusers_unet.unet_keys(dconfig))
+        keys.update(_named(sources.config, diffusers_unet.unet_keys, dconfig))
     else:
         dconfig = dict(DDPM_CONVENTIONS)
     if sources.scheduler is not None:
-        scheduler = diffusers_unet.scheduler_keys(read_json(sources.scheduler))
+        scheduler = _named(
+            sources.scheduler, diffusers_unet.scheduler_keys, read_json(sources.scheduler)
+        )
         if (
             keys.get("diffusion.var_type", scheduler["diffusion.var_type"])
             != scheduler["diffusion.var_type"]
@@ -168,6 +199,7 @@ def build_config(
         keys.update(scheduler)
     from absl import logging
 
+    given = config
     if config is None:
         config = cifar10_ddpm.get_config()
         for dotted, value in keys.items():
@@ -189,6 +221,15 @@ def build_config(
                 + "\n  ".join(diffs)
                 + "\nDrop --config to take the files' values, or set these keys."
             )
+    if sources.scheduler is None:
+        taken = ("num_timesteps", "beta_schedule", "beta_start", "beta_end", "var_type")
+        logging.warning(
+            "No scheduler_config.json beside %s (nor in ../scheduler/): took the diffusion of %s: "
+            "%s. A model trained with another schedule needs its scheduler_config.json there.",
+            sources.weights,
+            "configs/cifar10_ddpm.py" if given is None else "--config",
+            ", ".join(f"diffusion.{k}={config.diffusion[k]!r}" for k in taken),
+        )
     if config.training.objective != "ddpm" or config.model.name != "unet":
         raise ImportError_(
             f"training.objective={config.training.objective!r}, model.name={config.model.name!r}: "
@@ -206,7 +247,7 @@ def import_diffusers(
     import jax.numpy as jnp
     from absl import logging
 
-    from diffusion_jax import checkpoints, evaluation, models, reporting
+    from diffusion_jax import checkpoints, evaluation, files, models, reporting
     from diffusion_jax.models import diffusers_unet
 
     sources = find_sources(path)
@@ -214,15 +255,9 @@ def import_diffusers(
     conv_impl = config.model.conv_impl
     config = evaluation.prepare(config, check_data=False)
     config.model.conv_impl = conv_impl  # config.json keeps "auto": the platform picks
-    existing = checkpoints.checkpoint_dir(workdir)
-    if os.path.exists(os.path.join(workdir, "config.json")) or (
-        os.path.isdir(existing) and os.listdir(existing)
-    ):
-        raise ImportError_(
-            f"--workdir {workdir} already holds a run (config.json or checkpoints/): import into "
-            "a new folder; nothing was changed."
-        )
+    _check_workdir(workdir)
     tensors = read_safetensors(sources.weights)
+    check_finite(tensors, sources.weights)
     model = models.get_model(config)
     shape = (1, config.data.image_size, config.data.image_size, config.data.num_channels)
     abstract = jax.eval_shape(
@@ -234,8 +269,6 @@ def import_diffusers(
         raise ImportError_(f"{sources.weights}: {e}") from e
     params = jax.tree.map(jnp.asarray, params)
     num = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
-    os.makedirs(workdir, exist_ok=True)
-    manager = checkpoints.make_manager(workdir, config.training.keep_checkpoints)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "ema_params": params}
     meta = {
         "step": 0,
@@ -243,10 +276,15 @@ def import_diffusers(
         "imported_from": os.path.abspath(sources.weights),
         "imported_format": "diffusers",
     }
-    checkpoints.save(manager, 0, state, meta)
-    checkpoints.wait(manager, 0)
-    manager.close()
-    reporting.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    # The run is written whole into WORKDIR.tmp-PID and renamed into place: a kill or a full
+    # disk leaves no half-imported workdir (and the next import removes the leftover).
+    with files.atomic_path(os.path.abspath(workdir).rstrip(os.sep)) as tmp:
+        os.makedirs(tmp)
+        manager = checkpoints.make_manager(tmp, config.training.keep_checkpoints)
+        checkpoints.save(manager, 0, state, meta)
+        checkpoints.wait(manager, 0)
+        manager.close()
+        reporting.write_json(os.path.join(tmp, "config.json"), config.to_dict())
     logging.info(
         "Imported %d tensors (%d parameters) from %s into %s: config.json and the checkpoint of "
         "step 0 (params = EMA params). Sample: python -m diffusion_jax.main --config "
@@ -261,12 +299,37 @@ def import_diffusers(
     return config
 
 
+def _check_workdir(workdir: str) -> None:
+    """ImportError_ for a ``--workdir`` that is a file, holds files already (a run or not), or
+    is in a folder that cannot be written: checked before anything is read or written."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ImportError_(f"--workdir {workdir} is a file, not a folder: name a new folder.")
+    if os.path.isdir(workdir) and os.listdir(workdir):
+        held = sorted(os.listdir(workdir))
+        what = "a run" if {"config.json", "checkpoints"} & set(held) else f"files ({held[:5]})"
+        raise ImportError_(
+            f"--workdir {workdir} already holds {what}: import into a new folder; nothing was "
+            "changed."
+        )
+    folder = os.path.abspath(workdir).rstrip(os.sep)
+    if not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+    for where in {folder, os.path.dirname(os.path.abspath(workdir).rstrip(os.sep))}:
+        if os.path.exists(where) and not os.access(where, os.W_OK):
+            raise ImportError_(
+                f"--workdir {workdir}: {where} cannot be written (read-only, or not yours); "
+                "import into a folder you can write."
+            )
+
+
 def run() -> None:
     """The command line (flags are defined here, not on import, beside ``main``'s)."""
     from absl import app, flags, logging
     from ml_collections import config_flags
 
-    from diffusion_jax import cli
+    from diffusion_jax import checkpoints, cli, files
 
     config_flag = config_flags.DEFINE_config_file(
         "config", None, "Optional: a config of ours that the files must match.", lock_config=False
@@ -282,7 +345,8 @@ def run() -> None:
         logging.get_absl_handler().addFilter(cli.ReadableLog())
         try:
             import_diffusers(path.value, workdir.value, config_flag.value)
-        except ValueError as e:  # ImportError_, DiffusersImportError, the config's checks
+        except (ValueError, files.WriteError, checkpoints.CheckpointError) as e:
+            # ImportError_, DiffusersImportError, the config's checks; a failed write
             logging.error("%s", e)
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)

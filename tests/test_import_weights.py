@@ -312,3 +312,100 @@ def test_command_line_imports_and_samples(tmp_path):
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "is a PyTorch pickle" in proc.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("damage", ["nan", "inf", "random bytes"])
+def test_tensors_that_are_not_finite_are_refused_naming_them(damage, tmp_path):
+    """Issue 41 row 5: NaN, inf or random bytes in the tensor data: refused, nothing written."""
+    name = "down_blocks.1.resnets.0.conv_shortcut.weight"
+    if damage == "random bytes":
+        folder = _copy(TINY, tmp_path / "bad")
+        path = os.path.join(folder, WEIGHTS)
+        raw = bytearray(open(path, "rb").read())
+        start = 8 + int.from_bytes(raw[:8], "little")  # the data after the JSON header
+        raw[start:] = np.random.default_rng(0).bytes(len(raw) - start)
+        open(path, "wb").write(bytes(raw))
+        want = "tensor(s) hold NaN or infinite values ("
+    else:
+        tensors = safe_arrays.read(os.path.join(TINY, WEIGHTS))
+        tensors[name] = tensors[name].copy()
+        tensors[name][0, 1] = np.nan if damage == "nan" else np.inf
+        folder = _copy(TINY, tmp_path / "bad", tensors=tensors)
+        want = f"1 tensor(s) hold NaN or infinite values ({name}: 1 of 128): a damaged"
+    with pytest.raises(import_weights.ImportError_) as e:
+        import_weights.import_diffusers(folder, str(tmp_path / "run"))
+    assert str(e.value).startswith(f"{folder}/{WEIGHTS}: ") and want in str(e.value)
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    "file, key, value, want",
+    [
+        ("config.json", "block_out_channels", "eight", "must be a list of integers > 0"),
+        ("config.json", "layers_per_block", 1.5, "must be an integer"),
+        ("scheduler_config.json", "num_train_timesteps", 0, "must be an integer >= 2"),
+        ("scheduler_config.json", "beta_end", 2, "must be a number in (0, 1)"),
+        ("scheduler_config.json", "clip_sample", "yes", "must be true or false"),
+    ],
+)
+def test_diffusers_values_of_the_wrong_type_are_named_with_file_and_key(
+    tmp_path, file, key, value, want
+):
+    """Issue 41 row 7: every value read is type-checked; the message names the file and key."""
+    folder = _copy(TINY, tmp_path / "bad")
+    path = os.path.join(folder, file)
+    values = json.load(open(path))
+    values[key] = value
+    json.dump(values, open(path, "w"))
+    kind = "config" if file == "config.json" else "scheduler"
+    with pytest.raises(import_weights.ImportError_) as e:
+        import_weights.import_diffusers(folder, str(tmp_path / "run"))
+    assert str(e.value) == f"{path}: diffusers {kind} key {key}={value!r} {want}."
+
+
+def test_without_a_scheduler_config_the_diffusion_taken_is_said_in_one_line(tmp_path, caplog):
+    """Issue 41 row 6 (docs/weights.md): the base config's diffusion is taken and named."""
+    folder = _copy(TINY, tmp_path / "noscheduler")
+    os.remove(os.path.join(folder, "scheduler_config.json"))
+    with caplog.at_level(logging.WARNING):
+        config = import_weights.build_config(import_weights.find_sources(folder), None)[0]
+    lines = [r.getMessage() for r in caplog.records if "scheduler_config.json" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert lines[0].startswith(f"No scheduler_config.json beside {folder}/{WEIGHTS}")
+    for taken in (
+        "diffusion.num_timesteps=1000",
+        "diffusion.beta_schedule='linear'",
+        "diffusion.var_type='fixedlarge'",
+    ):
+        assert taken in lines[0] and taken.split("=")[0] + "=" in lines[0]
+    assert config.diffusion.num_timesteps == 1000 and config.diffusion.var_type == "fixedlarge"
+
+
+def test_a_workdir_that_is_a_file_or_read_only_is_one_line_and_a_kill_leaves_none(
+    tmp_path, monkeypatch
+):
+    """Issue 41 row 8; and the import is written whole in WORKDIR.tmp-PID and renamed."""
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(import_weights.ImportError_, match=r"afile is a file, not a folder"):
+        import_weights.import_diffusers(TINY, str(tmp_path / "afile"))
+    (tmp_path / "ro").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: p != str(tmp_path / "ro") and real_access(p, m))
+    with pytest.raises(import_weights.ImportError_) as e:
+        import_weights.import_diffusers(TINY, str(tmp_path / "ro"))
+    assert str(e.value) == (
+        f"--workdir {tmp_path / 'ro'}: {tmp_path / 'ro'} cannot be written (read-only, or not "
+        "yours); import into a folder you can write."
+    )
+    monkeypatch.undo()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f"run.tmp-{dead.pid}" / "checkpoints").mkdir(parents=True)  # a kill -9's
+
+    def killed(src, dst):
+        raise KeyboardInterrupt  # between the complete temporary folder and the rename
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        import_weights.import_diffusers(TINY, str(tmp_path / "run"))
+    assert sorted(os.listdir(tmp_path)) == ["afile", "ro"]  # no run, no temporary

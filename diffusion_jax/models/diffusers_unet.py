@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -112,6 +112,98 @@ _PREDICTION = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 _BETAS = {"linear": "linear", "scaled_linear": "quadratic", "squaredcos_cap_v2": "cosine"}
 
 
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _list_of(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, list | tuple) and len(v) > 0 and all(check(x) for x in v)
+
+
+def _or_none(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+def _str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+_INT, _NUM, _STR, _BOOL = (
+    (_int, "an integer"),
+    (_number, "a number"),
+    (_str, "a string"),
+    (
+        _bool,
+        "true or false",
+    ),
+)
+# The JSON type of every key read (a value of another type is refused naming the key, before it
+# is interpreted).
+UNET_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "sample_size": (lambda v: _int(v) or _list_of(_int)(v), "an integer or [s, s]"),
+    "in_channels": _INT,
+    "out_channels": _INT,
+    "center_input_sample": _BOOL,
+    "time_embedding_type": _STR,
+    "time_embedding_dim": (_or_none(_int), "an integer or null"),
+    "freq_shift": _INT,
+    "flip_sin_to_cos": _BOOL,
+    "down_block_types": (_list_of(_str), "a list of block names"),
+    "mid_block_type": (_or_none(_str), "a string or null"),
+    "up_block_types": (_list_of(_str), "a list of block names"),
+    "block_out_channels": (_list_of(lambda c: _int(c) and c > 0), "a list of integers > 0"),
+    "layers_per_block": _INT,
+    "mid_block_scale_factor": _NUM,
+    "downsample_padding": _INT,
+    "downsample_type": _STR,
+    "upsample_type": _STR,
+    "dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "act_fn": _STR,
+    "attention_head_dim": (_or_none(_int), "an integer or null"),
+    "norm_num_groups": (lambda v: _int(v) and v > 0, "an integer > 0"),
+    "attn_norm_num_groups": (_or_none(_int), "an integer or null"),
+    "norm_eps": _NUM,
+    "resnet_time_scale_shift": _STR,
+    "add_attention": _BOOL,
+    "class_embed_type": (_or_none(_str), "a string or null"),
+    "num_class_embeds": (_or_none(_int), "an integer or null"),
+    "num_train_timesteps": (_or_none(_int), "an integer or null"),
+}
+SCHEDULER_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "num_train_timesteps": (lambda v: _int(v) and v >= 2, "an integer >= 2"),
+    "beta_start": (lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)"),
+    "beta_end": (lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)"),
+    "beta_schedule": _STR,
+    "trained_betas": (_or_none(_list_of(_number)), "null or a list of numbers"),
+    "variance_type": _STR,
+    "clip_sample": _BOOL,
+    "prediction_type": _STR,
+    "thresholding": _BOOL,
+    "clip_sample_range": _NUM,
+    "rescale_betas_zero_snr": _BOOL,
+}
+
+
+def check_types(
+    values: Mapping[str, Any], types: Mapping[str, tuple[Callable[[Any], bool], str]], kind: str
+) -> None:
+    """DiffusersImportError naming the first key of ``values`` whose value is not of its type in
+    ``types`` (``kind``: "config" or "scheduler", for the message)."""
+    for key, (check, what) in types.items():
+        if key in values and not check(values[key]):
+            raise DiffusersImportError(
+                f"diffusers {kind} key {key}={values[key]!r} must be {what}."
+            )
+
+
 def _refuse(key: str, value: Any, allowed: Any, why: str) -> DiffusersImportError:
     return DiffusersImportError(
         f"diffusers config {key}={value!r} cannot be represented: our U-Net computes {why} "
@@ -139,6 +231,7 @@ def unet_keys(dconfig: Mapping[str, Any]) -> dict[str, Any]:
             f"diffusers config key {unknown[0]}={dconfig[unknown[0]]!r} is not known to this "
             f"importer (it knows {sorted(UNET_DEFAULTS)}); refusing rather than guessing."
         )
+    check_types(dconfig, UNET_TYPES, "config")
     d = {**UNET_DEFAULTS, **dconfig}
     for key, (allowed, why) in _FIXED.items():
         if d[key] not in allowed:
@@ -241,7 +334,13 @@ def scheduler_keys(sconfig: Mapping[str, Any]) -> dict[str, Any]:
             f"diffusers scheduler key {unknown[0]}={sconfig[unknown[0]]!r} is not known to this "
             "importer; refusing rather than guessing."
         )
+    check_types(sconfig, SCHEDULER_TYPES, "scheduler")
     s = {**SCHEDULER_DEFAULTS, **sconfig}
+    if s["beta_schedule"] != "squaredcos_cap_v2" and not s["beta_start"] <= s["beta_end"]:
+        raise DiffusersImportError(
+            f"diffusers scheduler keys beta_start={s['beta_start']!r} > beta_end="
+            f"{s['beta_end']!r}: the betas must grow."
+        )
     checks = {
         "trained_betas": ((None,), "named beta schedules only"),
         "thresholding": ((False,), "no dynamic thresholding"),
