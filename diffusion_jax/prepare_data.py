@@ -34,8 +34,8 @@ def write_split(out: str, split: str, images, labels: np.ndarray | None) -> dict
     ``_CHUNK`` rows at a time) and ``{split}_labels.npy``; returns the split's description.
 
     Written with ``write`` calls, not through a memory map: on a full disk a write raises
-    ENOSPC (a WriteError naming the file), where a store into a map kills the process with
-    SIGBUS."""
+    ENOSPC (``prepare``: a WriteError naming the output), where a store into a map kills the
+    process with SIGBUS."""
     n = len(images)
     path = os.path.join(out, f"{split}.npy")
     header = {
@@ -43,7 +43,7 @@ def write_split(out: str, split: str, images, labels: np.ndarray | None) -> dict
         "fortran_order": False,
         "shape": tuple(int(d) for d in images.shape),
     }
-    with files.write_errors(path), open(path, "wb") as f:
+    with open(path, "wb") as f:
         np.lib.format.write_array_header_1_0(f, header)
         with reporting.progress_bar(n, f"{split}", unit="image") as bar:
             for start in range(0, n, _CHUNK):
@@ -53,9 +53,7 @@ def write_split(out: str, split: str, images, labels: np.ndarray | None) -> dict
         f.flush()
         os.fsync(f.fileno())
     if labels is not None:
-        labels_path = os.path.join(out, f"{split}_labels.npy")
-        with files.write_errors(labels_path):
-            np.save(labels_path, labels.astype(np.int32))
+        np.save(os.path.join(out, f"{split}_labels.npy"), labels.astype(np.int32))
     return {"num_examples": n, "shape": list(images.shape[1:]), "labels": labels is not None}
 
 
@@ -125,7 +123,7 @@ def _write(input_path: str, output: str, image_size: int, split: str) -> dict:
         splits[split] = write_split(output, split, images, labels)
     meta = {"source": os.path.abspath(input_path), "class_names": list(names), "splits": splits}
     marker = os.path.join(output, input_pipeline.PREPARED_MARKER)
-    with files.write_errors(marker), open(marker, "w") as f:
+    with open(marker, "w") as f:
         json.dump(meta, f, indent=2)
     return meta
 
