@@ -250,12 +250,12 @@ def import_diffusers(
     from diffusion_jax import checkpoints, evaluation, files, models, reporting
     from diffusion_jax.models import diffusers_unet
 
+    _check_workdir(workdir)
     sources = find_sources(path)
     config, dconfig = build_config(sources, config)
     conv_impl = config.model.conv_impl
     config = evaluation.prepare(config, check_data=False)
     config.model.conv_impl = conv_impl  # config.json keeps "auto": the platform picks
-    _check_workdir(workdir)
     tensors = read_safetensors(sources.weights)
     check_finite(tensors, sources.weights)
     model = models.get_model(config)
@@ -347,8 +347,7 @@ def run() -> None:
             import_diffusers(path.value, workdir.value, config_flag.value)
         except (ValueError, files.WriteError, checkpoints.CheckpointError) as e:
             # ImportError_, DiffusersImportError, the config's checks; a failed write
-            logging.error("%s", e)
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {e}", file=sys.stderr)  # once: the log is this terminal
             sys.exit(1)
 
     app.run(main, flags_parser=cli.parse_flags)
