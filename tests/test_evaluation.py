@@ -266,6 +266,19 @@ def test_a_bound_that_is_not_finite_is_not_the_result(run, tmp_path, monkeypatch
         assert cause in str(e.value) and "\n" not in str(e.value)
         saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
         assert "bpd" not in saved and "bpd" in saved["failed"]
+    # Any result of an evaluator (not its spread: one example has no standard error).
+    for out, failed in (
+        ({"bpd": 1.5, "bpd_stderr": float("nan")}, None),
+        ({"bpd": 1.5, "inception_score": float("inf")}, "inception_score = inf is not finite"),
+    ):
+        monkeypatch.setitem(
+            evaluation.EVALUATORS, "bpd", dataclasses.replace(fake, run=lambda ctx, out=out: out)
+        )
+        if failed is None:
+            assert evaluation.run_evaluators(dataclasses.replace(ctx, metrics={}))["bpd"] == 1.5
+        else:
+            with pytest.raises(evaluation.EvaluationError, match=failed):
+                evaluation.run_evaluators(dataclasses.replace(ctx, metrics={}))
 
 
 def test_a_full_disk_keeps_the_previous_metrics_and_is_one_line(run, tmp_path, monkeypatch):

@@ -244,10 +244,10 @@ def run_evaluators(ctx: EvalContext) -> dict[str, Any]:
             failed[name] = _one_line(e)
             logging.exception("eval %s failed: %s", name, failed[name])
             continue
-        value = out.get(name)
-        if isinstance(value, int | float) and not math.isfinite(value):
+        bad = _nonfinite_result(out)
+        if bad:
             failed[name] = (
-                f"{name} = {value} is not finite, not reported as the result; likely cause: "
+                f"{bad} = {out[bad]} is not finite, not reported as the result; likely cause: "
                 + sampling.nonfinite_cause(
                     ctx.params, "the parameters are finite: the computation overflowed"
                 )
@@ -265,6 +265,17 @@ def run_evaluators(ctx: EvalContext) -> dict[str, Any]:
             + f". Every number computed is in {path}."
         )
     return ctx.metrics
+
+
+def _nonfinite_result(out: dict[str, Any]) -> str | None:
+    """The first top-level number of an evaluator's output that is not finite (its spreads,
+    ``*_std`` / ``*_stderr``, aside: one example has none), or None."""
+    for key, value in out.items():
+        if key.endswith(("_std", "_stderr")) or isinstance(value, bool):
+            continue
+        if isinstance(value, int | float | np.floating) and not math.isfinite(value):
+            return key
+    return None
 
 
 def _with_failures(metrics: dict[str, Any], failed: dict[str, str]) -> dict[str, Any]:
