@@ -71,6 +71,32 @@ SCREENS = {
         {**EMA, **ONE_PASS_HYBRID, "diffusion.beta_schedule": "cosine"},
     ),
     "vdm": ("VDM, learned gamma, EMA warm-up", 1, {**EMA, **VDM}),
+    "vdm_sigmoid": (
+        "VDM, sigmoid(2 - lambda) weighting (fixed endpoints), EMA warm-up",
+        1,
+        {
+            **EMA,
+            **VDM,
+            "vdm.weighting": "sigmoid",
+            "vdm.sigmoid_bias": 2.0,
+            "vdm.learn_endpoints": False,
+        },
+    ),
+    "lr2e-3": (
+        "hybrid at one t, EMA warm-up, learning rate 2e-3",
+        1,
+        {**EMA, **ONE_PASS_HYBRID, "optim.learning_rate": 2e-3},
+    ),
+    "beta1e-5": (
+        "hybrid at one t, EMA warm-up, linear betas from 1e-5",
+        1,
+        {**EMA, **ONE_PASS_HYBRID, "diffusion.beta_start": 1e-5},
+    ),
+    "wide": (
+        "hybrid at one t, EMA warm-up, 48 channels (3.6M parameters)",
+        1,
+        {**EMA, **ONE_PASS_HYBRID, "model.ch": 48},
+    ),
 }
 
 
@@ -123,7 +149,12 @@ def run_screen(name: str, args) -> dict:
             json.dump(info, f, indent=1)
     with open(metrics_path) as f:
         m = json.load(f)
-    info.update(bpd=m["bpd"], bpd_stderr=m["bpd_stderr"], **m["bpd_terms"])
+    terms = m["bpd_terms"]  # continuous time names them decoder_L0, diffusion, prior_L1
+    info.update(bpd=m["bpd"], bpd_stderr=m["bpd_stderr"], decoder_L0=terms["decoder_L0"])
+    info["sum_Lt"] = terms.get("sum_Lt", terms.get("diffusion"))
+    info["prior_LT"] = terms.get("prior_LT", terms.get("prior_L1"))
+    if "bpd_finite" in m:  # continuous time: its T = 1000 discretisation too
+        info["bpd_T1000"] = m["bpd_finite"]["bpd"]
     return info
 
 
