@@ -33,11 +33,8 @@ def make_optimizer(
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """``config.optim.optimizer`` with the learning rate lr·min(step/warmup, 1) and clipping of
     the global gradient norm at ``optim.grad_clip`` (0: none). Returns (optimizer, schedule)."""
+    check_config(config)
     o = config.optim
-    if o.optimizer not in OPTIMIZERS:
-        raise ValueError(
-            f"config.optim.optimizer={o.optimizer!r} is not one of {tuple(OPTIMIZERS)}."
-        )
     schedule = optax.linear_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1))
     if o.warmup_steps == 0:
         schedule = optax.constant_schedule(o.learning_rate)
