@@ -11,12 +11,12 @@ from configs import digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# LLVM's cheapest code generation for the programs that the tests' subprocesses compile (runs of
-# the CLI and the scripts, which check what a run writes and that runs under the same flags agree):
-# they compile about a fifth faster and run a few steps, where speed does not matter. XLA's passes
-# over the HLO are the same, but rounding may differ from the default build's, so the in-process
-# tests, which hold computations to tight tolerances, and CI's first command (step 1 of .ci/run)
-# compile with the defaults, as users do.
+# LLVM's cheapest code generation, for every program the tests compile, in-process (conftest.py)
+# and in their subprocesses (runs of the CLI and the scripts): they compile about a third faster
+# and run a few steps, where speed does not matter. XLA's passes over the HLO are the same, but
+# rounding may differ from the default build's by a few ulp, so tests compare with tolerances
+# that admit it, or compare two results of the same build; CI's first command (step 1 of
+# .ci/run) compiles with the defaults, as users do.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 

@@ -87,6 +87,24 @@ def test_check_workdir_names_each_differing_key_on_its_own_line(tmp_path):
     assert f"--config configs/workdir.py:{workdir}" in lines[-1]
 
 
+def test_allow_config_change_lets_only_the_optimisers_keys_differ(tmp_path):
+    """After a NaN stop the advised --allow_config_change=optim.learning_rate resumes with a
+    lower learning rate; a key that shapes the network can never be allowed."""
+    workdir = _saved_run(tmp_path)
+    lower = tiny_config(**{"optim.learning_rate": 1e-4})
+    with pytest.raises(ValueError, match=r"optim.learning_rate: 0.001 -> 0.0001"):
+        config_lib.check_workdir(lower, workdir)
+    config_lib.check_workdir(lower, workdir, allow=("optim.learning_rate",))
+    with pytest.raises(ValueError, match=r"'model.ch': only the optimiser's keys may change"):
+        config_lib.check_workdir(lower, workdir, allow=("model.ch",))
+    with pytest.raises(ValueError, match=r"(?s)different config.*model.ch: 32 -> 16"):
+        config_lib.check_workdir(
+            tiny_config(**{"model.ch": 16, "optim.learning_rate": 1e-4}),
+            workdir,
+            allow=("optim.learning_rate",),
+        )
+
+
 def test_workdir_config_is_the_runs_own_and_passes_the_check(tmp_path):
     from configs import workdir as workdir_config
 

@@ -732,8 +732,10 @@ def test_pred_x0_snapshots():
     assert every1.shape == (50, 4, 3) and every7.shape == (8, 4, 3)
     np.testing.assert_allclose(x, plain, rtol=1e-6)
     np.testing.assert_allclose(x7, plain, rtol=1e-6)
-    # every1[j] is x0_hat at t = 49 - j; every7[j] at t = 7 (7 - j), i.e. 49, 42, ..., 0.
-    np.testing.assert_allclose(every7, every1[49 - np.arange(49, -1, -7)], rtol=1e-6)
+    # every1[j] is x0_hat at t = 49 - j; every7[j] at t = 7 (7 - j), i.e. 49, 42, ..., 0. Two
+    # programs: x0_hat = (x_t - sqrt(1 - abar) eps_hat) / sqrt(abar) cancels at large t and so
+    # magnifies their different rounding (5.5e-5 at t = 49 under LLVM -O0), hence atol.
+    np.testing.assert_allclose(every7, every1[49 - np.arange(49, -1, -7)], rtol=1e-6, atol=2e-4)
     np.testing.assert_allclose(every1[-1], x, atol=0.05)  # x0_hat at t = 0 ~ the sample
 
 

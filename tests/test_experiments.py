@@ -113,7 +113,7 @@ def test_profile_step_accounts_for_the_step():
     """experiments/perf/profile_step.py on the digits model: the traced kinds and what the trace
     leaves out (Eigen's convolutions) add up to the step's wall time, each kind non-negative, the
     kinds summed the same as the threads; the program is today's CPU default."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1))
     cmd = [sys.executable, os.path.join(EXPERIMENTS, "perf", "profile_step.py")]
     cmd += ["--config", "configs/digits.py", "--batch_size", "16", "--steps", "2"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

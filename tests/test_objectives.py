@@ -96,20 +96,23 @@ def test_vdm_loss_is_the_bound_and_the_variance_option_changes_only_the_schedule
         x0 = jax.random.uniform(jax.random.key(0), (8, 8, 8, 1), minval=-1, maxval=1)
         levels = input_pipeline.to_uint8_levels(np.asarray(x0), 17)
         x0 = input_pipeline.to_model_space(jnp.asarray(levels), 17)
-        params = model.init(jax.random.key(1), x0, jnp.zeros((8,)))["params"]
+        # Compiled whole: op by op, the U-Net's init and gradient take several times longer.
+        params = jax.jit(model.init)(jax.random.key(1), x0, jnp.zeros((8,)))["params"]
         assert set(params) == {"net", "gamma_shape", "gamma_ends"}
         loss_fn = objectives.get_objective(config).make_loss_fn(config, model)
         key = jax.random.key(2)
-        terms = loss_fn(params, x0, key)
+
+        def mean_loss(p, f=loss_fn, x=x0, k=key):
+            terms = f(p, x, k)
+            return terms["loss"].mean(), terms
+
+        (_, terms), grads[option] = jax.jit(jax.value_and_grad(mean_loss, has_aux=True))(params)
         np.testing.assert_allclose(
             terms["loss"],
             terms["decoder_bpd"] + terms["diffusion_bpd"] + terms["prior_bpd"],
             rtol=1e-6,
         )
         values[option] = terms["loss"]
-        grads[option] = jax.grad(lambda p, f=loss_fn, x=x0, k=key: f(p, x, k)["loss"].mean())(
-            params
-        )
         # At init the network outputs 0, so the diffusion term is ½ (γ_1 − γ_0) ‖ε‖²/(D ln 2).
         ref = 0.5 * 15.0 * 64 / (64 * np.log(2))
         assert abs(float(terms["diffusion_bpd"].mean()) - ref) < 0.35 * ref
@@ -179,9 +182,9 @@ def test_vdm_t_per_example_averages_the_diffusion_term_over_k_times():
     config = vdm_config(**{"vdm.t_per_example": 3, "model.dropout": 0.0})
     model = models.get_model(config)
     x0 = jnp.linspace(-1, 1, 4 * 64).reshape(4, 8, 8, 1)
-    params = model.init(jax.random.key(1), x0, jnp.zeros((4,)))["params"]
+    params = jax.jit(model.init)(jax.random.key(1), x0, jnp.zeros((4,)))["params"]
     key = jax.random.key(5)
-    terms = objectives.get_objective(config).make_loss_fn(config, model)(params, x0, key)
+    terms = jax.jit(objectives.get_objective(config).make_loss_fn(config, model))(params, x0, key)
     assert terms["loss"].shape == (4,)
     _, t_key, noise_key, _ = jax.random.split(key, 4)
     t = timesteps.sample_continuous_t(t_key, 12)
@@ -189,5 +192,6 @@ def test_vdm_t_per_example_averages_the_diffusion_term_over_k_times():
     noise = jax.random.normal(noise_key, x.shape)
     net = models.model_fn(model, params)
     gamma = objectives.gamma_fn(model, params)
-    ref = vdm.diffusion_loss(net, gamma, x, t, noise) * vdm.bits_per_dim_scale(x)
+    ref = jax.jit(vdm.diffusion_loss, static_argnums=(0, 1))(net, gamma, x, t, noise)
+    ref = ref * vdm.bits_per_dim_scale(x)
     np.testing.assert_allclose(terms["diffusion_bpd"], ref.reshape(3, 4).mean(0), rtol=2e-4)

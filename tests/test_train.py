@@ -1,3 +1,4 @@
+import functools
 import json
 import os
 import shutil
@@ -113,41 +114,6 @@ def test_half_written_checkpoint_is_ignored(full_run, tmp_path):
     os.makedirs(os.path.join(partial, "state"))
     manager = checkpoints.make_manager(workdir)
     assert manager.latest_step() == 2
-
-
-def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
-    workdir = str(tmp_path)
-    config = tiny_config(
-        **{
-            # Warmup from 0: step 0 changes nothing, step 1's lr of 1e35 makes the loss NaN.
-            "optim.learning_rate": 1e38,
-            "optim.grad_clip": 0.0,
-            "optim.warmup_steps": 1000,
-            "training.num_train_steps": 4,
-            "training.checkpoint_every": 1,
-            "training.log_every": 1,
-        }
-    )
-    with pytest.raises(train.NonFiniteLossError, match=r"at step (\d+)") as info:
-        train.train_and_evaluate(config, workdir)
-    # Step 2's update made the parameters infinite: caught before its save, so the checkpoint of
-    # step 1 (finite loss and gradient at step 2) is the newest and is named.
-    assert "The parameter norm is inf at step 2: stopping." in str(info.value)
-    last = checkpoints.make_manager(workdir).latest_step()
-    assert last == 1
-    assert f"finite state (loss, gradient and parameters) is step {last} in" in str(info.value)
-    for leaf in _leaves(checkpoints.load_params(workdir, ema=False)):
-        assert np.all(np.isfinite(leaf))
-    assert "--allow_config_change=optim.learning_rate" in str(info.value)
-    # The same workdir with a lower learning rate: refused unless the user allows the change.
-    config.optim.learning_rate = 1e-3
-    with pytest.raises(ValueError, match=r"optim.learning_rate: 1e\+38 -> 0.001"):
-        train.train_and_evaluate(config, workdir)
-    with pytest.raises(ValueError, match="only the optimiser's keys"):
-        train.train_and_evaluate(config, workdir, allow_config_change=("model.ch",))
-    state = train.train_and_evaluate(config, workdir, allow_config_change=("optim.learning_rate",))
-    assert int(state.step) == 4
-    assert all(np.all(np.isfinite(leaf)) for leaf in _leaves(state.params))
 
 
 def test_the_first_state_that_cannot_resume():
@@ -277,25 +243,6 @@ def test_loss_aware_t_sampler_resumes_bit_identical(tmp_path):
     _assert_trees_equal(resumed, reference)
 
 
-def test_loss_aware_vb_draws_t_for_the_vb_term_and_resumes_bit_identical(tmp_path):
-    """t_sampler loss_aware_vb (hybrid, learned variances, conditional: the labels are doubled
-    for the two halves): the history fills with the vb term's T vb; resume is bit-identical."""
-    overrides = {
-        "diffusion.t_sampler": "loss_aware_vb",
-        "diffusion.loss_type": "hybrid",
-        "diffusion.var_type": "learned_range",
-        "diffusion.hybrid_train_mean": True,
-        "model.num_classes": 10,
-    }
-    reference = train.train_and_evaluate(_loss_aware(**overrides), str(tmp_path / "full"))
-    history = np.asarray(reference.loss_history)
-    assert history.shape == (4, 10) and np.isfinite(history).all()
-    workdir = str(tmp_path / "resumed")
-    train.train_and_evaluate(_loss_aware(**overrides, **{"training.num_train_steps": 4}), workdir)
-    resumed = train.train_and_evaluate(_loss_aware(**overrides), workdir)
-    _assert_trees_equal(resumed, reference)
-
-
 def _conditional(**overrides):
     return tiny_config(
         **{"model.num_classes": 10, "training.label_dropout": 0.5, "training.batch_size": 16},
@@ -304,15 +251,21 @@ def _conditional(**overrides):
 
 
 def test_a_conditional_run_resumes_bit_identical(tmp_path):
-    reference = train.train_and_evaluate(_conditional(), str(tmp_path / "full"))
+    """The digits recipe (t_sampler loss_aware_vb: hybrid, learned variances) made conditional,
+    with T = 4 so that the loss history, filled by the vb term's T L_vb, is warm by the resume
+    at step 3 (the labels are doubled for the two halves of the batch): bit-identical."""
+    config = functools.partial(_conditional, **{"diffusion.num_timesteps": 4})
+    reference = train.train_and_evaluate(config(), str(tmp_path / "full"))
+    history = np.asarray(reference.loss_history)
+    assert history.shape == (4, 10) and np.isfinite(history).all()
     workdir = str(tmp_path / "resumed")
-    train.train_and_evaluate(_conditional(**{"training.num_train_steps": 3}), workdir)
-    resumed = train.train_and_evaluate(_conditional(), workdir)
+    train.train_and_evaluate(config(**{"training.num_train_steps": 3}), workdir)
+    resumed = train.train_and_evaluate(config(), workdir)
     assert int(resumed.step) == 6
     _assert_trees_equal(resumed, reference)
     # The labels reached the network's class embedding: the rows trained are the null row
     # (label dropout) and rows of classes in the batches; Adam leaves a row never used as it was.
-    config = evaluation.prepare(_conditional())
+    config = evaluation.prepare(config())
     initial = train.build(config, sharding.make_mesh()).init(objectives.run_keys(0)["init"])
     before = np.asarray(initial.params["class"]["embed"]["embedding"])  # [11, 128]
     after = np.asarray(reference.params["class"]["embed"]["embedding"])
