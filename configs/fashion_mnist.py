@@ -38,8 +38,8 @@ def get_config():
 
     # The bound on all 10,000 test images: L_0 and L_T exact, sum L_t from 20 t per image,
     # stratified in log t (eval.bound_num_t; 0 would be all 1,000 t: 10 M network calls). The
-    # per-t figures need the full bound: --config.eval.bound_num_t=0
-    # --config.eval.num_examples=200 --config.eval.figures='("lt_curve","rate_distortion")'.
+    # per-t figures run all t on the first eval.rate_distortion.num_examples images:
+    # --config.eval.figures='("lt_curve","rate_distortion","progressive")'.
     config.eval.num_examples = 0
     config.eval.batch_size = 200
     config.eval.bound_num_t = 20

@@ -116,7 +116,7 @@ def test_bound_estimate_is_the_sampled_bound_of_each_batch(run, tmp_path, sample
     L0 = float(np.concatenate(decoder).mean())
     assert out["bpd_terms"]["decoder_L0"] == pytest.approx(L0, rel=1e-3, abs=1e-8)
     assert "terms_bpd_per_t" not in out and out["num_examples"] == 10
-    assert "eval.bound_num_t=0" in evaluation.EVALUATORS["lt_curve"].skip(ctx)
+    assert evaluation.EVALUATORS["lt_curve"].skip(ctx) is None
 
 
 def test_every_evaluator_end_to_end(run, tmp_path):
@@ -154,6 +154,38 @@ def test_every_evaluator_end_to_end(run, tmp_path):
         assert 0 < os.path.getsize(out["figures"][name]) < 200_000
     assert "fid" not in out and "inception_score" not in out
     assert "No Inception weights configured" in out["fid_skipped"]
+
+
+def test_with_an_estimated_bound_the_lt_curve_is_the_rate_distortion_pass(
+    run, tmp_path, monkeypatch
+):
+    """eval.bound_num_t = 5: bits/dim from 5 t per example; the L_t curve and the rate-distortion
+    curve share one full per-t pass over eval.rate_distortion.num_examples = 8 examples."""
+    ctx = context(
+        run,
+        tmp_path,
+        bound_num_t=5,
+        figures=("lt_curve", "rate_distortion"),
+        rate_distortion={"num_examples": 8},
+    )
+    drawn = {}
+
+    def plot(terms, path, mse=None, title=None):
+        drawn.update(terms=np.asarray(terms), mse=np.asarray(mse), title=title)
+
+    monkeypatch.setattr(plots, "plot_lt_curve", plot)
+    out = evaluation.run_evaluators(ctx)
+    assert out["bound_estimate"] == {"kind": "stratified", "num_t": 5}
+    assert [k for k in ctx.cache if k[0] == "bound"] == [("bound", "test", 8)]  # one pass
+    total = ctx.cache[("bound", "test", 8)]
+    np.testing.assert_allclose(drawn["terms"], total["terms_bpd"] / 8)
+    np.testing.assert_allclose(drawn["mse"], total["mse"] / 8)
+    assert drawn["title"] == (
+        f"L_t on 8 test examples, sum {float(total['kl_bpd']) / 8:.4f} bits/dim"
+    )
+    rd = json.load(open(out["rate_distortion"]["path"]))
+    np.testing.assert_allclose(rd["terms_bpd"], drawn["terms"], rtol=1e-6)
+    assert "lt_curve" in out["figures"] and "failed" not in out
 
 
 def test_a_failing_step_keeps_the_numbers_before_it(run, tmp_path, monkeypatch):

@@ -76,16 +76,6 @@ def _needs_images(ctx: EvalContext) -> str | None:
     return None if ctx.config.data.image_size else "needs image data"
 
 
-def _needs_bpd(ctx: EvalContext) -> str | None:
-    if "terms_bpd_per_t" in ctx.metrics:
-        return None
-    if ctx.config.training.objective != "ddpm":
-        return "needs the discrete chain's per-t terms (training.objective='ddpm')"
-    if ctx.config.eval.bound_num_t:
-        return "needs the full bound's per-t terms (eval.bound_num_t=0)"
-    return "needs the bpd metric"
-
-
 @dataclasses.dataclass(frozen=True)
 class Evaluator:
     kind: str  # "metric" (named in eval.metrics) | "figure" (eval.figures) | "splits"
@@ -97,7 +87,7 @@ EVALUATORS: dict[str, Evaluator] = {
     "bpd": Evaluator("metric", bpd_lib.bpd, _needs_bound),
     "bpd_splits": Evaluator("splits", bpd_lib.bpd_splits, _needs_bound),
     "bpd_ode": Evaluator("metric", bpd_lib.bpd_ode, _needs_chain),
-    "lt_curve": Evaluator("figure", bpd_lib.lt_curve, _needs_bpd),
+    "lt_curve": Evaluator("figure", bpd_lib.lt_curve, _needs_chain),
     "rate_distortion": Evaluator("figure", rd_lib.rate_distortion, _needs_chain),
     "progressive": Evaluator("figure", progressive_lib.progressive, _needs_chain),
     "gamma_schedule": Evaluator("figure", bpd_lib.gamma_schedule, _needs_vdm),

@@ -170,16 +170,24 @@ def evaluate_bpd(
 
 
 def lt_curve(ctx: EvalContext) -> dict[str, Any]:
-    """The figure of L_t and the ε-MSE against t, from the ``bpd`` evaluator's terms."""
+    """The figure of L_t and the ε-MSE against t: the ``bpd`` evaluator's per-t terms when it ran
+    the full bound; when bits/dim was estimated from K t per example (``eval.bound_num_t`` > 0)
+    or not asked for, the full per-t pass over the first ``eval.rate_distortion.num_examples``
+    of ``eval.split``, the same pass (cached) the rate–distortion curve sums."""
     m = ctx.metrics
+    if "terms_bpd_per_t" in m:
+        terms, mse = m["terms_bpd_per_t"], m.get("mse_per_t")
+        n, split, sum_lt = m["num_examples"], m["split"], m["bpd_terms"]["sum_Lt"]
+    else:
+        split = ctx.config.eval.split
+        total = ctx.bound_sums(split, ctx.config.eval.rate_distortion.num_examples)
+        n = int(total["count"])
+        terms, mse = total["terms_bpd"] / n, total["mse"] / n  # [T] each
+        sum_lt = float(total["kl_bpd"]) / n
     path = ctx.figure_path("lt_curve")
     if jax.process_index() == 0:
         plots.plot_lt_curve(
-            m["terms_bpd_per_t"],
-            path,
-            m.get("mse_per_t"),
-            title=f"L_t on {m['num_examples']} {m['split']} examples, "
-            f"sum {m['bpd_terms']['sum_Lt']:.4f} bits/dim",
+            terms, path, mse, title=f"L_t on {n} {split} examples, sum {sum_lt:.4f} bits/dim"
         )
     return {"figures": {**m.get("figures", {}), "lt_curve": path}}
 
