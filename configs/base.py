@@ -175,6 +175,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.optimizer = "adam"  # adam | adamw
     config.optim.learning_rate = 2e-4
     config.optim.warmup_steps = 5000
+    # After the warm-up: "constant", or "cosine" down to 0 at training.num_train_steps.
+    config.optim.lr_decay = "constant"
     config.optim.beta1 = 0.9
     config.optim.beta2 = 0.999
     config.optim.eps = 1e-8

@@ -1,5 +1,6 @@
-"""Optimisers by name (optax): Adam(W) with linear warmup and global-norm clipping; the EMA of
-the parameters, with its optional warm-up; the checks of every ``config.optim`` value."""
+"""Optimisers by name (optax): Adam(W) with linear warmup, an optional cosine decay and global-norm
+clipping; the EMA of the parameters, with its optional warm-up; the checks of every
+``config.optim`` value."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-__all__ = ["OPTIMIZERS", "check_config", "ema_decay_at", "ema_update", "make_optimizer"]
+__all__ = [
+    "LR_DECAYS",
+    "OPTIMIZERS",
+    "check_config",
+    "ema_decay_at",
+    "ema_update",
+    "learning_rate_schedule",
+    "make_optimizer",
+]
 
 
 def _adam(o: ml_collections.ConfigDict, schedule) -> optax.GradientTransformation:
@@ -26,18 +35,35 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "adam": _adam,
     "adamw": _adamw,
 }
+LR_DECAYS = ("constant", "cosine")  # what follows the warm-up
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """The learning rate at step n, with W = ``optim.warmup_steps`` and N =
+    ``training.num_train_steps``:
+
+        "constant":  lr · min(n / W, 1)
+        "cosine":    lr · n / W for n < W, then lr · ½ (1 + cos(π (n − W) / (N − W))): 0 at N
+
+    (``optim.lr_decay``). The cosine spans the run's N: a run resumed with a larger N goes on
+    from the higher rate of the longer schedule."""
+    o = config.optim
+    if o.lr_decay == "cosine":
+        n = config.training.num_train_steps
+        return optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, o.warmup_steps, n, 0.0)
+    if o.warmup_steps == 0:
+        return optax.constant_schedule(o.learning_rate)
+    return optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps)
 
 
 def make_optimizer(
     config: ml_collections.ConfigDict,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """``config.optim.optimizer`` with the learning rate lr·min(step/warmup, 1) and clipping of
-    the global gradient norm at ``optim.grad_clip`` (0: none). Returns (optimizer, schedule)."""
+    """``config.optim.optimizer`` with ``learning_rate_schedule`` and clipping of the global
+    gradient norm at ``optim.grad_clip`` (0: none). Returns (optimizer, schedule)."""
     check_config(config)
     o = config.optim
-    schedule = optax.linear_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1))
-    if o.warmup_steps == 0:
-        schedule = optax.constant_schedule(o.learning_rate)
+    schedule = learning_rate_schedule(config)
     opt = OPTIMIZERS[o.optimizer](o, schedule)
     if o.grad_clip > 0:
         opt = optax.chain(optax.clip_by_global_norm(o.grad_clip), opt)
@@ -101,3 +127,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         value = o[key]
         if not ok(value):
             raise ValueError(f"config.optim.{key}={value!r} must be {allowed}.")
+    if o.lr_decay not in LR_DECAYS:
+        raise ValueError(f"config.optim.lr_decay={o.lr_decay!r} is not one of {LR_DECAYS}.")
+    steps = config.training.num_train_steps
+    if o.lr_decay == "cosine" and not steps > o.warmup_steps:
+        raise ValueError(
+            f"config.optim.lr_decay='cosine' decays over the steps after the warm-up, but "
+            f"training.num_train_steps={steps} <= optim.warmup_steps={o.warmup_steps}: "
+            "lower the warm-up or train longer."
+        )

@@ -99,3 +99,41 @@ def test_every_optim_value_is_checked_before_compiling(key, value):
 
 def test_the_recipes_pass_the_optim_checks():
     optim.check_config(tiny_config(**{"optim.ema_warmup_power": 0.75}))
+
+
+@pytest.mark.parametrize("warmup", [0, 10])
+def test_the_learning_rate_schedules_are_their_formulas(warmup):
+    """optim.lr_decay: "constant" is lr min(n / W, 1); "cosine" is the same warm-up, then
+    lr (1 + cos(pi (n - W) / (N - W))) / 2, lr at n = W and 0 at n = N."""
+    lr, n_steps = 1e-3, 50
+    steps = np.arange(n_steps + 1)
+    for decay in optim.LR_DECAYS:
+        config = tiny_config(
+            **{"optim.learning_rate": lr, "optim.warmup_steps": warmup, "optim.lr_decay": decay},
+            **{"training.num_train_steps": n_steps},
+        )
+        optim.check_config(config)
+        got = np.array([float(optim.learning_rate_schedule(config)(n)) for n in steps])
+        ramp = lr * np.minimum(steps / warmup, 1.0) if warmup else np.full(steps.shape, lr)
+        if decay == "cosine":
+            after = (steps - warmup) / (n_steps - warmup)
+            ramp = np.where(steps < warmup, ramp, lr * 0.5 * (1 + np.cos(np.pi * after)))
+            assert got[-1] == pytest.approx(0.0, abs=1e-12)
+            assert got[warmup + (n_steps - warmup) // 2] == pytest.approx(lr / 2, rel=1e-5)
+        np.testing.assert_allclose(got, ramp, rtol=1e-5, atol=1e-10)
+        assert optim.make_optimizer(config)[1](warmup) == pytest.approx(lr, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"optim.lr_decay": "linear"}, r"optim.lr_decay='linear' is not one of \('constant', "),
+        (
+            {"optim.lr_decay": "cosine", "optim.warmup_steps": 6},
+            r"training.num_train_steps=6 <= optim.warmup_steps=6",
+        ),
+    ],
+)
+def test_the_decay_is_checked_before_compiling(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        config_lib.validate(tiny_config(**overrides))

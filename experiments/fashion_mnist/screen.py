@@ -126,6 +126,16 @@ DIGITS_SCREENS = {
         2,
         {**EMA, "diffusion.beta_schedule": "cosine"},
     ),
+    "decay": (
+        "hybrid at two t's, EMA warm-up, learning rate cosine-decayed to 0",
+        2,
+        {**EMA, "optim.lr_decay": "cosine"},
+    ),
+    "decay2e-3": (
+        "hybrid at two t's, EMA warm-up, learning rate 2e-3 cosine-decayed to 0",
+        2,
+        {**EMA, "optim.lr_decay": "cosine", "optim.learning_rate": 2e-3},
+    ),
 }
 SCREENS = {"fashion_mnist": FASHION_SCREENS, "digits": DIGITS_SCREENS}
 
@@ -214,7 +224,8 @@ def table(rows: list[dict], reference: str = "test") -> str:
         )
     q = rows[0]["quality"]
     real = (
-        f"| real vs real | {q['num_real']} {reference} images | | | | | | | | {q['fd_real']:.3f} | "
+        f"| real vs real | {q['num_real']} real images against {reference} | | | | | | | | "
+        f"{q['fd_real']:.3f} | "
         f"{1e3 * q['kid_real']:.2f} | {q['is_real']:.3f} | {q['precision_real']:.3f} | "
         f"{q['recall_real']:.3f} |"
     )
