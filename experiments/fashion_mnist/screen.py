@@ -121,6 +121,11 @@ DIGITS_SCREENS = {
         2,
         {**EMA, "optim.learning_rate": 2e-3},
     ),
+    "lr3e-3": (
+        "hybrid at two t's, EMA warm-up, learning rate 3e-3",
+        2,
+        {**EMA, "optim.learning_rate": 3e-3},
+    ),
     "cosine": (
         "hybrid at two t's, EMA warm-up, cosine schedule",
         2,
@@ -130,11 +135,6 @@ DIGITS_SCREENS = {
         "hybrid at two t's, EMA warm-up, learning rate cosine-decayed to 0",
         2,
         {**EMA, "optim.lr_decay": "cosine"},
-    ),
-    "decay2e-3": (
-        "hybrid at two t's, EMA warm-up, learning rate 2e-3 cosine-decayed to 0",
-        2,
-        {**EMA, "optim.lr_decay": "cosine", "optim.learning_rate": 2e-3},
     ),
 }
 SCREENS = {"fashion_mnist": FASHION_SCREENS, "digits": DIGITS_SCREENS}
