@@ -21,6 +21,7 @@ LAYERS = {
         "vdm",
         "ode",
         "score",
+        "distill",
     ),
     "infrastructure": (
         "sharding",

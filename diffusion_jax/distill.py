@@ -1,0 +1,134 @@
+"""Progressive distillation (Salimans & Ho 2022), the maths: the target that makes a student's one
+DDIM step land where the teacher's two land, over the ``samplers.Process`` interface (the
+discrete chain at real t in [0, T-1], continuous time at t in [0, 1]).
+
+A round distils a teacher sampling on a grid of 2N DDIM steps into a student of N: the student's
+step k runs from the teacher's grid point 2k to 2k + 2, and its x-prediction is trained towards
+``distillation_target`` (the paper's Algorithm 2) with the weight ``distillation_weight``. The
+grid ends at sigma = 0 (alpha = 1): the last step returns x0_hat, as ``samplers.ddim_update``'s
+chain does. Pure JAX, no Flax, no I/O; every function jits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax import samplers
+
+__all__ = [
+    "DISTILL_WEIGHTS",
+    "DistillGrid",
+    "alpha_sigma",
+    "ddim_step",
+    "distillation_grid",
+    "distillation_target",
+    "distillation_weight",
+    "teacher_two_steps",
+]
+
+ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+DISTILL_WEIGHTS = ("truncated_snr", "snr_plus_one")
+
+
+class DistillGrid(NamedTuple):
+    """A sampling grid of N DDIM steps, noisiest first: the network's times ``t`` [N] and
+    ``alpha``, ``sigma`` [N + 1] at those times and at the end (alpha = 1, sigma = 0)."""
+
+    t: jax.Array
+    alpha: jax.Array
+    sigma: jax.Array
+
+
+def alpha_sigma(process: samplers.Process, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(alpha(t), sigma(t)) of a variance-preserving process from its sigma_ve = sigma / alpha:
+    alpha = 1 / sqrt(1 + sigma_ve^2), sigma = sigma_ve alpha."""
+    sigma_ve = process.sigma_ve(t)
+    alpha = jax.lax.rsqrt(1.0 + jnp.square(sigma_ve))
+    return alpha, sigma_ve * alpha
+
+
+def distillation_grid(process: samplers.Process, num_steps: int) -> DistillGrid:
+    """N = ``num_steps`` steps uniform in the process's time, t_i = t_max (N - i) / N for
+    i = 0, ..., N - 1 (t_min = 0 for both processes), then sigma = 0. Halving N keeps every
+    other point: the grid of N / 2 steps is the even points of this one."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}.")
+    t = process.t_max * jnp.arange(num_steps, 0, -1, dtype=jnp.result_type(float)) / num_steps
+    alpha, sigma = alpha_sigma(process, t)  # [N] each
+    one, zero = jnp.ones((1,), alpha.dtype), jnp.zeros((1,), alpha.dtype)
+    return DistillGrid(t, jnp.concatenate([alpha, one]), jnp.concatenate([sigma, zero]))
+
+
+def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
+    """A scalar or [B] array broadcastable to x [B, ...]."""
+    v = jnp.broadcast_to(jnp.asarray(v, x.dtype), x.shape[:1])
+    return v.reshape(v.shape + (1,) * (x.ndim - 1))
+
+
+def ddim_step(
+    process: samplers.Process,
+    model_fn: ModelFn,
+    z: jax.Array,
+    t: jax.Array,
+    alpha_s: jax.Array,
+    clip_denoised: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """The project's deterministic DDIM step (``samplers.ddim_update``, eta = 0) from time t
+    [B] to the point alpha_s [B] (sigma_s = sqrt(1 - alpha_s^2)) of the grid:
+    z_s = alpha_s x0_hat + sigma_s eps_hat. Returns (z_s, x0_hat), each [B, ...]."""
+    abar_s = _bcast(jnp.square(alpha_s), z)  # [B, 1, ...]
+    step = samplers.ChainStep(t, t, jnp.int32(0), abar_s, jnp.zeros_like(abar_s))
+    key = jax.random.key(0)  # unused: eta = 0 draws no noise
+    return samplers.ddim_update(process, model_fn, z, step, key, 0.0, clip_denoised)
+
+
+def teacher_two_steps(
+    process: samplers.Process,
+    teacher_fn: ModelFn,
+    z_t: jax.Array,
+    grid: DistillGrid,
+    k: jax.Array,
+    clip_denoised: bool = False,
+) -> jax.Array:
+    """The teacher's two DDIM steps from grid point 2k to 2k + 2 of its 2N-step ``grid``
+    (k int32 [B], one student step each): z_{t'} = DDIM(z_t; t -> t'), z_{t''} = DDIM(z_{t'};
+    t' -> t''). Returns z_{t''} [B, ...]."""
+    mid = 2 * k + 1  # [B]; at most 2N - 1, a network time of the grid
+    z_mid, _ = ddim_step(process, teacher_fn, z_t, grid.t[2 * k], grid.alpha[mid], clip_denoised)
+    z_s, _ = ddim_step(process, teacher_fn, z_mid, grid.t[mid], grid.alpha[mid + 1], clip_denoised)
+    return z_s
+
+
+def distillation_target(
+    z_t: jax.Array,
+    z_s: jax.Array,
+    alpha_t: jax.Array,
+    sigma_t: jax.Array,
+    alpha_s: jax.Array,
+    sigma_s: jax.Array,
+) -> jax.Array:
+    """The x the student's one DDIM step from t to s must predict to land on the teacher's z_s
+    (Salimans & Ho 2022, Algorithm 2):
+
+      x~ = (z_s - (sigma_s / sigma_t) z_t) / (alpha_s - (sigma_s / sigma_t) alpha_t),
+
+    the solution of z_s = alpha_s x~ + sigma_s (z_t - alpha_t x~) / sigma_t. alpha, sigma are
+    [B] (or scalars); z_t, z_s, the result [B, ...]. At sigma_s = 0 it is z_s / alpha_s."""
+    ratio = _bcast(sigma_s / sigma_t, z_t)
+    return (z_s - ratio * z_t) / (_bcast(alpha_s, z_t) - ratio * _bcast(alpha_t, z_t))
+
+
+def distillation_weight(alpha_t: jax.Array, sigma_t: jax.Array, kind: str) -> jax.Array:
+    """The weight of the x-space loss w ||x~ - x_hat||^2 at t (Salimans & Ho 2022, section 4):
+    "truncated_snr" max(SNR, 1) or "snr_plus_one" SNR + 1 (the v-loss ||v~ - v_hat||^2 written
+    in x space), SNR = alpha^2 / sigma^2. Shapes as alpha_t."""
+    snr = jnp.square(alpha_t / sigma_t)
+    if kind == "truncated_snr":
+        return jnp.maximum(snr, 1.0)
+    if kind == "snr_plus_one":
+        return snr + 1.0
+    raise ValueError(f"distillation weight {kind!r}; allowed: {DISTILL_WEIGHTS}.")
