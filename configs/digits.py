@@ -26,11 +26,14 @@ def get_config():
     config.data.num_bins = 17  # levels 0..16
     config.data.random_flip = False  # digits are not mirror-symmetric
 
-    config.model.ch = 32  # 1.0M parameters: 8x8 digits need little, and a CPU trains it fast
+    config.model.ch = 32  # 0.92M parameters: 8x8 digits need little, and a CPU trains it fast
     config.model.ch_mult = (1, 2)
     config.model.num_res_blocks = 2
-    config.model.attn_resolutions = (4,)
-    config.model.dropout = 0.1
+    # Attention only in the middle block, no dropout: in 2,000-step screens 1.7927 bits/dim
+    # against 1.8027 with attention at 4x4 and dropout 0.1, and 1.45x the steps per second
+    # (experiments/digits/README.md, "A first run's budget").
+    config.model.attn_resolutions = ()
+    config.model.dropout = 0.0
     # Sin/cos(2^n pi x_t), n = 4, 5, 6: 2^4 = 17 - 1 (and its multiples) makes them periodic in
     # the 17-level grid, so they give x_t's offset from the nearest level, what the network must
     # resolve at low noise ((4, 5, 6) beat (3, 4, 5, 6) and (4, 5, 6, 7) in 2,000-step screens:
@@ -49,16 +52,30 @@ def get_config():
     config.diffusion.hybrid_lambda = 0.1
     config.diffusion.hybrid_train_mean = True
 
-    config.optim.learning_rate = 1e-3
+    # A first run's budget (experiments/digits/README.md, "A first run's budget"): 2,500 steps at
+    # learning rate 3e-3, the EMA warmed up (decay min(0.999, 1 - (1 + n)^-3/4)) so the average
+    # forgets the random start within the run.
+    config.optim.learning_rate = 3e-3
     config.optim.warmup_steps = 200
     config.optim.ema_decay = 0.999
+    config.optim.ema_warmup_power = 0.75
 
     config.training.batch_size = 64
-    config.training.num_train_steps = 4000
+    config.training.num_train_steps = 2500
     config.training.log_every = 100
     config.training.checkpoint_every = 500
-    config.training.sample_every = 2000
+    config.training.sample_every = 1000
 
-    config.eval.num_examples = 0  # the whole test split: 297 digits x T = 1000 network calls
+    # The bound on all 297 test digits, sum L_t estimated from 20 stratified t per digit
+    # (standard error about 0.016 bits/dim; the full bound of every t: eval.bound_num_t=0); the
+    # per-t figures (L_t curve, rate-distortion) from every t on the first 64 test digits.
+    config.eval.num_examples = 0
+    config.eval.bound_num_t = 20
     config.eval.batch_size = 100
+    config.eval.rate_distortion.num_examples = 64
+
+    # 20 network calls of DPM-Solver++(2M) SDE (the 1000-step chain: sampling.method=ancestral,
+    # sampling.num_steps=0).
+    config.sampling.method = "dpmpp_2m_sde"
+    config.sampling.num_steps = 20
     return config

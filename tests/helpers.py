@@ -38,6 +38,9 @@ TINY = {  # the digits config shrunk to seconds: a 2-level U-Net with 32 channel
     "eval.num_examples": 16,
     "eval.batch_size": 8,
     "eval.figures": (),
+    "eval.bound_num_t": 0,  # the full bound (the default estimates it from 20 t)
+    "sampling.method": "ancestral",  # the whole chain (the default: 20 calls of DPM-Solver++)
+    "sampling.num_steps": 0,
     "sampling.num_samples": 4,
     "sampling.batch_size": 4,
 }

@@ -78,7 +78,7 @@ def _saved_run(tmp_path, **overrides):
 
 
 def test_check_workdir_names_each_differing_key_on_its_own_line(tmp_path):
-    workdir = _saved_run(tmp_path)
+    workdir = _saved_run(tmp_path, **{"optim.learning_rate": 1e-3})
     config = tiny_config(**{"model.ch": 16, "optim.learning_rate": 0.5})
     with pytest.raises(ValueError) as e:
         config_lib.check_workdir(config, workdir)
@@ -90,7 +90,7 @@ def test_check_workdir_names_each_differing_key_on_its_own_line(tmp_path):
 def test_allow_config_change_lets_only_the_optimisers_keys_differ(tmp_path):
     """After a NaN stop the advised --allow_config_change=optim.learning_rate resumes with a
     lower learning rate; a key that shapes the network can never be allowed."""
-    workdir = _saved_run(tmp_path)
+    workdir = _saved_run(tmp_path, **{"optim.learning_rate": 1e-3})
     lower = tiny_config(**{"optim.learning_rate": 1e-4})
     with pytest.raises(ValueError, match=r"optim.learning_rate: 0.001 -> 0.0001"):
         config_lib.check_workdir(lower, workdir)

@@ -108,6 +108,8 @@ FASHION_SCREENS = {
 DIGITS_ONE_PASS = {  # both terms at one uniform t, the mean trained by both
     "diffusion.t_sampler": "uniform",
 }
+LEAN = {**EMA, "optim.learning_rate": 3e-3, "model.attn_resolutions": (), "model.dropout": 0.0}
+LEAN_WHAT = "EMA warm-up, learning rate 3e-3, no attention at 4x4, no dropout"
 DIGITS_SCREENS = {
     "base": ("today's recipe: hybrid at two t's, EMA 0.999", 2, {}),
     "ema": ("hybrid at two t's, EMA warm-up 3/4", 2, EMA),
@@ -125,6 +127,22 @@ DIGITS_SCREENS = {
         "hybrid at two t's, EMA warm-up, learning rate 3e-3",
         2,
         {**EMA, "optim.learning_rate": 3e-3},
+    ),
+    "lr5e-3": (
+        "hybrid at two t's, EMA warm-up, learning rate 5e-3",
+        2,
+        {**EMA, "optim.learning_rate": 5e-3},
+    ),
+    "lr3e-3_vb0.3": (
+        "hybrid (lambda 0.3) at two t's, EMA warm-up, learning rate 3e-3",
+        2,
+        {**EMA, "optim.learning_rate": 3e-3, "diffusion.hybrid_lambda": 0.3},
+    ),
+    "lean": ("hybrid at two t's, " + LEAN_WHAT, 2, LEAN),
+    "lean_bf16": (
+        "lean, bfloat16 activations (float32 parameters and loss)",
+        2,
+        {**LEAN, "model.dtype": "bfloat16"},
     ),
     "cosine": (
         "hybrid at two t's, EMA warm-up, cosine schedule",
