@@ -30,6 +30,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "experiments"))  # common
 
 _TAG = 0xC0DE  # fold_in(run sample key, .): the compared samples
 METRICS = ("fd", "kid", "is", "precision", "recall")
