@@ -33,7 +33,7 @@ def get_config():
     config.model.ch_mult = (1, 2)
     config.model.num_res_blocks = 2
     # Attention only in the middle block, no dropout: in 2,000-step screens 1.7927 bits/dim
-    # against 1.8027 with attention at 4x4 and dropout 0.1, and 1.45x the steps per second
+    # against 1.8027 with attention at 4x4 and dropout 0.1, and 1.25x the images per second
     # (experiments/digits/README.md, "A first run's budget").
     config.model.attn_resolutions = ()
     config.model.dropout = 0.0
