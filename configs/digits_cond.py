@@ -6,7 +6,7 @@ the time in training, so one network is both the conditional and the uncondition
     python -m diffusion_jax.main --config configs/digits_cond.py --workdir runs/digits_cond \
         --mode sample --config.sampling.num_samples=500
 
-It follows the default's recipe (now the 2,000-step first run, samples by DPM-Solver++(2M) SDE
+It follows the default's recipe (now the 2,500-step first run, samples by DPM-Solver++(2M) SDE
 at 20 calls). Expected (experiments/guidance/README.md, measured on an earlier recipe of
 configs/digits.py, L_vlb at 4,000 steps with ancestral samples, and not again since): the
 conditional bound -log p(x | c) 1.7169 ± 0.0136

@@ -11,7 +11,7 @@ over the rounds, and the lowest), and writes both to ``--out``.
 Networks (ours changed only where the peer cannot follow: no input Fourier features, fixed
 variances, so both have the same parameters and the same work a step):
   digits   configs/digits.py, batch 64 vs the peer's ``--config digits`` without its attention
-           at 4x4 and dropout, as ours (919,9xx parameters, checked equal; 1,001,729 with them);
+           at 4x4 and dropout, as ours (917,889 parameters, checked equal; 1,001,729 with them);
   fashion  configs/fashion_mnist.py (the CPU recipe), batch 64 vs ``--config digits`` with the
            recipe's shape given by ``--override`` (1,623,169 parameters);
   cifar10  configs/cifar10_ddpm.py at batch 16 (its batch 128 takes minutes a step on two cores),
