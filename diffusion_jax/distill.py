@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import samplers
+from diffusion_jax.samplers import per_example
 
 __all__ = [
     "DISTILL_WEIGHTS",
@@ -63,12 +64,6 @@ def distillation_grid(process: samplers.Process, num_steps: int) -> DistillGrid:
     return DistillGrid(t, jnp.concatenate([alpha, one]), jnp.concatenate([sigma, zero]))
 
 
-def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
-    """A scalar or [B] array broadcastable to x [B, ...]."""
-    v = jnp.broadcast_to(jnp.asarray(v, x.dtype), x.shape[:1])
-    return v.reshape(v.shape + (1,) * (x.ndim - 1))
-
-
 def ddim_step(
     process: samplers.Process,
     model_fn: ModelFn,
@@ -80,7 +75,7 @@ def ddim_step(
     """The project's deterministic DDIM step (``samplers.ddim_update``, eta = 0) from time t
     [B] to the point alpha_s [B] (sigma_s = sqrt(1 - alpha_s^2)) of the grid:
     z_s = alpha_s x0_hat + sigma_s eps_hat. Returns (z_s, x0_hat), each [B, ...]."""
-    abar_s = _bcast(jnp.square(alpha_s), z)  # [B, 1, ...]
+    abar_s = per_example(jnp.square(alpha_s), z)  # [B, 1, ...]
     step = samplers.ChainStep(t, t, jnp.int32(0), abar_s, jnp.zeros_like(abar_s))
     key = jax.random.key(0)  # unused: eta = 0 draws no noise
     return samplers.ddim_update(process, model_fn, z, step, key, 0.0, clip_denoised)
@@ -118,8 +113,8 @@ def distillation_target(
 
     the solution of z_s = alpha_s x~ + sigma_s (z_t - alpha_t x~) / sigma_t. alpha, sigma are
     [B] (or scalars); z_t, z_s, the result [B, ...]. At sigma_s = 0 it is z_s / alpha_s."""
-    ratio = _bcast(sigma_s / sigma_t, z_t)
-    return (z_s - ratio * z_t) / (_bcast(alpha_s, z_t) - ratio * _bcast(alpha_t, z_t))
+    ratio = per_example(sigma_s / sigma_t, z_t)
+    return (z_s - ratio * z_t) / (per_example(alpha_s, z_t) - ratio * per_example(alpha_t, z_t))
 
 
 def distillation_weight(alpha_t: jax.Array, sigma_t: jax.Array, kind: str) -> jax.Array:

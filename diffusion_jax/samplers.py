@@ -47,6 +47,7 @@ __all__ = [
     "heun_update",
     "karras_sigmas",
     "normal",
+    "per_example",
     "run_steps",
     "scan_steps",
 ]
@@ -123,6 +124,11 @@ class Process(Protocol):
 def normal(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
     """N(0, I) drawn in float32 (the same draws under x64), cast to ``dtype``."""
     return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
+def per_example(v: jax.Array, x: jax.Array) -> jax.Array:
+    """v [B] (or a scalar) shaped to broadcast against x [B, ...]: [B, 1, ..., 1]."""
+    return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
 
 
 def _full(x: jax.Array, value: jax.Array) -> jax.Array:

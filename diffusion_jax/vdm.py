@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import samplers
+from diffusion_jax.samplers import per_example
 
 __all__ = [
     "ContinuousProcess",
@@ -69,11 +70,6 @@ GAMMAS = ("learned", "linear", "cosine", "beta_linear")
 WEIGHTINGS = ("elbo", "sigmoid", "edm", "min_snr")
 
 
-def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
-    """[B] -> [B, 1, ..., 1] to broadcast against x [B, ...]."""
-    return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
-
-
 def _flat_sum(v: jax.Array) -> jax.Array:
     return v.reshape(v.shape[0], -1).sum(axis=1)  # [B]
 
@@ -93,7 +89,7 @@ def alpha_sigma(gamma: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def q_sample(x: jax.Array, gamma_t: jax.Array, noise: jax.Array) -> jax.Array:
     """z_t = α_t x + σ_t ε ~ q(z_t | x) = N(α_t x, σ²_t I); x, noise [B, ...], γ_t [B]."""
-    alpha, sigma = alpha_sigma(_bcast(gamma_t, x))
+    alpha, sigma = alpha_sigma(per_example(gamma_t, x))
     return alpha * x + sigma * noise
 
 
@@ -105,7 +101,7 @@ def q_posterior(
         mean = (α_s/α_t) ((1 − c) z_t + c α_t x),   variance = c σ²_s.
 
     Returns (mean [B, ...], variance [B, 1, ...])."""
-    g_s, g_t = _bcast(gamma_s, x), _bcast(gamma_t, x)
+    g_s, g_t = per_example(gamma_s, x), per_example(gamma_t, x)
     c = -jnp.expm1(g_s - g_t)
     a_s, _ = alpha_sigma(g_s)
     a_t, _ = alpha_sigma(g_t)
@@ -115,7 +111,7 @@ def q_posterior(
 
 def predict_x(z_t: jax.Array, gamma_t: jax.Array, eps: jax.Array) -> jax.Array:
     """x̂ = (z_t − σ_t ε̂)/α_t."""
-    alpha, sigma = alpha_sigma(_bcast(gamma_t, z_t))
+    alpha, sigma = alpha_sigma(per_example(gamma_t, z_t))
     return (z_t - sigma * eps) / alpha
 
 
@@ -278,10 +274,12 @@ def reconstruction_loss(
     decoder over the ``num_bins`` levels v_k of each dimension:
     p(v_k | z_0) ∝ exp(−(z_0/α_0 − v_k)² / (2 exp(γ_0))), evaluated at the level of x."""
     z_0 = q_sample(x, gamma_0, noise)
-    alpha, _ = alpha_sigma(_bcast(gamma_0, x))
+    alpha, _ = alpha_sigma(per_example(gamma_0, x))
     v = level_values(num_bins, x.dtype)  # [K]
     logits = (
-        -0.5 * jnp.exp(-_bcast(gamma_0, x))[..., None] * jnp.square((z_0 / alpha)[..., None] - v)
+        -0.5
+        * jnp.exp(-per_example(gamma_0, x))[..., None]
+        * jnp.square((z_0 / alpha)[..., None] - v)
     )  # [B, ..., K]
     index = jnp.round((x + 1.0) * (num_bins - 1) / 2.0).astype(jnp.int32)  # [B, ...]
     logp = jax.nn.log_softmax(logits, axis=-1)
@@ -291,7 +289,7 @@ def reconstruction_loss(
 
 def prior_loss(x: jax.Array, gamma_1: jax.Array) -> jax.Array:
     """L_1 = KL(q(z_1 | x) ‖ N(0, I)) = ½ Σ (σ²_1 + α²_1 x² − log σ²_1 − 1) [B] nats."""
-    g = _bcast(gamma_1, x)
+    g = per_example(gamma_1, x)
     var = jax.nn.sigmoid(g)
     kl = 0.5 * (var + jax.nn.sigmoid(-g) * jnp.square(x) - jax.nn.log_sigmoid(g) - 1.0)
     return _flat_sum(kl)
@@ -392,7 +390,7 @@ class ContinuousProcess:
         x_hat = predict_x(x, gamma_t, eps)
         if clip_denoised:
             x_hat = jnp.clip(x_hat, -1.0, 1.0)
-            alpha, sigma = alpha_sigma(_bcast(gamma_t, x))
+            alpha, sigma = alpha_sigma(per_example(gamma_t, x))
             eps = (x - alpha * x_hat) / sigma
         return samplers.Prediction(eps, x_hat)
 
@@ -408,7 +406,7 @@ class ContinuousProcess:
         t = (n - i).astype(x.dtype) / n  # the data's precision
         tb = jnp.full(x.shape[:1], t, x.dtype)  # [B]
         sb = jnp.full(x.shape[:1], t - 1.0 / n, x.dtype)
-        g_t, g_s = _bcast(self.gamma_fn(tb), x), _bcast(self.gamma_fn(sb), x)
+        g_t, g_s = per_example(self.gamma_fn(tb), x), per_example(self.gamma_fn(sb), x)
         variance = -jnp.expm1(g_s - g_t) * jax.nn.sigmoid(g_s)  # c σ²_s (``q_posterior``)
         return samplers.ChainStep(tb, sb, i, jax.nn.sigmoid(-g_s), variance)
 
@@ -443,5 +441,5 @@ class ContinuousProcess:
         """The chain's image: z_0/α_0 clipped to [−1, 1] (the level nearest to it is the mode
         of VDM's decoder p(x | z_0))."""
         gamma_0 = self.gamma_fn(jnp.zeros((z_0.shape[0],), z_0.dtype))
-        alpha, _ = alpha_sigma(_bcast(gamma_0, z_0))
+        alpha, _ = alpha_sigma(per_example(gamma_0, z_0))
         return jnp.clip(z_0 / alpha, -1.0, 1.0)

@@ -17,7 +17,6 @@ from diffusion_jax.discrete.process import (
     GaussianDiffusion,
     ModelFn,
     _at,
-    _bcast,
     _model_log_variance,
     _pred_x0_eps,
     _split_output,
@@ -25,6 +24,7 @@ from diffusion_jax.discrete.process import (
     predict_eps_from_x0,
     q_posterior_mean_variance,
 )
+from diffusion_jax.samplers import per_example
 
 __all__ = [
     "DiscreteProcess",
@@ -130,7 +130,7 @@ def eps_and_x0(
     ``clip_denoised`` clips x0_hat to [-1, 1] and recomputes eps_hat from it."""
     out = model_fn(x, model_time(d, t))
     mean_out, _ = _split_output(d, out, x)  # a learned variance is not used here
-    alpha, sigma = (_bcast(v.astype(x.dtype), x) for v in alpha_sigma(d, t))
+    alpha, sigma = (per_example(v.astype(x.dtype), x) for v in alpha_sigma(d, t))
     if d.mean_type == "eps":
         eps, x0 = mean_out, (x - sigma * mean_out) / alpha
     elif d.mean_type == "x0":
@@ -195,7 +195,7 @@ class DiscreteProcess:
         """p(x_{t-1} | x_t) = N(mu~_t(x0_hat, x_t), sigma_t^2), no noise at t = 0."""
         mean, _, _ = q_posterior_mean_variance(self.d, pred.x0, x, step.t)
         log_variance = _model_log_variance(self.d, step.t, x, pred.var)
-        nonzero = _bcast((step.t != 0).astype(x.dtype), x)  # [B, 1, ...]
+        nonzero = per_example((step.t != 0).astype(x.dtype), x)  # [B, 1, ...]
         return mean, nonzero * jnp.exp(0.5 * log_variance)
 
     def solver_grid(self, num_steps: int) -> samplers.SolverGrid:

@@ -17,6 +17,7 @@ import numpy as np
 from flax import struct
 
 from diffusion_jax import schedules
+from diffusion_jax.samplers import per_example
 
 __all__ = [
     "GaussianDiffusion",
@@ -133,14 +134,9 @@ def _check_choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"Unknown {what} {value!r}; allowed: {list(allowed)}.")
 
 
-def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
-    """v [B] shaped to broadcast against x: [B] -> [B, 1, ..., 1]."""
-    return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
-
-
 def _at(table: jax.Array, t: jax.Array, x: jax.Array) -> jax.Array:
     """table[t] shaped to broadcast against x: [B, 1, ..., 1]."""
-    return _bcast(table[t], x)
+    return per_example(table[t], x)
 
 
 def _sqrt_abar(d: GaussianDiffusion, t: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -333,7 +329,7 @@ def _model_log_variance(
     if d.var_type == "fixedsmall":
         log_var = min_log
     elif d.var_type == "fixedlarge":
-        log_var = jnp.where(_bcast(t, x_t) == 0, min_log, _at(d.log_betas, t, x_t))
+        log_var = jnp.where(per_example(t, x_t) == 0, min_log, _at(d.log_betas, t, x_t))
     else:
         frac = (v + 1.0) / 2.0
         log_var = frac * _at(d.log_betas, t, x_t) + (1.0 - frac) * min_log
