@@ -188,7 +188,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.ema_warmup_power = 0.0
 
     config.training = ml_collections.ConfigDict()
-    config.training.objective = "ddpm"  # ddpm | ncsn | vdm
+    config.training.objective = "ddpm"  # ddpm | ncsn | vdm | distill (configs/digits_distill.py)
     config.training.batch_size = 128  # global: over all devices and hosts
     config.training.num_train_steps = 800_000
     config.training.log_every = 100
@@ -261,7 +261,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.sampling = ml_collections.ConfigDict()
     # sampling.SAMPLERS: ancestral | ddim | dpmpp_2m | dpmpp_2m_sde | heun (ddpm and vdm: for vdm
-    # on the uniform grid in t); langevin (ncsn). vdm_ancestral | vdm_ddim | vdm_dpmpp_2m: aliases
+    # on the uniform grid in t); distilled (DDIM on the grid a distilled student was trained for:
+    # num_steps uniform in t, ending at sigma = 0; ddpm teachers and distill students);
+    # langevin (ncsn). vdm_ancestral | vdm_ddim | vdm_dpmpp_2m: aliases
     config.sampling.method = "ancestral"
     config.sampling.num_steps = 0  # network calls; 0: all T. Fewer respaces ancestral/DDIM
     config.sampling.eta = 0.0  # ddim only
@@ -302,6 +304,21 @@ def get_config() -> ml_collections.ConfigDict:
     # Evaluation: the continuous bound, and the chain of eval_num_steps steps' bound beside it
     # (0: only the continuous one); eval.bound_num_t stratified t per image (0 counts as 1).
     config.vdm.eval_num_steps = 1000
+
+    # Progressive distillation (training.objective = "distill"; Salimans & Ho 2022): a trained
+    # ddpm run's DDIM sampler distilled, round by round, into a student of half the steps, which
+    # predicts v (diffusion.mean_type) and has no learned variance (docs/distillation.md).
+    config.distill = ml_collections.ConfigDict()
+    config.distill.teacher = ""  # the trained run's workdir (its newest EMA parameters)
+    config.distill.start_steps = 1024  # the teacher's DDIM grid that the first round distils
+    config.distill.target_steps = 1  # the last round's student: start_steps / 2^rounds
+    config.distill.steps_per_round = 1000  # updates of each round, batch training.batch_size
+    config.distill.learning_rate = 1e-4  # Adam (optim.*), linearly to 0 over each round
+    # The x-space loss's weight: snr_plus_one (SNR + 1: the v-loss) | truncated_snr max(SNR, 1)
+    config.distill.weight = "snr_plus_one"
+    # The first student's weights: "teacher" (its network, the learned-variance channels of the
+    # output dropped, the eps output read as v) | "random".
+    config.distill.init = "teacher"
 
     # Score matching / NCSN (training.objective = "ncsn").
     config.ncsn = ml_collections.ConfigDict()

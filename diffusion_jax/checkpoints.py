@@ -316,3 +316,55 @@ def _load_item(manager: ocp.CheckpointManager, step: int, name: str) -> Any:
         have = sorted(k for k, v in restored.state.items() if v is not None)
         raise KeyError(f"Checkpoint {step} has no {name!r}; it holds {have}.")
     return jax.tree.map(jax.numpy.asarray, restored.state[name])
+
+
+# ----------------------------------------------------------------------------------------------
+# Distilled students: WORKDIR/students/<N>, one per finished round, named by its grid's steps
+
+
+def students_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "students")
+
+
+def _students_manager(workdir: str, read_only: bool) -> ocp.CheckpointManager:
+    if read_only:
+        options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+    else:
+        options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(students_dir(workdir), options=options, item_handlers=_handlers())
+
+
+def save_student(workdir: str, num_steps: int, params: Any, meta: dict) -> None:
+    """Save the student of ``num_steps`` steps (its parameters as ``ema_params``, what sample
+    and eval read, and ``meta``: its grid and round) and wait until it is on disk. One saved
+    before under that number (a round run again after a kill) is replaced."""
+    manager = _students_manager(workdir, read_only=False)
+    if num_steps in manager.all_steps():
+        manager.delete(num_steps)
+    save(manager, num_steps, {"ema_params": params}, meta)
+    wait(manager, num_steps)
+
+
+def student_steps(workdir: str) -> list[int]:
+    """The steps of the students saved in ``workdir``, sorted; [] when none."""
+    if not os.path.isdir(students_dir(workdir)):
+        return []
+    return sorted(_students_manager(workdir, read_only=True).all_steps())
+
+
+def load_student(workdir: str, num_steps: int) -> tuple[Any, dict]:
+    """(parameters, meta) of the student of ``num_steps`` steps, replicated on this run's
+    devices; FileNotFoundError naming the students there are."""
+    have = student_steps(workdir)
+    if num_steps not in have:
+        raise FileNotFoundError(
+            f"No student of {num_steps} steps in {students_dir(workdir)}: "
+            + (
+                f"it holds students of {have} steps (--config.sampling.num_steps=N)."
+                if have
+                else "no round has finished yet (run the distillation: --mode train)."
+            )
+        )
+    manager = _students_manager(workdir, read_only=True)
+    meta = manager.restore(num_steps, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    return _load_item(manager, num_steps, "ema_params"), meta

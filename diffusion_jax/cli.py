@@ -24,13 +24,16 @@ from configs import base as base_config
 class ReadableLog(std_logging.Filter):
     """INFO from this library; only warnings and errors from the libraries under it, and those
     of orbax without their tracebacks: a failed save's background threads each log one, and the
-    run's own CheckpointError names the step, the folder and the cause in one line."""
+    run's own CheckpointError names the step, the folder and the cause in one line. Orbax's
+    warning that a folder opened read-only is read only is dropped."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
         if "diffusion_jax" in record.pathname:
             return True
         if f"{os.sep}orbax{os.sep}" in record.pathname:
             record.exc_info, record.exc_text = None, None
+            if "directory is read only" in record.getMessage():  # a reader's own choice
+                return False
         return record.levelno >= std_logging.WARNING
 
 

@@ -38,8 +38,9 @@ RESUMABLE_KEYS = (
 )
 
 # Keys that may also differ when a run is only evaluated or sampled (``--mode eval`` / ``sample``):
-# they shape neither the network nor the data it models.
-EVAL_FREE_KEYS = ("optim.", "seed", "training.batch_size")
+# they shape neither the network nor the data it models (a distillation's keys: how its students
+# were trained, and where their teacher lies).
+EVAL_FREE_KEYS = ("optim.", "seed", "training.batch_size", "distill.")
 
 
 def defaults() -> ml_collections.ConfigDict:

@@ -26,8 +26,11 @@ __all__ = [
     "alpha_sigma",
     "ddim_step",
     "distillation_grid",
+    "distillation_loss",
     "distillation_target",
     "distillation_weight",
+    "distilled_step",
+    "grid_point",
     "teacher_two_steps",
 ]
 
@@ -52,16 +55,32 @@ def alpha_sigma(process: samplers.Process, t: jax.Array) -> tuple[jax.Array, jax
     return alpha, sigma_ve * alpha
 
 
+def grid_point(
+    process: samplers.Process, num_steps: jax.Array | int, i: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(t_i, alpha_i, sigma_i) of the grid of N = ``num_steps`` steps at index i in [0, N] (any
+    shape; N and i may be traced, so one compilation serves every round):
+
+      t_i = t_max (N - i) / N,  (alpha_i, sigma_i) = (alpha(t_i), sigma(t_i)) for i < N,
+      (alpha_N, sigma_N) = (1, 0): the last step lands on x0_hat.
+
+    Uniform in the process's time (t_min = 0 for both processes); halving N keeps the even
+    points, so a student's grid is every other point of its teacher's."""
+    dtype = jnp.result_type(float)
+    n = jnp.asarray(num_steps, dtype)
+    t = process.t_max * (n - i) / n
+    alpha, sigma = alpha_sigma(process, jnp.minimum(t, process.t_max))
+    end = i >= num_steps
+    return t, jnp.where(end, 1.0, alpha), jnp.where(end, 0.0, sigma)
+
+
 def distillation_grid(process: samplers.Process, num_steps: int) -> DistillGrid:
-    """N = ``num_steps`` steps uniform in the process's time, t_i = t_max (N - i) / N for
-    i = 0, ..., N - 1 (t_min = 0 for both processes), then sigma = 0. Halving N keeps every
-    other point: the grid of N / 2 steps is the even points of this one."""
+    """The whole grid of ``grid_point`` for N = ``num_steps`` steps: t [N], alpha, sigma
+    [N + 1]."""
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}.")
-    t = process.t_max * jnp.arange(num_steps, 0, -1, dtype=jnp.result_type(float)) / num_steps
-    alpha, sigma = alpha_sigma(process, t)  # [N] each
-    one, zero = jnp.ones((1,), alpha.dtype), jnp.zeros((1,), alpha.dtype)
-    return DistillGrid(t, jnp.concatenate([alpha, one]), jnp.concatenate([sigma, zero]))
+    t, alpha, sigma = grid_point(process, num_steps, jnp.arange(num_steps + 1))
+    return DistillGrid(t[:-1], alpha, sigma)
 
 
 def ddim_step(
@@ -81,20 +100,41 @@ def ddim_step(
     return samplers.ddim_update(process, model_fn, z, step, key, 0.0, clip_denoised)
 
 
+def distilled_step(
+    process: samplers.Process, model_fn: ModelFn, num_steps: int, clip_denoised: bool = True
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """Step i of the sampler a student of N = ``num_steps`` steps was distilled for (on its
+    teacher, the teacher's own DDIM on that grid): ``step(i, z) -> z``, DDIM from grid point i
+    to i + 1, i = 0 (z_T ~ N(0, I) at t_max) .. N - 1 (which returns x0_hat)."""
+
+    def step(i, z):
+        b = z.shape[:1]
+        t, _, _ = grid_point(process, num_steps, i)
+        _, alpha_s, _ = grid_point(process, num_steps, i + 1)
+        z_s, _ = ddim_step(
+            process, model_fn, z, jnp.full(b, t), jnp.full(b, alpha_s), clip_denoised
+        )
+        return z_s
+
+    return step
+
+
 def teacher_two_steps(
     process: samplers.Process,
     teacher_fn: ModelFn,
     z_t: jax.Array,
-    grid: DistillGrid,
+    teacher_steps: jax.Array | int,
     k: jax.Array,
     clip_denoised: bool = False,
 ) -> jax.Array:
-    """The teacher's two DDIM steps from grid point 2k to 2k + 2 of its 2N-step ``grid``
-    (k int32 [B], one student step each): z_{t'} = DDIM(z_t; t -> t'), z_{t''} = DDIM(z_{t'};
-    t' -> t''). Returns z_{t''} [B, ...]."""
-    mid = 2 * k + 1  # [B]; at most 2N - 1, a network time of the grid
-    z_mid, _ = ddim_step(process, teacher_fn, z_t, grid.t[2 * k], grid.alpha[mid], clip_denoised)
-    z_s, _ = ddim_step(process, teacher_fn, z_mid, grid.t[mid], grid.alpha[mid + 1], clip_denoised)
+    """The teacher's two DDIM steps from point 2k to 2k + 2 of its grid of 2N =
+    ``teacher_steps`` steps (k int32 [B] < N, one student step each): z_{t'} = DDIM(z_t; t ->
+    t'), z_{t''} = DDIM(z_{t'}; t' -> t''). Returns z_{t''} [B, ...]."""
+    t, _, _ = grid_point(process, teacher_steps, 2 * k)  # [B]
+    t_mid, alpha_mid, _ = grid_point(process, teacher_steps, 2 * k + 1)
+    _, alpha_s, _ = grid_point(process, teacher_steps, 2 * k + 2)
+    z_mid, _ = ddim_step(process, teacher_fn, z_t, t, alpha_mid, clip_denoised)
+    z_s, _ = ddim_step(process, teacher_fn, z_mid, t_mid, alpha_s, clip_denoised)
     return z_s
 
 
@@ -127,3 +167,36 @@ def distillation_weight(alpha_t: jax.Array, sigma_t: jax.Array, kind: str) -> ja
     if kind == "snr_plus_one":
         return snr + 1.0
     raise ValueError(f"distillation weight {kind!r}; allowed: {DISTILL_WEIGHTS}.")
+
+
+def distillation_loss(
+    process: samplers.Process,
+    student_fn: ModelFn,
+    teacher_process: samplers.Process,
+    teacher_fn: ModelFn,
+    x0: jax.Array,
+    noise: jax.Array,
+    k: jax.Array,
+    num_steps: jax.Array | int,
+    weight: str = "snr_plus_one",
+    clip_denoised: bool = True,
+) -> jax.Array:
+    """One draw of the student's loss (Salimans & Ho 2022, Algorithm 2), per example [B]:
+
+      z_t = alpha_t x0 + sigma_t eps,  t = t_k of the student's grid of N = ``num_steps`` steps,
+      x~ = ``distillation_target``(z_t, the teacher's two DDIM steps to t_{k+1}),
+      L = w(t) mean ||x~ - x0_hat(z_t, t)||^2  (w: ``distillation_weight``),
+
+    k int32 [B] in [0, N), noise eps [B, ...]. The teacher (its own process: an eps model with a
+    learned variance, or an earlier student) steps with ``clip_denoised``; the target carries no
+    gradient; the student's x0_hat is unclipped. N may be traced."""
+    t, alpha_t, sigma_t = grid_point(process, num_steps, k)  # [B] each
+    _, alpha_s, sigma_s = grid_point(process, num_steps, k + 1)
+    z_t = per_example(alpha_t, x0) * x0 + per_example(sigma_t, x0) * noise  # [B, ...]
+    z_s = teacher_two_steps(teacher_process, teacher_fn, z_t, 2 * num_steps, k, clip_denoised)
+    target = jax.lax.stop_gradient(
+        distillation_target(z_t, z_s, alpha_t, sigma_t, alpha_s, sigma_s)
+    )
+    x0_hat = process.denoise(student_fn, z_t, t, False).x0
+    error = jnp.mean(jnp.square(target - x0_hat), axis=tuple(range(1, x0.ndim)))  # [B]
+    return distillation_weight(alpha_t, sigma_t, weight) * error

@@ -126,7 +126,7 @@ def _main(signals: interrupts.SignalRecorder) -> None:
         _fail(e)
     import jax
 
-    from diffusion_jax import checkpoints, distributed, evaluation, files, train
+    from diffusion_jax import checkpoints, distill_train, distributed, evaluation, files, train
 
     created = None if os.path.exists(_WORKDIR.value) else _WORKDIR.value
     # A library's malformed log call (orbax's, after a failed save) is dropped, not printed
@@ -141,7 +141,9 @@ def _main(signals: interrupts.SignalRecorder) -> None:
         _to_log_file(logging.INFO, "Config:\n%s", config)
         signals.check()
         if _MODE.value == "train":
-            train.train_and_evaluate(
+            # A distillation trains rounds of students against a teacher (distill_train).
+            trainer = distill_train if config.training.objective == "distill" else train
+            trainer.train_and_evaluate(
                 config,
                 _WORKDIR.value,
                 tuple(_ALLOW_CHANGE.value),

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from diffusion_jax import diffusion as diffusion_lib
+from diffusion_jax import distill as distill_lib
 from diffusion_jax import models, schedules, timesteps
 from diffusion_jax import score as score_lib
 from diffusion_jax import vdm as vdm_lib
@@ -294,6 +295,91 @@ def _check_ncsn(config: ml_collections.ConfigDict) -> None:
         )
 
 
+def distill_rounds(config: ml_collections.ConfigDict) -> list[int]:
+    """The students' numbers of steps, one per round: start_steps / 2, / 4, ..., target_steps
+    (``config.distill``; checked by ``_check_distill``)."""
+    c = config.distill
+    out, n = [], c.start_steps
+    while n > c.target_steps:
+        n //= 2
+        out.append(n)
+    return out
+
+
+def _distill_loss(config: ml_collections.ConfigDict, model) -> LossFn:
+    """Progressive distillation's per-example loss (``distill.distillation_loss``): the
+    student (``model``, ``params``) against a teacher's two DDIM steps on the grid of N student
+    steps (k uniform in [0, N)). The teacher comes with the call: ``teacher_process`` and
+    ``teacher_fn`` (the trained run, or the previous round's student), ``num_steps`` N (may be
+    traced)."""
+    process = diffusion_lib.DiscreteProcess(make_diffusion(config))
+    c, clip = config.distill, config.sampling.clip_denoised
+
+    def loss_fn(params, x0, key, labels=None, *, teacher_process, teacher_fn, num_steps):
+        del labels  # _check_distill refuses a conditional config
+        k_key, noise_key = jax.random.split(key)
+        k = jax.random.randint(k_key, x0.shape[:1], 0, num_steps)  # [B] student steps
+        noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
+        student_fn = models.model_fn(model, params)
+        loss = distill_lib.distillation_loss(
+            process, student_fn, teacher_process, teacher_fn, x0, noise, k, num_steps, c.weight,
+            clip,
+        )  # fmt: skip
+        return {"loss": loss}
+
+    return loss_fn
+
+
+DISTILL_INITS = ("teacher", "random")
+
+
+def _check_distill(config: ml_collections.ConfigDict) -> None:
+    c, d = config.distill, config.diffusion
+    if not isinstance(c.teacher, str) or not c.teacher:
+        raise ValueError(
+            "config.distill.teacher is empty: give the workdir of the trained run to distil, "
+            "e.g. --config configs/digits_distill.py:runs/digits."
+        )
+    for key, least in (("start_steps", 2), ("target_steps", 1), ("steps_per_round", 1)):
+        v = c[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise ValueError(f"config.distill.{key}={v!r} must be an integer >= {least}.")
+    ratio = c.start_steps // c.target_steps
+    if c.start_steps % c.target_steps or ratio < 2 or ratio & (ratio - 1):
+        raise ValueError(
+            f"config.distill.start_steps={c.start_steps} must be target_steps={c.target_steps} "
+            "times a power of 2 (>= 2): each round halves the steps."
+        )
+    if c.start_steps > d.num_timesteps:
+        raise ValueError(
+            f"config.distill.start_steps={c.start_steps} must be <= diffusion.num_timesteps="
+            f"{d.num_timesteps}."
+        )
+    if not 0 < c.learning_rate < float("inf"):
+        raise ValueError(f"config.distill.learning_rate={c.learning_rate!r} must be > 0.")
+    for key, allowed in (("weight", distill_lib.DISTILL_WEIGHTS), ("init", DISTILL_INITS)):
+        if c[key] not in allowed:
+            raise ValueError(f"config.distill.{key}={c[key]!r} is not one of {allowed}.")
+    if d.mean_type == "eps" or d.var_type == "learned_range":
+        raise ValueError(
+            f"config.diffusion.mean_type={d.mean_type!r}, var_type={d.var_type!r}: a distilled "
+            "student predicts v (or x0), never eps (its x0_hat would be amplified 1/alpha, ~156x "
+            "at the first step of the linear schedule), and has no learned variance: use "
+            "mean_type='v', var_type='fixedlarge'."
+        )
+    if config.model.num_classes or not config.data.image_size:
+        raise ValueError(
+            "training.objective='distill' distils unconditional image models (model.num_classes"
+            f"={config.model.num_classes}, data.image_size={config.data.image_size})."
+        )
+    students = distill_rounds(config)
+    if config.sampling.num_steps not in students:
+        raise ValueError(
+            f"config.sampling.num_steps={config.sampling.num_steps}: a distilled run samples "
+            f"only on the grids of its students, {students} steps."
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
     """What a training objective brings to a run."""
@@ -308,6 +394,8 @@ OBJECTIVES: dict[str, Objective] = {
     "ddpm": Objective(_ddpm_loss, "ancestral", True, _check_ddpm),
     "ncsn": Objective(_ncsn_loss, "langevin", False, _check_ncsn),
     "vdm": Objective(_vdm_loss, "ancestral", True, _check_vdm),
+    # Trained by ``distill_train`` (rounds against a teacher), not by ``train``.
+    "distill": Objective(_distill_loss, "distilled", False, _check_distill),
 }
 
 

@@ -32,6 +32,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from diffusion_jax import diffusion as diffusion_lib
+from diffusion_jax import distill as distill_lib
 from diffusion_jax import files, input_pipeline, models, objectives, reporting, samplers, sharding
 from diffusion_jax import score as score_lib
 from diffusion_jax import vdm as vdm_lib
@@ -165,6 +166,23 @@ def _heun(config: ml_collections.ConfigDict, model) -> Chain:
     return Chain(num, 2, init, run, lambda params, state: state["x"])
 
 
+def _distilled(config: ml_collections.ConfigDict, model) -> Chain:
+    """DDIM on the grid a distilled student was trained for (``distill.distilled_step``):
+    ``sampling.num_steps`` steps (0: diffusion.num_timesteps) uniform in t, the last to
+    sigma = 0. On a teacher (ddpm), its own DDIM on that grid: the distillation's ceiling."""
+    s = config.sampling
+    n = s.num_steps or config.diffusion.num_timesteps
+    process_of = process_fn(config, model)
+
+    def run(params, labels, x, key_steps, done, count):
+        del key_steps  # deterministic
+        fn = net(config, model, params, labels)
+        step = distill_lib.distilled_step(process_of(params), fn, n, s.clip_denoised)
+        return samplers.run_steps(step, x, done, count, n)
+
+    return Chain(n, 1, _gaussian_init, run)
+
+
 def _langevin(config: ml_collections.ConfigDict, model) -> Chain:
     sigmas = objectives.make_sigmas(config)
     c = config.ncsn
@@ -196,6 +214,7 @@ SAMPLERS: dict[str, Sampler] = {
     "dpmpp_2m": Sampler(_GAUSSIAN, _dpmpp),
     "dpmpp_2m_sde": Sampler(_GAUSSIAN, functools.partial(_dpmpp, sde=True)),
     "heun": Sampler(_GAUSSIAN, _heun),
+    "distilled": Sampler(("ddpm", "distill"), _distilled),
     "langevin": Sampler(("ncsn",), _langevin),
 }
 # Names of earlier versions, when continuous time had samplers of its own: config.json files
@@ -224,7 +243,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
     s = config.sampling
     num_t = config.diffusion.num_timesteps
-    if objective == "ddpm" and not 0 <= s.num_steps <= num_t:
+    if objective in ("ddpm", "distill") and not 0 <= s.num_steps <= num_t:
         raise ValueError(f"config.sampling.num_steps={s.num_steps} must be in [0, {num_t}].")
     if objective == "vdm" and not (isinstance(s.num_steps, int) and s.num_steps >= 0):
         raise ValueError(
@@ -325,6 +344,14 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def output_folder(config: ml_collections.ConfigDict, workdir: str, kind: str) -> str:
+    """``WORKDIR/<kind>`` (samples, eval), or for a distilled run ``WORKDIR/<kind>/student_<N>``:
+    one per student, N = ``sampling.num_steps``."""
+    if config.training.objective == "distill":
+        return os.path.join(workdir, kind, f"student_{config.sampling.num_steps}")
+    return os.path.join(workdir, kind)
+
+
 def nonfinite_cause(params, otherwise: str) -> str:
     """The likely cause of a result that is not finite, for its one-line error: parameters that
     are not finite (a diverged optimiser value), else ``otherwise``."""
@@ -346,7 +373,7 @@ def sample_and_save(
     stay): FloatingPointError naming how many and the likely cause."""
     samples = sampler(params, objectives.run_keys(config.seed)["sample"])
     labels = sample_labels(config, len(samples))
-    out = os.path.join(workdir, "samples")
+    out = output_folder(config, workdir, "samples")
     finite = np.isfinite(np.asarray(samples)).reshape(len(samples), -1).all(axis=1)
     if not finite.all():
         raise FloatingPointError(

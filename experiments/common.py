@@ -156,6 +156,14 @@ def toy_dist():
 # ------------------------------------------------------------------------------ output
 
 
+def _objective(workdir: str) -> str | None:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("training", {}).get("objective")
+
+
 def read_runs(parser: argparse.ArgumentParser, specs: list[str]) -> dict[str, tuple[str, dict]]:
     """``label=WORKDIR`` arguments -> {label: (workdir, its eval/metrics.json)}; a bad argument
     or a missing file is a parser error naming it."""
@@ -165,6 +173,9 @@ def read_runs(parser: argparse.ArgumentParser, specs: list[str]) -> dict[str, tu
         if not sep or not label:
             parser.error(f"--runs takes label=WORKDIR, got {spec!r}")
         path = os.path.join(workdir, "eval", "metrics.json")
+        if _objective(workdir) == "distill":  # students: eval/student_<N>/, and no bound
+            runs[label] = (workdir, {})
+            continue
         if not os.path.exists(path):
             parser.error(f"{path} does not exist: run --mode eval on {workdir} first")
         with open(path) as f:

@@ -48,7 +48,7 @@ def test_the_convolution_formulation_may_change_on_resume():
         ("diffusion.beta_schedule", "sigmoid", "('linear', 'quadratic', 'const', 'cosine')"),
         ("diffusion.var_type", "learned", "('fixedlarge', 'fixedsmall', 'learned_range')"),
         ("optim.optimizer", "sgd", "('adam', 'adamw')"),
-        ("training.objective", "sde", "('ddpm', 'ncsn', 'vdm')"),
+        ("training.objective", "sde", "('ddpm', 'ncsn', 'vdm', 'distill')"),
         ("diffusion.mse_weighting", "snr", "('none', 'min_snr')"),
         ("diffusion.min_snr_gamma", 0.0, "must be > 0"),
         ("diffusion.hybrid_lambda", -1.0, "must be >= 0"),

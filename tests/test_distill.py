@@ -100,7 +100,7 @@ def test_the_target_stepped_by_ddim_reproduces_the_teachers_two_steps(kind):
         np.testing.assert_allclose(grid.alpha[2 * k], a_t, rtol=1e-12)
         np.testing.assert_allclose(grid.sigma[2 * k + 2], s_s, rtol=1e-12, atol=1e-15)
         z = jnp.asarray(z_t)
-        z_s = distill.teacher_two_steps(process, teacher, z, grid, jnp.asarray(k))
+        z_s = distill.teacher_two_steps(process, teacher, z, 2 * num_steps, jnp.asarray(k))
         np.testing.assert_allclose(z_s, z_s_ref, rtol=1e-10, atol=1e-12)
         kk = jnp.asarray(k)
         target = distill.distillation_target(
@@ -137,6 +137,57 @@ def test_the_target_stepped_by_ddim_reproduces_the_teachers_two_steps(kind):
         teacher_x0 = _denoise_np(z_t, a_t_b, s_t_b)
         miss = np.mean((np.asarray(target) - teacher_x0) ** 2, axis=(1, 2, 3))  # [B]
         assert np.all(miss > 1e-8), miss
+
+
+def test_the_loss_is_zero_at_the_target_and_the_teachers_single_step_misses():
+    """``distillation_loss`` (z_t drawn from x0 and eps, the teacher's two steps, the target, the
+    weight), against the same chain computed in NumPy; N traced under jit."""
+    num_steps, kind = 4, "discrete"
+    k = np.array([0, 1, 2, 3])
+    t_grid, noise = _case(kind, num_steps, k)
+    x0 = np.random.default_rng(1).normal(MU, S, size=noise.shape)
+    b = (slice(None),) + (None,) * 3
+    (a_t, s_t), (a_m, s_m) = (_alpha_sigma_np(kind, t_grid[i]) for i in (2 * k, 2 * k + 1))
+    last = 2 * k + 2 == 2 * num_steps
+    a_s, s_s = _alpha_sigma_np(kind, t_grid[np.minimum(2 * k + 2, 2 * num_steps - 1)])
+    a_s, s_s = np.where(last, 1.0, a_s), np.where(last, 0.0, s_s)
+    z_t = a_t[b] * x0 + s_t[b] * noise
+    x1 = _denoise_np(z_t, a_t[b], s_t[b])
+    z_m = a_m[b] * x1 + s_m[b] * (z_t - a_t[b] * x1) / s_t[b]
+    x2 = _denoise_np(z_m, a_m[b], s_m[b])
+    z_s = a_s[b] * x2 + s_s[b] * (z_m - a_m[b] * x2) / s_m[b]
+    ratio = (s_s / s_t)[b]
+    target = (z_s - ratio * z_t) / (a_s[b] - ratio * a_t[b])
+    one_step = x1  # the teacher's own x0_hat at t: its single DDIM step's prediction
+    weight = (a_t / s_t) ** 2 + 1  # snr_plus_one
+
+    with jax.enable_x64(True):
+        process, teacher = _process(kind)
+        student_process, _ = _process(kind, mean_type="x0")
+
+        def loss(prediction, n):
+            return distill.distillation_loss(
+                student_process, lambda x, t: jnp.asarray(prediction), process, teacher,
+                jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(k), n, "snr_plus_one",
+                clip_denoised=False,
+            )  # fmt: skip
+
+        at_target = jax.jit(loss)(target, num_steps)  # N traced
+        assert at_target.dtype == jnp.float64
+        np.testing.assert_array_less(np.abs(at_target), 1e-18)
+        missed = loss(one_step, num_steps)
+        ref = weight * np.mean((target - one_step) ** 2, axis=(1, 2, 3))
+        np.testing.assert_allclose(missed, ref, rtol=1e-9)
+        assert np.all(ref > 1e-8), ref
+
+
+def test_the_grid_at_a_traced_size_is_the_static_grid():
+    process, _ = _process("discrete")
+    grid = distill.distillation_grid(process, 8)
+    points = jax.jit(lambda n, i: distill.grid_point(process, n, i))(8, jnp.arange(9))
+    np.testing.assert_allclose(points[0][:-1], grid.t, rtol=1e-6)
+    np.testing.assert_allclose(points[1], grid.alpha, rtol=1e-6)
+    np.testing.assert_allclose(points[2], grid.sigma, rtol=1e-6, atol=1e-7)
 
 
 def test_halving_the_grid_keeps_its_even_points():

@@ -127,6 +127,9 @@ def test_fd_and_is_against_textbook_formulas_and_scale(trained):
     logits, features = judge.predict(model, params, train[:400], bins)
     assert real["fd_classifier"] == pytest.approx(reference_fd(features, test_features), rel=1e-4)
     assert real["is_classifier"] == pytest.approx(reference_is(logits), rel=1e-6)
+    shares = [np.mean(np.argmax(logits, axis=1) == c) for c in range(10)]  # the judge's classes
+    np.testing.assert_allclose(real["classifier_class_shares"], shares, rtol=1e-12)
+    assert min(shares) > 0.05  # 400 real training digits: every class present
     assert real["classifier_num_samples"] == real["classifier_num_real"] == 400
     assert real["classifier_reference"] == {"split": "test", "num_examples": 297}
 

@@ -38,7 +38,7 @@ LAYERS = {
     ),
     "models": ("models",),
     "recipes": ("objectives", "optim", "sampling"),
-    "system": ("config", "evaluation", "train"),
+    "system": ("config", "evaluation", "train", "distill_train"),
     "entry points": ("main", "benchmark", "cli", "prepare_data", "import_weights"),
 }
 pytestmark = pytest.mark.smoke

@@ -95,14 +95,16 @@ def test_make_sample_fn_equals_the_one_scan_chain():
 def test_the_registry_refuses_what_does_not_fit():
     config = tiny_config(**{"sampling.method": "euler"})
     allowed = (
-        r"\('ancestral', 'ddim', 'dpmpp_2m', 'dpmpp_2m_sde', 'heun', 'langevin'\) \(or an "
+        r"\('ancestral', 'ddim', 'dpmpp_2m', 'dpmpp_2m_sde', 'heun', 'distilled', 'langevin'\) "
+        r"\(or an "
         r"earlier name: \('vdm_ancestral', 'vdm_ddim', 'vdm_dpmpp_2m'\)\)"
     )
     with pytest.raises(ValueError, match=r"'euler' is not one of " + allowed):
         sampling.check_config(config)
     config = tiny_config(**{"sampling.method": "langevin"})
     with pytest.raises(
-        ValueError, match=r"objective='ddpm'.*'ddim', 'dpmpp_2m', 'dpmpp_2m_sde', 'heun'\)"
+        ValueError,
+        match=r"objective='ddpm'.*'ddim', 'dpmpp_2m', 'dpmpp_2m_sde', 'heun', 'distilled'\)",
     ):
         sampling.check_config(config)
     config = tiny_config(**{"training.objective": "ncsn"})
@@ -151,6 +153,38 @@ def test_ode_samplers_in_segments_equal_their_one_scan_solvers(method, calls):
         assert not np.allclose(ref, ode.dpmpp_2m_sample(d, net, x_T, calls), atol=1e-3)
     np.testing.assert_allclose(samples, ref, atol=2e-5)
     assert np.abs(np.asarray(ref)).max() <= 1.0  # clip_denoised: the last x0_hat is clipped
+
+
+def test_the_distilled_sampler_is_ddim_on_its_grid_uniform_in_t():
+    """The registry's ``distilled`` chain (segments of 2 steps) on a DDPM run against DDIM steps
+    written here: x_{i+1} = alpha_{i+1} x0_hat + sigma_{i+1} eps_hat at t_i = 19 (5 - i) / 5,
+    the last one x0_hat."""
+    calls = 5
+    config = tiny_config(
+        **{"sampling.method": "distilled", "sampling.num_steps": calls, "sampling.batch_size": 4}
+    )
+    model = models.get_model(config)
+    params = _random_params(model)
+    old = sampling.STEPS_PER_CALL
+    sampling.STEPS_PER_CALL = 2
+    try:
+        samples = sampling.make_sample_fn(config, model, sharding.make_mesh())(
+            params, jax.random.key(5)
+        )
+    finally:
+        sampling.STEPS_PER_CALL = old
+    d, net = objectives.make_diffusion(config), models.model_fn(model, params)
+    noise_key, _ = jax.random.split(jax.random.fold_in(jax.random.key(5), 0))
+    x = jax.random.normal(noise_key, (4, 8, 8, 1))
+    times = 19.0 * np.arange(calls, 0, -1) / calls
+    for i, t in enumerate(times):
+        eps, x0 = dl.eps_and_x0(d, net, x, jnp.full((4,), t), clip_denoised=True)
+        if i == calls - 1:
+            x = x0
+        else:
+            alpha, sigma = (float(v) for v in dl.alpha_sigma(d, jnp.asarray(times[i + 1])))
+            x = alpha * x0 + sigma * eps
+    np.testing.assert_allclose(samples, x, atol=2e-5)
 
 
 def _random_params(model, seed=1):

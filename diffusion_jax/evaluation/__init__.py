@@ -46,6 +46,7 @@ __all__ = [
     "evaluate_bpd",
     "load_ema_params",
     "load_ema_params_and_step",
+    "load_run_params",
     "run_evaluators",
     "sample",
 ]
@@ -56,6 +57,12 @@ class EvaluationError(RuntimeError):
 
 
 def _needs_bound(ctx: EvalContext) -> str | None:
+    if ctx.config.training.objective == "distill":
+        return (
+            "has no meaning for a distilled student: a deterministic DDIM sampler of "
+            f"{ctx.config.sampling.num_steps} steps is no Markov chain with an ELBO (its "
+            "teacher's bound: --mode eval on the teacher's workdir)"
+        )
     if not objectives.get_objective(ctx.config).has_bound or not ctx.config.data.image_size:
         return "needs a model with a likelihood bound (DDPM) on discrete image data"
     return None
@@ -216,7 +223,7 @@ def _one_line(e: BaseException) -> str:
 def run_evaluators(ctx: EvalContext) -> dict[str, Any]:
     """Run the wanted evaluators over ``ctx`` (a checked config), rewriting metrics.json after
     each; raise EvaluationError at the end if any failed."""
-    path = os.path.join(ctx.eval_dir, "metrics.json")
+    path = os.path.join(sampling.output_folder(ctx.config, ctx.workdir, "eval"), "metrics.json")
     failed: dict[str, str] = {}
     for name in wanted(ctx.config):
         evaluator = EVALUATORS[name]
@@ -285,6 +292,28 @@ def load_ema_params_and_step(workdir: str, mesh: jax.sharding.Mesh) -> tuple[Any
     return jax.device_put(params, sharding.replicated(mesh)), step
 
 
+def load_run_params(
+    config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
+) -> tuple[Any, dict[str, Any]]:
+    """(the parameters ``--mode eval|sample`` read, replicated over the mesh; what to record of
+    them): the newest checkpoint's EMA parameters and its step, or for a distilled run
+    (``training.objective="distill"``) the student of ``sampling.num_steps`` steps."""
+    if config.training.objective != "distill":
+        params, step = load_ema_params_and_step(workdir, mesh)
+        return params, {"checkpoint_step": step}
+    n = config.sampling.num_steps
+    params, meta = checkpoints.load_student(workdir, n)
+    logging.info(
+        "Read the student of %d steps (round %d of the distillation, step %d) in %s.",
+        n,
+        meta["round"] + 1,
+        meta["step"],
+        workdir,
+    )
+    record = {"checkpoint_step": meta["step"], "student_steps": n}
+    return jax.device_put(params, sharding.replicated(mesh)), record
+
+
 def evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -300,8 +329,7 @@ def evaluate(
     ctx_metrics = {}
     if params is None:
         config_lib.check_workdir(config, workdir, mode="eval")  # before a mismatched restore
-        params, step = load_ema_params_and_step(workdir, mesh)
-        ctx_metrics["checkpoint_step"] = step
+        params, ctx_metrics = load_run_params(config, workdir, mesh)
     return run_evaluators(EvalContext(config, model, params, mesh, workdir, metrics=ctx_metrics))
 
 
@@ -311,6 +339,6 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> np.ndarray:
     config_lib.check_workdir(config, workdir, mode="sample")  # before a mismatched restore
     model = models.get_model(config)
     mesh = sharding.make_mesh()
-    params = load_ema_params(workdir, mesh)
+    params, _ = load_run_params(config, workdir, mesh)
     sampler = sampling.make_sample_fn(config, model, mesh)
     return sampling.sample_and_save(config, sampler, params, workdir)

@@ -73,6 +73,7 @@ IS_KEYS = (
     "is_classifier",
     "is_classifier_stderr",
     "is_classifier_real",
+    "classifier_class_shares",  # [K] the share of the samples the classifier puts in each class
     "classifier_test_accuracy",
     "classifier_num_samples",
     "classifier_num_real",
@@ -311,6 +312,9 @@ def classifier_metrics(
         recall_classifier_real=float(real["recall_classifier_real"]),
         classifier_pr_k=sample_metrics.PR_K,
         classifier_test_accuracy=float(info["test_accuracy"]),
+        classifier_class_shares=[
+            float(v) for v in np.bincount(probs.argmax(axis=1), minlength=probs.shape[1]) / n
+        ],
         classifier_num_samples=len(samples),
         classifier_num_real=int(real["classifier_num_real"]),
         classifier_reference=dict(

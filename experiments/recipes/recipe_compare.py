@@ -6,12 +6,14 @@
         --samplers ancestral:10 ancestral:20 dpmpp_2m:10 dpmpp_2m:10:lower_order_final=true ...
 
 For each run (a workdir with ``eval/metrics.json`` holding ``bpd``: the test bound, e.g. from
-its training's ``eval_at_end``) and each sampler ``METHOD:CALLS[:KEY=VALUE,...]`` (CALLS =
-``sampling.num_steps``, 0 = all T; KEY=VALUE more ``sampling.*`` keys), draws ``--num_samples``
-samples from the newest checkpoint's EMA parameters (key fold_in(run sample key, 0xC0DE), cached
-in ``WORKDIR/eval/compare/``) and judges them with one classifier for every run
-(``evaluation.classifier``, cached in ``--judge_dir``) against each split of ``--references``:
-FD, KID, IS, precision and recall, each with its standard error and its real-vs-real value.
+its training's ``eval_at_end``; or a distilled run, whose students have no bound) and each
+sampler ``METHOD:CALLS[:KEY=VALUE,...]`` (CALLS = ``sampling.num_steps``, 0 = all T; KEY=VALUE
+more ``sampling.*`` keys), draws ``--num_samples`` samples from the newest checkpoint's EMA
+parameters (a distilled run: its student of CALLS steps; a sampler that does not fit a run is
+skipped with a line), key fold_in(run sample key, 0xC0DE), cached in ``WORKDIR/eval/compare/``,
+and judges them with one classifier for every run (``evaluation.classifier``, cached in
+``--judge_dir``) against each split of ``--references``: FD, KID, IS, precision and recall,
+each with its standard error and its real-vs-real value, and the least share of a class.
 
 Writes ``recipe_compare.json`` (every number) and ``recipe_compare.md`` (the table) to
 ``--outdir``, and ``bound_vs_quality.png`` (``--plot bound``: the bound against FD and KID, one
@@ -89,7 +91,7 @@ def draw(workdir: str, sampler: dict, num: int, batch_size: int) -> tuple:
     sampling.check_config(config)
     model = models.get_model(config)
     mesh = sharding.make_mesh()
-    params = evaluation.load_ema_params(workdir, mesh)
+    params, _ = evaluation.load_run_params(config, workdir, mesh)  # a student: its of N steps
     sample_fn = sampling.make_sample_fn(config, model, mesh, desc=sampler["name"])
     key = jax.random.fold_in(objectives.run_keys(config.seed)["sample"], _TAG)
     start = time.perf_counter()
@@ -116,6 +118,7 @@ def judge(config, images, reference: str, judge_dir: str) -> dict:
         for suffix in ("", "_stderr", "_real"):
             out[short + suffix] = m[long + suffix]
     out["num_real"] = m["classifier_num_real"]
+    out["class_share_min"] = min(m["classifier_class_shares"])
     out["classifier_test_accuracy"] = m["classifier_test_accuracy"]
     return out
 
@@ -132,22 +135,24 @@ def _cell(row: dict, key: str, digits: int) -> str:
 def table(rows: list[dict], reference: str) -> str:
     head = (
         f"| run | bound (bits/dim) | sampler | FD ({reference}) | KID ×1e3 | IS | precision | "
-        "recall | s / sample set |\n|---|---|---|---|---|---|---|---|---|\n"
+        "recall | least class | s / sample set |\n|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
         q = r["quality"][reference]
         kid = {k: 1e3 * q[k] for k in ("kid", "kid_stderr")}
+        bound = "–" if r["bpd"] is None else _cell(r, "bpd", 4)  # a distilled student has none
+        least = f"{q['class_share_min']:.3f}" if "class_share_min" in q else "–"
         lines.append(
-            f"| {r['run']} | {_cell(r, 'bpd', 4)} | {r['sampler']} | {_cell(q, 'fd', 2)} | "
+            f"| {r['run']} | {bound} | {r['sampler']} | {_cell(q, 'fd', 2)} | "
             f"{_cell(kid, 'kid', 2)} | {_cell(q, 'is', 3)} | {_cell(q, 'precision', 3)} | "
-            f"{_cell(q, 'recall', 3)} | {r['seconds']:.1f} |"
+            f"{_cell(q, 'recall', 3)} | {least} | {r['seconds']:.1f} |"
         )
     q = rows[0]["quality"][reference]
     real = (
         f"| real vs real ({q['num_real']} held-out images) | – | – | {q['fd_real']:.2f} | "
         f"{1e3 * q['kid_real']:.2f} | {q['is_real']:.3f} | {q['precision_real']:.3f} | "
-        f"{q['recall_real']:.3f} | – |"
+        f"{q['recall_real']:.3f} | – | – |"
     )
     return head + "\n".join(lines + [real]) + "\n"
 
@@ -174,15 +179,17 @@ def plot(rows: list[dict], reference: str, kind: str, path: str) -> None:
                     )
             ax.set_xlabel("test bound (bits/dim)")
         else:
-            for method in dict.fromkeys(r["label"] for r in rows):
-                pts = sorted((r for r in rows if r["label"] == method), key=lambda r: r["calls"])
+            runs = len({r["run"] for r in rows})
+            for run, method in dict.fromkeys((r["run"], r["label"]) for r in rows):
+                pts = [r for r in rows if (r["run"], r["label"]) == (run, method)]
+                pts = sorted(pts, key=lambda r: r["calls"])
                 ax.errorbar(
                     [r["calls"] for r in pts],
                     [scale * r["quality"][reference][metric] for r in pts],
                     yerr=[scale * r["quality"][reference][metric + "_stderr"] for r in pts],
                     marker="o",
                     capsize=3,
-                    label=method,
+                    label=f"{method}, {run}" if runs > 1 else method,
                 )
             ax.set_xscale("log")
             ax.set_xlabel("network calls")
@@ -215,9 +222,13 @@ def main(argv=None) -> list[dict]:
 
     for label, (workdir, metrics) in common.read_runs(parser, args.runs).items():
         for sampler in samplers:
-            images, seconds, step, config = draw(
-                workdir, sampler, args.num_samples, args.batch_size
-            )
+            try:
+                images, seconds, step, config = draw(
+                    workdir, sampler, args.num_samples, args.batch_size
+                )
+            except (ValueError, FileNotFoundError) as e:  # e.g. dpmpp on a distilled student
+                print(f"{label} {sampler['name']}: skipped ({' '.join(str(e).split())})")
+                continue
             # One cache folder per reference: the judge's fingerprint names its test split.
             quality = {
                 ref: judge(config, images, ref, os.path.join(args.judge_dir, ref))
@@ -229,8 +240,8 @@ def main(argv=None) -> list[dict]:
                     run=label,
                     workdir=workdir,
                     step=step,
-                    bpd=metrics["bpd"],
-                    bpd_stderr=metrics["bpd_stderr"],
+                    bpd=metrics.get("bpd"),
+                    bpd_stderr=metrics.get("bpd_stderr"),
                     sampler=sampler["name"],
                     label=sampler["method"] + (f" ({extra})" if extra else ""),
                     calls=sampler["num_steps"] or _num_timesteps(workdir),
