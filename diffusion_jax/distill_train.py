@@ -246,14 +246,23 @@ def _run(config, workdir, teacher: Teacher, process0, signals, fresh_start) -> D
             "the teacher's" if config.distill.init == "teacher" else "random",
         )
     else:
-        state, meta = restored
-        logging.info(
-            "Resuming from the checkpoint of step %d (round %d of %d) in %s.",
-            int(state.step),
-            min(int(state.round) + 1, len(rounds)),
-            len(rounds),
-            workdir,
-        )
+        state, _ = restored
+        if int(state.round) >= len(rounds):
+            logging.info(
+                "All %d rounds are done in %s (students of %s steps in %s).",
+                len(rounds),
+                workdir,
+                checkpoints.student_steps(workdir),
+                checkpoints.students_dir(workdir),
+            )
+        else:
+            logging.info(
+                "Resuming from the checkpoint of step %d (round %d of %d) in %s.",
+                int(state.step),
+                int(state.round) + 1,
+                len(rounds),
+                workdir,
+            )
     if process0:
         os.makedirs(workdir, exist_ok=True)
         reporting.write_json(os.path.join(workdir, "config.json"), config.to_dict())
@@ -284,7 +293,7 @@ def _run(config, workdir, teacher: Teacher, process0, signals, fresh_start) -> D
             checkpoints.wait(manager, step)
 
     compiled = {}
-    step = start
+    step, pending = start, []
     try:
         for r in range(int(state.round), len(rounds)):
             n = rounds[r]
@@ -300,7 +309,7 @@ def _run(config, workdir, teacher: Teacher, process0, signals, fresh_start) -> D
             step_fn = compiled[kind]
             end = (r + 1) * per_round
             desc = f"round {r + 1}/{len(rounds)}: {2 * n} -> {n} steps"
-            began, pending = time.perf_counter(), []
+            began = time.perf_counter()
             with reporting.progress_bar(per_round, desc, initial=step - r * per_round) as bar:
                 while step < end:
                     signals.check()
@@ -309,13 +318,14 @@ def _run(config, workdir, teacher: Teacher, process0, signals, fresh_start) -> D
                     pending.append(metrics)
                     step += 1
                     bar.update(1)
-                    if step % config.training.log_every == 0 or step == end:
-                        summary = _summarise(pending, step, r)
+                    saving = step % config.training.checkpoint_every == 0 and step < end
+                    if step % config.training.log_every == 0 or step == end or saving:
+                        summary = _summarise(pending, step, r)  # raises before a bad save
                         pending = []
                         writer.scalars(step, summary)
                         reporting.log_metrics(step, summary)
                         bar.set_postfix(loss=f"{summary['loss']:.4f}")
-                    if step % config.training.checkpoint_every == 0 and step < end:
+                    if saving:
                         save(state)
             seconds = time.perf_counter() - began
             grid = distill_lib.distillation_grid(process, n)
@@ -348,6 +358,8 @@ def _run(config, workdir, teacher: Teacher, process0, signals, fresh_start) -> D
         if step == start:
             logging.warning("Interrupted before step %d: nothing to save.", step)
             raise KeyboardInterrupt from e
+        if pending:
+            _summarise(pending, step, int(state.round))  # raises rather than save a bad state
         logging.warning("Interrupted at step %d: saving a checkpoint.", step)
         save(state, wait=True)
         raise KeyboardInterrupt from e

@@ -192,6 +192,7 @@ def plot(rows: list[dict], reference: str, kind: str, path: str) -> None:
                     label=f"{method}, {run}" if runs > 1 else method,
                 )
             ax.set_xscale("log")
+            ax.set_yscale("symlog", linthresh=10.0)  # a few calls can be 100x off
             ax.set_xlabel("network calls")
         real = scale * rows[0]["quality"][reference][metric + "_real"]
         ax.axhline(real, color="gray", ls="--", lw=1, label="real vs real")
