@@ -115,6 +115,19 @@ def test_the_registry_refuses_what_does_not_fit():
         sampling.check_config(config)
 
 
+def _in_segments(config, model, params, calls_per_segment):
+    """The registry's samples (key 5) with ``sampling.STEPS_PER_CALL`` network calls per
+    compiled segment."""
+    old = sampling.STEPS_PER_CALL
+    sampling.STEPS_PER_CALL = calls_per_segment
+    try:
+        return sampling.make_sample_fn(config, model, sharding.make_mesh())(
+            params, jax.random.key(5)
+        )
+    finally:
+        sampling.STEPS_PER_CALL = old
+
+
 @pytest.mark.parametrize(
     "method, calls", [("dpmpp_2m", 7), ("dpmpp_2m_sde", 7), ("heun", 9), ("dpmpp_2m_lof", 7)]
 )
@@ -132,14 +145,7 @@ def test_ode_samplers_in_segments_equal_their_one_scan_solvers(method, calls):
     params = model.init(
         jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32), train=False
     )["params"]
-    old = sampling.STEPS_PER_CALL
-    sampling.STEPS_PER_CALL = 4 if method == "heun" else 2  # 2 steps of 2 calls per call
-    try:
-        samples = sampling.make_sample_fn(config, model, sharding.make_mesh())(
-            params, jax.random.key(5)
-        )
-    finally:
-        sampling.STEPS_PER_CALL = old
+    samples = _in_segments(config, model, params, 4 if method == "heun" else 2)  # 2 steps
     d, net = objectives.make_diffusion(config), models.model_fn(model, params)
     noise_key, key = jax.random.split(jax.random.fold_in(jax.random.key(5), 0))
     x_T = jax.random.normal(noise_key, (4, 8, 8, 1))
@@ -165,14 +171,7 @@ def test_the_distilled_sampler_is_ddim_on_its_grid_uniform_in_t():
     )
     model = models.get_model(config)
     params = _random_params(model)
-    old = sampling.STEPS_PER_CALL
-    sampling.STEPS_PER_CALL = 2
-    try:
-        samples = sampling.make_sample_fn(config, model, sharding.make_mesh())(
-            params, jax.random.key(5)
-        )
-    finally:
-        sampling.STEPS_PER_CALL = old
+    samples = _in_segments(config, model, params, 2)
     d, net = objectives.make_diffusion(config), models.model_fn(model, params)
     noise_key, _ = jax.random.split(jax.random.fold_in(jax.random.key(5), 0))
     x = jax.random.normal(noise_key, (4, 8, 8, 1))
