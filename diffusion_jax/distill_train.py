@@ -88,6 +88,12 @@ def load_teacher(config: ml_collections.ConfigDict) -> Teacher:
     network, data and schedule) and its newest EMA parameters. ValueError naming what differs;
     FileNotFoundError when it holds no run or no checkpoint."""
     path = config.distill.teacher
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise ValueError(
+            f"config.distill.teacher={path!r} holds no trained run (no config.json): train the "
+            f"teacher first, e.g. python -m diffusion_jax.main --config configs/digits.py "
+            f"--workdir {path} --config.diffusion.mean_type=v"
+        )
     teacher_config = evaluation.prepare(workdir_config.get_config(path))
     if teacher_config.training.objective != "ddpm":
         raise ValueError(

@@ -211,6 +211,12 @@ def test_a_student_of_a_different_network_than_its_teacher_is_refused_naming_the
         distill_train.load_teacher(evaluation.prepare(config))
 
 
+def test_a_missing_teacher_is_refused_with_the_command_that_trains_it(tmp_path):
+    config = evaluation.prepare(_config(**{"distill.teacher": str(tmp_path / "none")}))
+    with pytest.raises(ValueError, match=r"holds no trained run .*--config configs/digits.py"):
+        distill_train.load_teacher(config)
+
+
 @pytest.mark.parametrize(
     "key, value, match",
     [
