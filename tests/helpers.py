@@ -46,15 +46,19 @@ TINY = {  # the digits config shrunk to seconds: a 2-level U-Net with 32 channel
 }
 
 
-def tiny_config(**overrides):
-    config = digits.get_config()
-    for key, value in {**TINY, **overrides}.items():
+def apply_overrides(config, overrides: dict):
+    """``config`` with each dotted key of ``overrides`` set to its value (as --config.KEY=V)."""
+    for key, value in overrides.items():
         *sections, name = key.split(".")
         node = config
         for section in sections:
             node = node[section]
         node[name] = value
     return config
+
+
+def tiny_config(**overrides):
+    return apply_overrides(digits.get_config(), {**TINY, **overrides})
 
 
 def cli_args(**overrides) -> list[str]:

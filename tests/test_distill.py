@@ -73,24 +73,38 @@ def _case(kind, num_steps, k):
     return t_grid, np.random.default_rng(0).normal(size=(len(k), 4, 4, 1))
 
 
+def _points_np(kind, t_grid, num_steps, k):
+    """(alpha, sigma) at the teacher's grid points 2k, 2k + 1, 2k + 2 (the end: 1, 0), each
+    [len(k)], and whether 2k + 2 is the end."""
+    (a_t, s_t), (a_m, s_m) = (_alpha_sigma_np(kind, t_grid[i]) for i in (2 * k, 2 * k + 1))
+    last = 2 * k + 2 == 2 * num_steps
+    a_s, s_s = _alpha_sigma_np(kind, t_grid[np.minimum(2 * k + 2, 2 * num_steps - 1)])
+    return a_t, s_t, a_m, s_m, np.where(last, 1.0, a_s), np.where(last, 0.0, s_s), last
+
+
+def _two_steps_np(z_t, points):
+    """(the teacher's x0_hat at t, its two DDIM steps' z_s, the target x~), each [B, 4, 4, 1]:
+    z' = a' x0_hat + s' (z - a x0_hat) / s, twice; x~ = (z_s - (s_s/s_t) z_t) / (a_s - (s_s/s_t)
+    a_t)."""
+    a_t, s_t, a_m, s_m, a_s, s_s, _ = (p[(slice(None),) + (None,) * 3] for p in points)
+    x1 = _denoise_np(z_t, a_t, s_t)
+    z_m = a_m * x1 + s_m * (z_t - a_t * x1) / s_t
+    x2 = _denoise_np(z_m, a_m, s_m)
+    z_s = a_s * x2 + s_s * (z_m - a_m * x2) / s_m
+    ratio = s_s / s_t
+    return x1, z_s, (z_s - ratio * z_t) / (a_s - ratio * a_t)
+
+
 @pytest.mark.parametrize("kind", ["discrete", "continuous"])
 def test_the_target_stepped_by_ddim_reproduces_the_teachers_two_steps(kind):
     num_steps = 8  # the student's; the teacher's grid has 16
     k = np.array([0, 1, 3, 5, 7])  # student steps: the noisiest, middle ones and the last
     t_grid, z_t = _case(kind, num_steps, k)
     # The reference: the teacher's two DDIM steps and the target, in NumPy.
-    ab = [_alpha_sigma_np(kind, t_grid[i]) for i in (2 * k, 2 * k + 1)]
-    (a_t, s_t), (a_m, s_m) = ab
-    last = 2 * k + 2 == 2 * num_steps
-    a_s, s_s = _alpha_sigma_np(kind, t_grid[np.minimum(2 * k + 2, 2 * num_steps - 1)])
-    a_s, s_s = np.where(last, 1.0, a_s), np.where(last, 0.0, s_s)
+    points = _points_np(kind, t_grid, num_steps, k)
+    a_t, s_t, _, _, a_s, s_s, last = points
     b = (slice(None),) + (None,) * 3
-    x1 = _denoise_np(z_t, a_t[b], s_t[b])
-    z_m = a_m[b] * x1 + s_m[b] * (z_t - a_t[b] * x1) / s_t[b]
-    x2 = _denoise_np(z_m, a_m[b], s_m[b])
-    z_s_ref = a_s[b] * x2 + s_s[b] * (z_m - a_m[b] * x2) / s_m[b]
-    ratio = (s_s / s_t)[b]
-    target_ref = (z_s_ref - ratio * z_t) / (a_s[b] - ratio * a_t[b])
+    _, z_s_ref, target_ref = _two_steps_np(z_t, points)
 
     with jax.enable_x64(True):
         process, teacher = _process(kind)
@@ -147,18 +161,11 @@ def test_the_loss_is_zero_at_the_target_and_the_teachers_single_step_misses():
     t_grid, noise = _case(kind, num_steps, k)
     x0 = np.random.default_rng(1).normal(MU, S, size=noise.shape)
     b = (slice(None),) + (None,) * 3
-    (a_t, s_t), (a_m, s_m) = (_alpha_sigma_np(kind, t_grid[i]) for i in (2 * k, 2 * k + 1))
-    last = 2 * k + 2 == 2 * num_steps
-    a_s, s_s = _alpha_sigma_np(kind, t_grid[np.minimum(2 * k + 2, 2 * num_steps - 1)])
-    a_s, s_s = np.where(last, 1.0, a_s), np.where(last, 0.0, s_s)
+    points = _points_np(kind, t_grid, num_steps, k)
+    a_t, s_t = points[:2]
     z_t = a_t[b] * x0 + s_t[b] * noise
-    x1 = _denoise_np(z_t, a_t[b], s_t[b])
-    z_m = a_m[b] * x1 + s_m[b] * (z_t - a_t[b] * x1) / s_t[b]
-    x2 = _denoise_np(z_m, a_m[b], s_m[b])
-    z_s = a_s[b] * x2 + s_s[b] * (z_m - a_m[b] * x2) / s_m[b]
-    ratio = (s_s / s_t)[b]
-    target = (z_s - ratio * z_t) / (a_s[b] - ratio * a_t[b])
-    one_step = x1  # the teacher's own x0_hat at t: its single DDIM step's prediction
+    # one_step: the teacher's own x0_hat at t, its single DDIM step's prediction.
+    one_step, _, target = _two_steps_np(z_t, points)
     weight = (a_t / s_t) ** 2 + 1  # snr_plus_one
 
     with jax.enable_x64(True):

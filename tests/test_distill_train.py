@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import ROOT, xla_flags
+from helpers import ROOT, apply_overrides, xla_flags
 
 from configs import digits_distill
 from diffusion_jax import checkpoints, distill_train, evaluation, models
@@ -78,14 +78,7 @@ def reference(teacher, tmp_path_factory):
 
 def _config(teacher=OLD_TEACHER, **overrides):
     """configs/digits_distill.py:TEACHER with ROUNDS and ``overrides`` (dotted keys)."""
-    config = digits_distill.get_config(teacher)
-    for key, value in {**ROUNDS, **overrides}.items():
-        *sections, name = key.split(".")
-        node = config
-        for section in sections:
-            node = node[section]
-        node[name] = value
-    return config
+    return apply_overrides(digits_distill.get_config(teacher), {**ROUNDS, **overrides})
 
 
 def _student(workdir, n):
