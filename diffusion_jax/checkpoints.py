@@ -355,7 +355,9 @@ def student_steps(workdir: str) -> list[int]:
 def load_student(workdir: str, num_steps: int) -> tuple[Any, dict]:
     """(parameters, meta) of the student of ``num_steps`` steps, replicated on this run's
     devices; FileNotFoundError naming the students there are."""
-    have = student_steps(workdir)
+    found = os.path.isdir(students_dir(workdir))
+    manager = _students_manager(workdir, read_only=True) if found else None
+    have = sorted(manager.all_steps()) if manager else []  # one manager lists and reads
     if num_steps not in have:
         raise FileNotFoundError(
             f"No student of {num_steps} steps in {students_dir(workdir)}: "
@@ -365,6 +367,5 @@ def load_student(workdir: str, num_steps: int) -> tuple[Any, dict]:
                 else "no round has finished yet (run the distillation: --mode train)."
             )
         )
-    manager = _students_manager(workdir, read_only=True)
     meta = manager.restore(num_steps, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     return _load_item(manager, num_steps, "ema_params"), meta
